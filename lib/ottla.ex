@@ -1,0 +1,211 @@
+defmodule Ottla do
+  @moduledoc """
+  A Kafka client for Elixir with a Rust core (librdkafka), and the API of Elsa.
+
+  Every function that talks to Kafka takes either **endpoints** (`[localhost: 9092]`,
+  `[{"10.0.0.1", 9092}]` or `"host:port,host:port"`), in which case it uses a short-lived
+  client and leaves nothing running, or the name of a connection started with
+  `Ottla.Supervisor`, in which case it uses that connection's clients and settings.
+
+  ## Example
+
+      endpoints = [localhost: 9092]
+      :ok = Ottla.create_topic(endpoints, "greetings", partitions: 3)
+      :ok = Ottla.produce(endpoints, "greetings", [{"alice", "hello"}, {"bob", "hi"}])
+      {:ok, 2, messages} = Ottla.fetch(endpoints, "greetings", partition: 0)
+
+  Errors from Kafka come back as `{:error, %Ottla.Error{}}`; arguments of the wrong shape
+  raise `ArgumentError` naming the argument.
+  """
+
+  alias Ottla.{Connection, Native, Options}
+
+  @typedoc "Bootstrap brokers, or the name of a running `Ottla.Supervisor` connection."
+  @type target :: atom | Ottla.Options.endpoints()
+
+  @typedoc """
+  A message to produce: a binary value, `{key, value}`, or a map with `:value` and optional
+  `:key`, `:headers` (`[{name, value}]`) and `:timestamp` (ms since the epoch).
+  """
+  @type message ::
+          binary
+          | {binary | nil, binary | nil}
+          | %{
+              required(:value) => binary | nil,
+              optional(:key) => binary | nil,
+              optional(:headers) => [{binary, binary | nil}],
+              optional(:timestamp) => non_neg_integer | nil
+            }
+
+  @default_timeout 10_000
+
+  @doc """
+  Produces one message or a list of messages to `topic`, and returns once Kafka has
+  acknowledged every one of them (`acks=all` by default).
+
+  Returns `:ok`, or `{:error, %Ottla.Error{}, failed}` where `failed` is
+  `[{message, %Ottla.Error{}}]`: each message that was not delivered, with why. Retrying
+  is `Ottla.produce(target, topic, Enum.map(failed, &elem(&1, 0)), opts)`.
+
+  ## Options
+
+    * `:partition` - send every message to this partition. Defaults to choosing by key.
+    * `:partitioner` - how to choose a partition when `:partition` is not given:
+      `:default` (the Java client's murmur2 on the key, so a key always lands on the same
+      partition as it would from a Java producer; keyless messages are spread), `:random`,
+      `:md5` (Elsa's md5 partitioner), or a function `(partition_count, key) -> partition`.
+      Defaults to `:default`.
+    * `:timeout` - milliseconds to wait for all delivery reports. With endpoints it is also
+      librdkafka's `message.timeout.ms`. Defaults to `30000`.
+    * `:config` - extra librdkafka producer properties for the short-lived client (ignored
+      with a connection, whose producer is configured once). Defaults to `[]`.
+    * `:connection` - accepted for Elsa compatibility and ignored.
+
+  ## Example
+
+      :ok = Ottla.produce([localhost: 9092], "events", %{key: "k", value: "v", headers: [{"h", "1"}]})
+  """
+  @spec produce(target, String.t(), message | [message], keyword) ::
+          :ok | {:error, Ottla.Error.t(), [{message, Ottla.Error.t()}]}
+  def produce(target, topic, messages, opts \\ []),
+    do: Ottla.Producer.produce(target, topic, messages, opts)
+
+  @doc """
+  Creates a topic and waits until the cluster's metadata shows it with a leader for every
+  partition.
+
+  ## Options
+
+    * `:partitions` - number of partitions. Defaults to `1`.
+    * `:replicas` - replication factor. Defaults to `1`.
+    * `:config` - topic configs, e.g. `["retention.ms": 60_000]`. Defaults to `[]`.
+    * `:timeout` - milliseconds. Defaults to `10000`.
+  """
+  @spec create_topic(target, String.t(), keyword) :: :ok | {:error, Ottla.Error.t()}
+  def create_topic(target, topic, opts \\ []) do
+    opts =
+      Options.keyword!(
+        opts,
+        [partitions: 1, replicas: 1, config: [], timeout: @default_timeout],
+        "Ottla.create_topic/3 options"
+      )
+
+    topic = Options.topic!(topic)
+    partitions = Options.integer!(opts[:partitions], :partitions, 1)
+    replicas = Options.integer!(opts[:replicas], :replicas, 1)
+    topic_config = Options.config!(opts[:config])
+    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    {bootstrap, config, _} = Connection.resolve!(target)
+
+    case Ottla.Testing.lookup(bootstrap) do
+      nil ->
+        Native.admin_create_topic(
+          bootstrap,
+          config,
+          topic,
+          partitions,
+          replicas,
+          topic_config,
+          timeout
+        )
+
+      mock ->
+        GenServer.call(mock, {:create_topic, topic, partitions, replicas}, timeout)
+    end
+  end
+
+  @doc """
+  Deletes a topic and waits until the cluster's metadata no longer lists it.
+
+  ## Options
+
+    * `:timeout` - milliseconds. Defaults to `10000`.
+  """
+  @spec delete_topic(target, String.t(), keyword) :: :ok | {:error, Ottla.Error.t()}
+  def delete_topic(target, topic, opts \\ []) do
+    opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.delete_topic/3 options")
+    topic = Options.topic!(topic)
+    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    {bootstrap, config, _} = Connection.resolve!(target)
+
+    case Ottla.Testing.lookup(bootstrap) do
+      nil ->
+        Native.admin_delete_topic(bootstrap, config, topic, timeout)
+
+      _mock ->
+        {:error, Ottla.Error.new(:unsupported, "librdkafka's mock cluster cannot delete topics")}
+    end
+  end
+
+  @doc """
+  Lists the cluster's topics (internal `__*` topics left out) with their partition counts,
+  sorted by name.
+
+  ## Options
+
+    * `:timeout` - milliseconds. Defaults to `10000`.
+  """
+  @spec list_topics(target, keyword) ::
+          {:ok, [{String.t(), pos_integer}]} | {:error, Ottla.Error.t()}
+  def list_topics(target, opts \\ []) do
+    opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.list_topics/2 options")
+    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    {bootstrap, config, _} = Connection.resolve!(target)
+    Native.admin_list_topics(bootstrap, config, timeout)
+  end
+
+  @doc """
+  Whether `topic` exists. Raises `Ottla.Error` when the cluster cannot be asked (a
+  `false` would be a guess).
+  """
+  @spec topic?(target, String.t()) :: boolean
+  def topic?(target, topic) do
+    topic = Options.topic!(topic)
+
+    case list_topics(target) do
+      {:ok, topics} -> List.keymember?(topics, topic, 0)
+      {:error, error} -> raise error
+    end
+  end
+
+  @doc """
+  Reads messages of one partition, from `:offset` up to the high watermark (at most
+  `:max_messages`), without joining a consumer group or committing anything.
+
+  Returns `{:ok, high_watermark, [%Ottla.Message{}]}`, as Elsa's `fetch/3` does: the high
+  watermark is the offset the next produced message will get.
+
+  ## Options
+
+    * `:partition` - defaults to `0`.
+    * `:offset` - the first offset to read, `:earliest` or `:latest`. Offsets older than the
+      log start read from the log start. Defaults to `0`.
+    * `:max_messages` - defaults to `10000`.
+    * `:timeout` - milliseconds. Defaults to `10000`.
+  """
+  @spec fetch(target, String.t(), keyword) ::
+          {:ok, non_neg_integer, [Ottla.Message.t()]} | {:error, Ottla.Error.t()}
+  def fetch(target, topic, opts \\ []) do
+    opts =
+      Options.keyword!(
+        opts,
+        [partition: 0, offset: 0, max_messages: 10_000, timeout: @default_timeout],
+        "Ottla.fetch/3 options"
+      )
+
+    topic = Options.topic!(topic)
+    partition = Options.integer!(opts[:partition], :partition, 0)
+    max = Options.integer!(opts[:max_messages], :max_messages, 1)
+    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+
+    offset =
+      case opts[:offset] do
+        :earliest -> -1
+        :latest -> -2
+        offset -> Options.integer!(offset, :offset, 0)
+      end
+
+    {bootstrap, config, _} = Connection.resolve!(target)
+    Native.fetch_messages(bootstrap, config, topic, partition, offset, max, timeout)
+  end
+end

@@ -1,0 +1,84 @@
+defmodule Ottla.Connection do
+  @moduledoc false
+  # Owns a named connection's native clients. Its settings live in :persistent_term, so
+  # `Ottla.produce(:conn, ...)` reaches the producer without a process hop.
+  use GenServer
+  require Logger
+
+  defstruct [:name, :bootstrap, :config, :producer]
+
+  @type t :: %__MODULE__{
+          name: atom,
+          bootstrap: String.t(),
+          config: [{String.t(), String.t()}],
+          producer: reference | nil
+        }
+
+  @producer_defaults [
+    {"request.required.acks", "all"},
+    # The Java client's partitioner: the same key lands on the same partition.
+    {"partitioner", "murmur2_random"},
+    {"linger.ms", "5"},
+    {"message.timeout.ms", "30000"}
+  ]
+
+  @doc "librdkafka properties Ottla sets on every producer before the user's."
+  def producer_defaults, do: @producer_defaults
+
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
+
+  @doc "The settings of a running connection, or `nil`."
+  @spec lookup(atom) :: t | nil
+  def lookup(name), do: :persistent_term.get({__MODULE__, name}, nil)
+
+  @doc "Resolves endpoints or a connection name to `{bootstrap, config, connection | nil}`."
+  @spec resolve!(atom | Ottla.Options.endpoints()) :: {String.t(), list, t | nil}
+  def resolve!(name) when is_atom(name) and name not in [nil, true, false] do
+    case lookup(name) do
+      %__MODULE__{} = conn ->
+        {conn.bootstrap, conn.config, conn}
+
+      nil ->
+        raise ArgumentError,
+              "no Ottla connection named #{inspect(name)} is running " <>
+                "(start one with Ottla.Supervisor.start_link/1, or pass endpoints)"
+    end
+  end
+
+  def resolve!(endpoints), do: {Ottla.Options.bootstrap!(endpoints), [], nil}
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    name = Keyword.fetch!(opts, :connection)
+    bootstrap = Keyword.fetch!(opts, :bootstrap)
+    config = Keyword.fetch!(opts, :config)
+
+    with {:ok, producer} <- start_producer(bootstrap, config, opts[:producer]) do
+      conn = %__MODULE__{name: name, bootstrap: bootstrap, config: config, producer: producer}
+      :persistent_term.put({__MODULE__, name}, conn)
+      {:ok, conn}
+    else
+      {:error, %Ottla.Error{} = error} -> {:stop, error}
+    end
+  end
+
+  defp start_producer(_bootstrap, _config, nil), do: {:ok, nil}
+
+  defp start_producer(bootstrap, config, producer_config) do
+    Ottla.Native.producer_new(bootstrap, @producer_defaults ++ config ++ producer_config)
+  end
+
+  @impl true
+  def terminate(_reason, %__MODULE__{} = conn) do
+    :persistent_term.erase({__MODULE__, conn.name})
+
+    if conn.producer do
+      # Deliver what is queued before the connection goes away.
+      Ottla.Native.producer_flush(conn.producer, 10_000)
+      Ottla.Native.producer_close(conn.producer, 1_000)
+    end
+
+    :ok
+  end
+end

@@ -1,0 +1,30 @@
+defmodule Ottla.Error do
+  @moduledoc """
+  An error from Kafka or from Ottla itself.
+
+    * `:code` - a snake_case atom: librdkafka's error name (`:unknown_topic_or_partition`,
+      `:message_timed_out`, `:topic_already_exists`, `:broker_transport_failure`, ...) or one of
+      Ottla's own (`:invalid_config`, `:closed`, `:no_producer`, `:timed_out`).
+    * `:message` - a human-readable explanation.
+    * `:retriable?` - `true` when trying again later may succeed (a broker down, a leader
+      election, a timeout).
+
+  ## Example
+
+      iex> error = %Ottla.Error{code: :timed_out, message: "no answer", retriable?: true}
+      iex> Exception.message(error)
+      "timed_out: no answer"
+  """
+
+  defexception code: :kafka_error, message: "", retriable?: false
+
+  @type t :: %__MODULE__{code: atom, message: String.t(), retriable?: boolean}
+
+  @impl true
+  def message(%__MODULE__{code: code, message: message}), do: "#{code}: #{message}"
+
+  @doc false
+  @spec new(atom, String.t(), boolean) :: t
+  def new(code, message, retriable? \\ false),
+    do: %__MODULE__{code: code, message: message, retriable?: retriable?}
+end

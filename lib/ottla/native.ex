@@ -1,0 +1,40 @@
+defmodule Ottla.Native do
+  @moduledoc false
+  # NIF stubs. Every function is implemented in native/ottla_nif; see its modules for docs.
+  @on_load :load_nif
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:ottla), ~c"native/libottla_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  def log_set_process(_pid), do: :erlang.nif_error(:nif_not_loaded)
+
+  def producer_new(_bootstrap, _props), do: :erlang.nif_error(:nif_not_loaded)
+
+  def producer_partition_count(_producer, _topic, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def producer_send(_producer, _pid, _tag, _topic, _messages, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def producer_flush(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+  def producer_close(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+
+  def admin_create_topic(_bootstrap, _props, _topic, _partitions, _replicas, _config, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def admin_delete_topic(_bootstrap, _props, _topic, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def admin_list_topics(_bootstrap, _props, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+
+  def fetch_messages(_bootstrap, _props, _topic, _partition, _offset, _max, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def mock_cluster_start(_brokers), do: :erlang.nif_error(:nif_not_loaded)
+  def mock_cluster_stop(_cluster), do: :erlang.nif_error(:nif_not_loaded)
+
+  def mock_cluster_create_topic(_cluster, _topic, _partitions, _replicas),
+    do: :erlang.nif_error(:nif_not_loaded)
+end

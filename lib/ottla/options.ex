@@ -1,0 +1,141 @@
+defmodule Ottla.Options do
+  @moduledoc false
+  # Validation and normalisation of the options shared by the public API.
+
+  @typedoc "`[{host, port}]`, a keyword list like `[localhost: 9092]`, or `\"host:port,...\"`."
+  @type endpoints :: [{atom | String.t() | charlist, :inet.port_number()}] | String.t()
+
+  @doc "Turns endpoints into librdkafka's `host:port,host:port`; raises `ArgumentError`."
+  @spec bootstrap!(term) :: String.t()
+  def bootstrap!(endpoints) when is_binary(endpoints) do
+    parts = endpoints |> String.split(",", trim: true) |> Enum.map(&String.trim/1)
+
+    if parts == [] do
+      raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: no host:port in it"
+    end
+
+    Enum.map_join(parts, ",", fn part ->
+      case String.split(part, ":") do
+        [host, port] when host != "" -> endpoint!({host, parse_port(port, endpoints)}, endpoints)
+        _ -> raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: expected host:port"
+      end
+    end)
+  end
+
+  def bootstrap!([_ | _] = endpoints),
+    do: Enum.map_join(endpoints, ",", &endpoint!(&1, endpoints))
+
+  def bootstrap!(other) do
+    raise ArgumentError,
+          "invalid :endpoints #{inspect(other)}: expected [{host, port}], [localhost: 9092] " <>
+            "or \"host:port,...\""
+  end
+
+  defp parse_port(port, endpoints) do
+    case Integer.parse(port) do
+      {n, ""} -> n
+      _ -> raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: port #{inspect(port)}"
+    end
+  end
+
+  defp endpoint!({host, port}, endpoints) when is_integer(port) and port in 1..65_535 do
+    host =
+      cond do
+        is_atom(host) and host not in [nil, true, false] ->
+          Atom.to_string(host)
+
+        is_binary(host) and host != "" ->
+          host
+
+        is_list(host) and host != [] ->
+          List.to_string(host)
+
+        true ->
+          raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: host #{inspect(host)}"
+      end
+
+    if String.contains?(host, [",", " "]) do
+      raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: host #{inspect(host)}"
+    end
+
+    "#{host}:#{port}"
+  end
+
+  defp endpoint!(other, endpoints) do
+    raise ArgumentError,
+          "invalid :endpoints #{inspect(endpoints)}: #{inspect(other)} is not {host, port} " <>
+            "with a port from 1 to 65535"
+  end
+
+  @doc "Turns librdkafka properties into `[{String.t(), String.t()}]`; raises naming `name`."
+  @spec config!(term, atom) :: [{String.t(), String.t()}]
+  def config!(config, name \\ :config)
+
+  def config!(config, name) when is_list(config) or is_map(config) do
+    Enum.map(config, fn
+      {key, value} when (is_atom(key) or is_binary(key)) and not is_nil(key) ->
+        {to_string(key), config_value!(key, value, name)}
+
+      other ->
+        raise ArgumentError,
+              "invalid #{inspect(name)} entry #{inspect(other)}: expected {property, value} " <>
+                "with an atom or string property"
+    end)
+  end
+
+  def config!(other, name),
+    do:
+      raise(
+        ArgumentError,
+        "invalid #{inspect(name)}: expected a keyword list or map, got #{inspect(other)}"
+      )
+
+  defp config_value!(_key, value, _name) when is_binary(value), do: value
+
+  defp config_value!(_key, value, _name) when is_integer(value) or is_float(value),
+    do: to_string(value)
+
+  defp config_value!(_key, value, _name) when is_boolean(value), do: to_string(value)
+
+  defp config_value!(_key, value, _name) when is_atom(value) and not is_nil(value),
+    do: Atom.to_string(value)
+
+  defp config_value!(key, value, name) do
+    raise ArgumentError,
+          "invalid #{inspect(name)} value for #{inspect(key)}: #{inspect(value)} " <>
+            "(expected a string, number, boolean or atom)"
+  end
+
+  @doc "Raises unless `topic` is a non-empty binary."
+  @spec topic!(term) :: String.t()
+  def topic!(topic) when is_binary(topic) and byte_size(topic) > 0 and byte_size(topic) <= 249,
+    do: topic
+
+  def topic!(topic),
+    do:
+      raise(
+        ArgumentError,
+        "invalid topic #{inspect(topic)}: expected a non-empty string of at most 249 bytes"
+      )
+
+  @doc "Raises unless `value` is an integer of at least `min`, naming option `name`."
+  @spec integer!(term, atom, integer) :: integer
+  def integer!(value, _name, min) when is_integer(value) and value >= min, do: value
+
+  def integer!(value, name, min),
+    do:
+      raise(
+        ArgumentError,
+        "invalid #{inspect(name)}: expected an integer >= #{min}, got #{inspect(value)}"
+      )
+
+  @doc "`Keyword.validate!/2` that also rejects a non-keyword argument with a clear message."
+  @spec keyword!(term, keyword | [atom], String.t()) :: keyword
+  def keyword!(opts, allowed, what) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "invalid #{what}: expected a keyword list, got #{inspect(opts)}"
+    end
+
+    Keyword.validate!(opts, allowed)
+  end
+end

@@ -1,0 +1,184 @@
+defmodule Ottla.Producer do
+  @moduledoc false
+  # The body of Ottla.produce/4: validates and encodes messages, picks partitions, hands the
+  # whole batch to the NIF in one call and waits for the one verdict message.
+
+  alias Ottla.{Connection, Native, Options}
+
+  @opts [:partition, :connection, partitioner: :default, timeout: 30_000, config: []]
+
+  def produce(target, topic, messages, opts) do
+    opts = Options.keyword!(opts, @opts, "Ottla.produce/4 options")
+    topic = Options.topic!(topic)
+    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    partition = opts[:partition] && Options.integer!(opts[:partition], :partition, 0)
+    partitioner = partitioner!(opts[:partitioner])
+    extra_config = Options.config!(opts[:config])
+    originals = if is_list(messages), do: messages, else: [messages]
+    encoded = Enum.map(originals, &encode!/1)
+    {bootstrap, config, conn} = Connection.resolve!(target)
+
+    cond do
+      originals == [] ->
+        :ok
+
+      conn != nil and conn.producer == nil ->
+        {:error,
+         Ottla.Error.new(
+           :no_producer,
+           "connection #{inspect(conn.name)} was started without a :producer option"
+         ), originals}
+
+      conn != nil ->
+        send_batch(conn.producer, topic, encoded, originals, partition, partitioner, timeout)
+
+      true ->
+        props =
+          Connection.producer_defaults() ++
+            config ++ extra_config ++ [{"message.timeout.ms", Integer.to_string(timeout)}]
+
+        case Native.producer_new(bootstrap, props) do
+          {:ok, producer} ->
+            try do
+              send_batch(producer, topic, encoded, originals, partition, partitioner, timeout)
+            after
+              Native.producer_close(producer, 1_000)
+            end
+
+          {:error, error} ->
+            {:error, error, originals}
+        end
+    end
+  end
+
+  defp send_batch(producer, topic, encoded, originals, partition, partitioner, timeout) do
+    with {:ok, tuples} <-
+           assign_partitions(producer, topic, encoded, partition, partitioner, timeout) do
+      tag = System.unique_integer([:positive])
+
+      case Native.producer_send(producer, self(), tag, topic, tuples, timeout) do
+        :pending -> await(tag, originals, timeout)
+        {:done, failures} -> verdict(failures, originals)
+        {:error, error} -> {:error, error, originals}
+      end
+    else
+      {:error, error} -> {:error, error, originals}
+    end
+  end
+
+  defp await(tag, originals, timeout) do
+    receive do
+      {:ottla_produced, ^tag, failures} -> verdict(failures, originals)
+    after
+      # librdkafka gives every message a verdict within message.timeout.ms; the margin covers
+      # the last delivery report's trip.
+      timeout + 2_000 ->
+        error =
+          Ottla.Error.new(
+            :timed_out,
+            "no delivery report within #{timeout} ms; the messages may still be delivered",
+            true
+          )
+
+        {:error, error, Enum.map(originals, &{&1, error})}
+    end
+  end
+
+  defp verdict([], _originals), do: :ok
+
+  defp verdict(failures, originals) do
+    by_index = List.to_tuple(originals)
+    failed = Enum.map(failures, fn {index, error} -> {elem(by_index, index), error} end)
+    [{_, first} | _] = failed
+
+    summary =
+      Ottla.Error.new(
+        first.code,
+        "#{length(failed)} of #{tuple_size(by_index)} messages were not delivered; first: #{first.message}",
+        Enum.all?(failed, fn {_, e} -> e.retriable? end)
+      )
+
+    {:error, summary, failed}
+  end
+
+  defp assign_partitions(_producer, _topic, encoded, partition, _partitioner, _timeout)
+       when is_integer(partition) do
+    {:ok, Enum.map(encoded, &put_elem(&1, 4, partition))}
+  end
+
+  defp assign_partitions(_producer, _topic, encoded, nil, :default, _timeout), do: {:ok, encoded}
+
+  defp assign_partitions(producer, topic, encoded, nil, partitioner, timeout) do
+    with {:ok, count} <- Native.producer_partition_count(producer, topic, timeout) do
+      {:ok, Enum.map(encoded, &put_elem(&1, 4, pick(partitioner, count, elem(&1, 0))))}
+    end
+  end
+
+  defp pick(:random, count, _key), do: :rand.uniform(count) - 1
+  # Elsa's md5 partitioner, so keys keep their partitions when moving from Elsa.
+  defp pick(:md5, count, key),
+    do: :crypto.hash(:md5, key || "") |> :binary.bin_to_list() |> Enum.sum() |> rem(count)
+
+  defp pick(fun, count, key) do
+    case fun.(count, key) do
+      p when is_integer(p) and p >= 0 and p < count ->
+        p
+
+      other ->
+        raise ArgumentError,
+              "the :partitioner function returned #{inspect(other)} for key #{inspect(key)}; " <>
+                "expected an integer from 0 to #{count - 1}"
+    end
+  end
+
+  defp partitioner!(p) when p in [:default, :random, :md5], do: p
+  defp partitioner!(fun) when is_function(fun, 2), do: fun
+
+  defp partitioner!(other) do
+    raise ArgumentError,
+          "invalid :partitioner #{inspect(other)}: expected :default, :random, :md5 or a " <>
+            "function (partition_count, key) -> partition"
+  end
+
+  # {key, value, headers, timestamp, partition}; partition -1 lets librdkafka choose.
+  defp encode!(value) when is_binary(value), do: {nil, value, [], nil, -1}
+
+  defp encode!({key, value})
+       when (is_binary(key) or is_nil(key)) and (is_binary(value) or is_nil(value)),
+       do: {key, value, [], nil, -1}
+
+  defp encode!(%{value: value} = message) when is_binary(value) or is_nil(value) do
+    key = Map.get(message, :key)
+    timestamp = Map.get(message, :timestamp)
+
+    unless is_binary(key) or is_nil(key), do: bad_message!(message, "its :key is not a binary")
+
+    unless is_nil(timestamp) or (is_integer(timestamp) and timestamp >= 0),
+      do: bad_message!(message, "its :timestamp is not a non-negative integer (ms)")
+
+    {key, value, headers!(Map.get(message, :headers) || [], message), timestamp, -1}
+  end
+
+  defp encode!(other),
+    do:
+      bad_message!(
+        other,
+        "expected a binary, {key, value} or %{key: k, value: v, headers: [...]}"
+      )
+
+  defp headers!(headers, message) when is_list(headers) do
+    Enum.map(headers, fn
+      {name, value}
+      when (is_binary(name) or is_atom(name)) and (is_binary(value) or is_nil(value)) ->
+        {to_string(name), value}
+
+      _ ->
+        bad_message!(message, "its :headers must be a list of {name, binary} pairs")
+    end)
+  end
+
+  defp headers!(_headers, message), do: bad_message!(message, "its :headers must be a list")
+
+  defp bad_message!(message, why),
+    do: raise(ArgumentError, "invalid message in messages #{inspect(message, limit: 5)}: #{why}")
+end

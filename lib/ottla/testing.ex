@@ -1,0 +1,98 @@
+defmodule Ottla.Testing do
+  @moduledoc """
+  An embedded Kafka for trying Ottla and for your own tests: librdkafka's in-process mock
+  cluster, started through the NIF. No broker, JVM or network needed.
+
+  The mock cluster speaks the Kafka protocol on loopback ports, so every Ottla function works
+  against it. It keeps a few MiB per partition and is meant for tests, not for data.
+
+  ## Example
+
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster(brokers: 1)
+      :ok = Ottla.create_topic(endpoints, "t", partitions: 2)
+      :ok = Ottla.produce(endpoints, "t", {"k", "v"})
+
+  In ExUnit, `start_supervised!({Ottla.Testing, brokers: 1})` returns the owning pid;
+  `Ottla.Testing.endpoints(pid)` gives its endpoints.
+  """
+  use GenServer
+
+  @doc false
+  def child_spec(opts),
+    do: %{id: {__MODULE__, make_ref()}, start: {__MODULE__, :start_link, [opts]}}
+
+  @doc """
+  Starts a mock cluster owned by a process linked to the caller and returns its endpoints.
+  It stops when that process stops (`stop_mock_cluster/1`, or the caller exits).
+
+  ## Options
+
+    * `:brokers` - number of brokers. Defaults to `1`.
+  """
+  @spec start_mock_cluster(keyword) ::
+          {:ok, [{String.t(), :inet.port_number()}]} | {:error, Ottla.Error.t()}
+  def start_mock_cluster(opts \\ []) do
+    with {:ok, pid} <- start_link(opts), do: {:ok, endpoints(pid)}
+  end
+
+  @doc "Stops the mock cluster behind `endpoints` (as returned by `start_mock_cluster/1`)."
+  @spec stop_mock_cluster([{String.t(), :inet.port_number()}]) :: :ok
+  def stop_mock_cluster(endpoints) do
+    case lookup(Ottla.Options.bootstrap!(endpoints)) do
+      nil -> :ok
+      pid -> GenServer.stop(pid)
+    end
+  end
+
+  @doc "Starts a mock cluster owned by the new process; see `start_mock_cluster/1`."
+  @spec start_link(keyword) :: GenServer.on_start()
+  def start_link(opts) do
+    opts = Ottla.Options.keyword!(opts, [brokers: 1], "Ottla.Testing options")
+    brokers = Ottla.Options.integer!(opts[:brokers], :brokers, 1)
+    GenServer.start_link(__MODULE__, brokers)
+  end
+
+  @doc "The endpoints of the mock cluster owned by `pid`."
+  @spec endpoints(pid) :: [{String.t(), :inet.port_number()}]
+  def endpoints(pid), do: GenServer.call(pid, :endpoints)
+
+  @impl true
+  def init(brokers) do
+    case Ottla.Native.mock_cluster_start(brokers) do
+      {:ok, cluster, bootstrap} ->
+        {:ok, _} = Registry.register(Ottla.Registry, {__MODULE__, bootstrap}, nil)
+
+        endpoints =
+          for e <- String.split(bootstrap, ","),
+              [h, p] = String.split(e, ":"),
+              do: {h, String.to_integer(p)}
+
+        {:ok, %{cluster: cluster, endpoints: endpoints}}
+
+      {:error, error} ->
+        {:stop, error}
+    end
+  end
+
+  @doc false
+  # The mock cluster behind a bootstrap string, if it is one of ours: the mock has no
+  # CreateTopics handler, so Ottla.create_topic/3 creates topics through it.
+  @spec lookup(String.t()) :: pid | nil
+  def lookup(bootstrap) do
+    case Registry.lookup(Ottla.Registry, {__MODULE__, bootstrap}) do
+      [{pid, _}] -> pid
+      [] -> nil
+    end
+  end
+
+  @impl true
+  def handle_call(:endpoints, _from, state), do: {:reply, state.endpoints, state}
+
+  def handle_call({:create_topic, topic, partitions, replicas}, _from, state) do
+    {:reply, Ottla.Native.mock_cluster_create_topic(state.cluster, topic, partitions, replicas),
+     state}
+  end
+
+  @impl true
+  def terminate(_reason, state), do: Ottla.Native.mock_cluster_stop(state.cluster)
+end

@@ -1,0 +1,110 @@
+//! The librdkafka client context shared by every Ottla client, and the one way the NIF sends
+//! messages to BEAM processes.
+//!
+//! librdkafka logs and client errors are forwarded to the process registered with
+//! `log_set_process/1` (Ottla's log sink, which calls `Logger`). Messages can only be sent with
+//! `OwnedEnv::send_and_clear` from threads the BEAM does not manage; librdkafka may call back on
+//! the thread that called into it (a dirty scheduler during a NIF), so sends from a BEAM thread
+//! go through one forwarding thread instead.
+
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Mutex, OnceLock};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
+
+use crate::atoms;
+
+/// Builds the message term inside the environment that sends it.
+pub type MessageBuilder = Box<dyn for<'a> FnOnce(Env<'a>) -> Term<'a> + Send>;
+
+static LOG_PROCESS: Mutex<Option<LocalPid>> = Mutex::new(None);
+static FORWARDER: OnceLock<SyncSender<(LocalPid, MessageBuilder)>> = OnceLock::new();
+
+/// Sends a message to `pid` from any thread. Returns `false` when it could not be sent
+/// (the process is gone, or the forwarding queue is full).
+pub fn send_to(pid: &LocalPid, build: MessageBuilder) -> bool {
+    if rustler::thread::is_scheduler_thread() {
+        let tx = FORWARDER.get_or_init(spawn_forwarder);
+        tx.try_send((*pid, build)).is_ok()
+    } else {
+        let mut env = OwnedEnv::new();
+        env.send_and_clear(pid, |env| build(env)).is_ok()
+    }
+}
+
+fn spawn_forwarder() -> SyncSender<(LocalPid, MessageBuilder)> {
+    let (tx, rx) = sync_channel::<(LocalPid, MessageBuilder)>(10_000);
+    let spawned = std::thread::Builder::new()
+        .name("ottla-forward".into())
+        .spawn(move || {
+            let mut env = OwnedEnv::new();
+            for (pid, build) in rx {
+                let _ = env.send_and_clear(&pid, |env| build(env));
+            }
+        });
+    if spawned.is_err() {
+        // Without the thread, sends from BEAM threads are dropped (try_send fails once the
+        // channel is full); nothing else depends on it.
+        eprintln!("ottla: could not start the message forwarding thread");
+    }
+    tx
+}
+
+/// Sets (or clears) the process that receives `{:ottla_log, level, facility, message}`.
+pub fn set_log_process(pid: Option<LocalPid>) {
+    if let Ok(mut slot) = LOG_PROCESS.lock() {
+        *slot = pid;
+    }
+}
+
+/// Forwards a log line to the log process, if one is set.
+pub fn log(level: rustler::Atom, facility: &str, text: &str) {
+    let pid = match LOG_PROCESS.lock() {
+        Ok(slot) => *slot,
+        Err(_) => None,
+    };
+    if let Some(pid) = pid {
+        let facility = facility.to_string();
+        let text = text.to_string();
+        send_to(
+            &pid,
+            Box::new(move |env| (atoms::ottla_log(), level, facility, text).encode(env)),
+        );
+    }
+}
+
+/// The context of every client: routes librdkafka's logs and errors to Elixir's Logger.
+#[derive(Clone, Default)]
+pub struct OttlaContext;
+
+impl ClientContext for OttlaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let level = match level {
+            RDKafkaLogLevel::Emerg => atoms::emergency(),
+            RDKafkaLogLevel::Alert => atoms::alert(),
+            RDKafkaLogLevel::Critical => atoms::critical(),
+            RDKafkaLogLevel::Error => atoms::error(),
+            RDKafkaLogLevel::Warning => atoms::warning(),
+            RDKafkaLogLevel::Notice => atoms::notice(),
+            RDKafkaLogLevel::Info => atoms::info(),
+            RDKafkaLogLevel::Debug => atoms::debug(),
+        };
+        log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        log(atoms::error(), "ERROR", &format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for OttlaContext {}
+
+#[rustler::nif]
+fn log_set_process(pid: Option<LocalPid>) -> rustler::Atom {
+    set_log_process(pid);
+    atoms::ok()
+}

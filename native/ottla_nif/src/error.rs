@@ -1,0 +1,145 @@
+//! The one error type of the NIF. It reaches Elixir as
+//! `{:error, %Ottla.Error{code: atom, message: binary, retriable?: boolean}}`.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rustler::{Atom, Encoder, Env, Term};
+
+use crate::atoms;
+
+/// An error to hand back to Elixir. `code` is a snake_case atom name, e.g. `unknown_topic_or_partition`.
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub code: String,
+    pub message: String,
+    pub retriable: bool,
+}
+
+impl Error {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Error {
+            code: code.to_string(),
+            message: message.into(),
+            retriable: is_retriable_code(code),
+        }
+    }
+
+    /// An error carrying a librdkafka error code.
+    pub fn from_code(code: RDKafkaErrorCode, message: impl Into<String>) -> Self {
+        Self::new(&code_name(code), message)
+    }
+}
+
+impl From<KafkaError> for Error {
+    fn from(err: KafkaError) -> Self {
+        let code = match (&err, err.rdkafka_error_code()) {
+            (_, Some(code)) => code_name(code),
+            (KafkaError::AdminOp(code), None) => code_name(*code),
+            (KafkaError::ClientConfig(..), None) => "invalid_config".to_string(),
+            (KafkaError::ClientCreation(_), None) => "client_creation".to_string(),
+            (KafkaError::Canceled, None) => "canceled".to_string(),
+            _ => "kafka_error".to_string(),
+        };
+        Error::new(&code, err.to_string())
+    }
+}
+
+impl Encoder for Error {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let code = Atom::from_str(env, &self.code)
+            .unwrap_or_else(|_| Atom::from_str(env, "kafka_error").unwrap_or(atoms::error()));
+        let keys = [
+            atoms::struct_().encode(env),
+            atoms::exception().encode(env),
+            atoms::code().encode(env),
+            atoms::message().encode(env),
+            atoms::retriable().encode(env),
+        ];
+        let values = [
+            atoms::ottla_error().encode(env),
+            true.encode(env),
+            code.encode(env),
+            self.message.encode(env),
+            self.retriable.encode(env),
+        ];
+        // Keys are distinct atoms, so building the map cannot fail; fall back to a tuple anyway.
+        Term::map_from_arrays(env, &keys, &values)
+            .unwrap_or_else(|_| (code, self.message.as_str()).encode(env))
+    }
+}
+
+impl From<Error> for rustler::Error {
+    fn from(err: Error) -> Self {
+        rustler::Error::Term(Box::new(err))
+    }
+}
+
+/// `RDKafkaErrorCode::UnknownTopicOrPartition` → `"unknown_topic_or_partition"`.
+pub fn code_name(code: RDKafkaErrorCode) -> String {
+    snake_case(&format!("{code:?}"))
+}
+
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 8);
+    for (i, ch) in name.chars().enumerate() {
+        if ch.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(ch.to_ascii_lowercase());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// Errors that a caller may reasonably retry: transient broker, network and leadership states.
+fn is_retriable_code(code: &str) -> bool {
+    matches!(
+        code,
+        "broker_transport_failure"
+            | "all_brokers_down"
+            | "operation_timed_out"
+            | "message_timed_out"
+            | "timed_out"
+            | "queue_full"
+            | "request_timed_out"
+            | "network_exception"
+            | "leader_not_available"
+            | "not_leader_for_partition"
+            | "not_enough_replicas"
+            | "not_enough_replicas_after_append"
+            | "coordinator_load_in_progress"
+            | "coordinator_not_available"
+            | "not_coordinator"
+            | "rebalance_in_progress"
+            | "unknown_topic_or_partition"
+            | "kafka_storage_error"
+            | "fenced_leader_epoch"
+            | "unknown_leader_epoch"
+            | "transport"
+            | "resolve"
+    )
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_snake_case() {
+        assert_eq!(
+            code_name(RDKafkaErrorCode::UnknownTopicOrPartition),
+            "unknown_topic_or_partition"
+        );
+        assert_eq!(code_name(RDKafkaErrorCode::MessageTimedOut), "message_timed_out");
+    }
+
+    #[test]
+    fn retriable_follows_the_code() {
+        assert!(Error::from_code(RDKafkaErrorCode::LeaderNotAvailable, "x").retriable);
+        assert!(!Error::from_code(RDKafkaErrorCode::TopicAlreadyExists, "x").retriable);
+    }
+}

@@ -1,0 +1,120 @@
+//! `fetch`: read a range of one partition with a short-lived consumer that joins no group
+//! and commits nothing, on a dirty I/O scheduler.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use rustler::{Encoder, Env, NifResult, Term};
+
+use crate::atoms;
+use crate::config::client_config;
+use crate::context::OttlaContext;
+use crate::error::Error;
+use crate::message;
+
+/// Returns `{:ok, high_watermark, [%Ottla.Message{}]}` with the messages from `offset` (or
+/// the log start, if `offset` is older) up to the high watermark, at most `max_messages`.
+/// `offset` -1 means the log start, -2 the high watermark (nothing to read).
+#[rustler::nif(schedule = "DirtyIo")]
+fn fetch_messages<'a>(
+    env: Env<'a>,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    max_messages: usize,
+    timeout_ms: u64,
+) -> NifResult<Term<'a>> {
+    let timeout = Duration::from_millis(timeout_ms);
+    let deadline = Instant::now() + timeout;
+    let mut props = props;
+    props.push(("group.id".into(), "ottla-fetch".into()));
+    props.push(("enable.auto.commit".into(), "false".into()));
+    props.push(("enable.auto.offset.store".into(), "false".into()));
+    props.push(("auto.offset.reset".into(), "earliest".into()));
+    let consumer: BaseConsumer<OttlaContext> = client_config(&bootstrap, &props)
+        .create_with_context(OttlaContext)
+        .map_err(Error::from)?;
+
+    let md = consumer
+        .fetch_metadata(Some(&topic), timeout)
+        .map_err(Error::from)?;
+    let partitions = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .ok_or_else(|| {
+            Error::from_code(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+                format!("topic {topic:?} does not exist"),
+            )
+        })?;
+    if partition >= partitions {
+        return Err(Error::from_code(
+            RDKafkaErrorCode::UnknownPartition,
+            format!("partition {partition} does not exist: topic {topic:?} has {partitions}"),
+        )
+        .into());
+    }
+
+    let (low, high) = consumer
+        .fetch_watermarks(&topic, partition, deadline.saturating_duration_since(Instant::now()))
+        .map_err(Error::from)?;
+    let start = match offset {
+        -1 => low,
+        -2 => high,
+        o => o.max(low),
+    };
+    let topic_term = topic.encode(env);
+    let mut out: Vec<Term<'a>> = Vec::new();
+    if start < high && max_messages > 0 {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(start))
+            .map_err(Error::from)?;
+        consumer.assign(&tpl).map_err(Error::from)?;
+        let last_wanted = high - 1;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::from_code(
+                    RDKafkaErrorCode::OperationTimedOut,
+                    format!(
+                        "fetch of {topic:?}/{partition} timed out after {} of the messages up to offset {last_wanted}",
+                        out.len()
+                    ),
+                )
+                .into());
+            }
+            match consumer.poll(left.min(Duration::from_millis(100))) {
+                // Control records or compaction can leave no message at `last_wanted`: stop once
+                // the consumer's position has passed the high watermark.
+                None => {
+                    let reached = consumer
+                        .position()
+                        .ok()
+                        .and_then(|tpl| {
+                            tpl.find_partition(&topic, partition)
+                                .and_then(|p| p.offset().to_raw())
+                        })
+                        .is_some_and(|pos| pos >= high);
+                    if reached {
+                        break;
+                    }
+                }
+                Some(Err(err)) => return Err(Error::from(err).into()),
+                Some(Ok(msg)) => {
+                    let at = rdkafka::message::Message::offset(&msg);
+                    out.push(message::encode(env, &msg, topic_term, None));
+                    if at >= last_wanted || out.len() >= max_messages {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok((atoms::ok(), high, out).encode(env))
+}
