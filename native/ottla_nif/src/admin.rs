@@ -25,7 +25,11 @@ fn options(timeout: Duration) -> AdminOptions {
         .operation_timeout(Some(timeout))
 }
 
-fn metadata(client: &AdminClient<OttlaContext>, topic: Option<&str>, timeout: Duration) -> Result<Metadata> {
+fn metadata(
+    client: &AdminClient<OttlaContext>,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<Metadata> {
     Ok(client.inner().fetch_metadata(topic, timeout)?)
 }
 
@@ -36,7 +40,10 @@ fn topic_state(md: &Metadata, topic: &str) -> Option<(usize, bool)> {
         .find(|t| t.name() == topic && t.error().is_none())
         .map(|t| {
             let parts = t.partitions();
-            (parts.len(), parts.iter().all(|p| p.leader() >= 0 && p.error().is_none()))
+            (
+                parts.len(),
+                parts.iter().all(|p| p.leader() >= 0 && p.error().is_none()),
+            )
         })
 }
 
@@ -49,7 +56,11 @@ fn wait_for_metadata(
 ) -> Result<()> {
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if let Ok(md) = metadata(client, Some(topic), remaining.max(Duration::from_millis(100))) {
+        if let Ok(md) = metadata(
+            client,
+            Some(topic),
+            remaining.max(Duration::from_millis(100)),
+        ) {
             if done(topic_state(&md, topic)) {
                 return Ok(());
             }
@@ -82,16 +93,22 @@ fn admin_create_topic(
     for (key, value) in &topic_config {
         new_topic = new_topic.set(key, value);
     }
-    let results = block_on(client.create_topics([&new_topic], &options(timeout))).map_err(Error::from)?;
+    let results =
+        block_on(client.create_topics([&new_topic], &options(timeout))).map_err(Error::from)?;
     for result in results {
         if let Err((name, code)) = result {
-            return Err(Error::from_code(code, format!("could not create topic {name:?}: {code}")).into());
+            return Err(
+                Error::from_code(code, format!("could not create topic {name:?}: {code}")).into(),
+            );
         }
     }
     let expected = partitions as usize;
-    wait_for_metadata(&client, &topic, deadline, |state| {
-        matches!(state, Some((n, true)) if n == expected)
-    })?;
+    wait_for_metadata(
+        &client,
+        &topic,
+        deadline,
+        |state| matches!(state, Some((n, true)) if n == expected),
+    )?;
     Ok(atoms::ok())
 }
 
@@ -105,11 +122,13 @@ fn admin_delete_topic(
     let timeout = Duration::from_millis(timeout_ms);
     let deadline = Instant::now() + timeout;
     let client = admin(&bootstrap, &props)?;
-    let results =
-        block_on(client.delete_topics(&[topic.as_str()], &options(timeout))).map_err(Error::from)?;
+    let results = block_on(client.delete_topics(&[topic.as_str()], &options(timeout)))
+        .map_err(Error::from)?;
     for result in results {
         if let Err((name, code)) = result {
-            return Err(Error::from_code(code, format!("could not delete topic {name:?}: {code}")).into());
+            return Err(
+                Error::from_code(code, format!("could not delete topic {name:?}: {code}")).into(),
+            );
         }
     }
     wait_for_metadata(&client, &topic, deadline, |state| state.is_none())?;

@@ -32,7 +32,7 @@ pub fn send_to(pid: &LocalPid, build: MessageBuilder) -> bool {
         tx.try_send((*pid, build)).is_ok()
     } else {
         let mut env = OwnedEnv::new();
-        env.send_and_clear(pid, |env| build(env)).is_ok()
+        env.send_and_clear(pid, build).is_ok()
     }
 }
 
@@ -43,7 +43,7 @@ fn spawn_forwarder() -> SyncSender<(LocalPid, MessageBuilder)> {
         .spawn(move || {
             let mut env = OwnedEnv::new();
             for (pid, build) in rx {
-                let _ = env.send_and_clear(&pid, |env| build(env));
+                let _ = env.send_and_clear(&pid, build);
             }
         });
     if spawned.is_err() {

@@ -1,6 +1,7 @@
 //! The one error type of the NIF. It reaches Elixir as
 //! `{:error, %Ottla.Error{code: atom, message: binary, retriable?: boolean}}`.
 
+use ottla_core::errors::{is_retriable, snake_case};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rustler::{Atom, Encoder, Env, Term};
 
@@ -19,7 +20,7 @@ impl Error {
         Error {
             code: code.to_string(),
             message: message.into(),
-            retriable: is_retriable_code(code),
+            retriable: is_retriable(code),
         }
     }
 
@@ -78,68 +79,4 @@ pub fn code_name(code: RDKafkaErrorCode) -> String {
     snake_case(&format!("{code:?}"))
 }
 
-fn snake_case(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 8);
-    for (i, ch) in name.chars().enumerate() {
-        if ch.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(ch.to_ascii_lowercase());
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
-/// Errors that a caller may reasonably retry: transient broker, network and leadership states.
-fn is_retriable_code(code: &str) -> bool {
-    matches!(
-        code,
-        "broker_transport_failure"
-            | "all_brokers_down"
-            | "operation_timed_out"
-            | "message_timed_out"
-            | "timed_out"
-            | "queue_full"
-            | "request_timed_out"
-            | "network_exception"
-            | "leader_not_available"
-            | "not_leader_for_partition"
-            | "not_enough_replicas"
-            | "not_enough_replicas_after_append"
-            | "coordinator_load_in_progress"
-            | "coordinator_not_available"
-            | "not_coordinator"
-            | "rebalance_in_progress"
-            | "unknown_topic_or_partition"
-            | "kafka_storage_error"
-            | "fenced_leader_epoch"
-            | "unknown_leader_epoch"
-            | "transport"
-            | "resolve"
-    )
-}
-
 pub type Result<T> = std::result::Result<T, Error>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn code_names_are_snake_case() {
-        assert_eq!(
-            code_name(RDKafkaErrorCode::UnknownTopicOrPartition),
-            "unknown_topic_or_partition"
-        );
-        assert_eq!(code_name(RDKafkaErrorCode::MessageTimedOut), "message_timed_out");
-    }
-
-    #[test]
-    fn retriable_follows_the_code() {
-        assert!(Error::from_code(RDKafkaErrorCode::LeaderNotAvailable, "x").retriable);
-        assert!(!Error::from_code(RDKafkaErrorCode::TopicAlreadyExists, "x").retriable);
-    }
-}

@@ -18,6 +18,7 @@ use crate::message;
 /// the log start, if `offset` is older) up to the high watermark, at most `max_messages`.
 /// `offset` -1 means the log start, -2 the high watermark (nothing to read).
 #[rustler::nif(schedule = "DirtyIo")]
+#[allow(clippy::too_many_arguments)]
 fn fetch_messages<'a>(
     env: Env<'a>,
     bootstrap: String,
@@ -62,7 +63,11 @@ fn fetch_messages<'a>(
     }
 
     let (low, high) = consumer
-        .fetch_watermarks(&topic, partition, deadline.saturating_duration_since(Instant::now()))
+        .fetch_watermarks(
+            &topic,
+            partition,
+            deadline.saturating_duration_since(Instant::now()),
+        )
         .map_err(Error::from)?;
     let start = match offset {
         -1 => low,

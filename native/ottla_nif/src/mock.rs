@@ -51,7 +51,10 @@ impl MockClusterResource {
     }
 }
 
-fn run(cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>, commands: std::sync::mpsc::Receiver<Command>) {
+fn run(
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    commands: std::sync::mpsc::Receiver<Command>,
+) {
     // Runs until the resource stops it or is garbage-collected (the sender is dropped).
     for command in commands {
         match command {

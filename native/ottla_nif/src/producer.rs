@@ -11,9 +11,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rustler::{Binary, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
 
 use crate::atoms;
@@ -108,7 +106,10 @@ impl Drop for ProducerResource {
 }
 
 impl ProducerResource {
-    fn with_producer<T>(&self, f: impl FnOnce(&ThreadedProducer<ProducerCtx>) -> Result<T>) -> Result<T> {
+    fn with_producer<T>(
+        &self,
+        f: impl FnOnce(&ThreadedProducer<ProducerCtx>) -> Result<T>,
+    ) -> Result<T> {
         let guard = self
             .producer
             .read()
@@ -314,37 +315,18 @@ fn producer_send<'a>(
 
 /// Waits up to `timeout_ms` for everything enqueued to be delivered.
 #[rustler::nif(schedule = "DirtyIo")]
-fn producer_flush(resource: ResourceArc<ProducerResource>, timeout_ms: u64) -> NifResult<rustler::Atom> {
+fn producer_flush(
+    resource: ResourceArc<ProducerResource>,
+    timeout_ms: u64,
+) -> NifResult<rustler::Atom> {
     resource.with_producer(|p| Ok(p.flush(Duration::from_millis(timeout_ms))?))?;
     Ok(atoms::ok())
 }
 
 /// Closes the producer now (flushing up to `timeout_ms` on a background thread) instead of
-/// when the resource is garbage-collected.
-#[rustler::nif]
+/// when the resource is garbage-collected. Dirty: it may wait for a send holding the lock.
+#[rustler::nif(schedule = "DirtyIo")]
 fn producer_close(resource: ResourceArc<ProducerResource>, timeout_ms: u64) -> rustler::Atom {
     resource.close(Duration::from_millis(timeout_ms));
     atoms::ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_completes_once_after_the_guard_and_every_message() {
-        let batch = Batch {
-            pid: unsafe { std::mem::zeroed() },
-            tag: 1,
-            remaining: AtomicUsize::new(3),
-            failures: Mutex::new(Vec::new()),
-        };
-        assert!(!batch.complete_one());
-        batch.fail(1, Error::new("message_timed_out", "late"));
-        assert!(!batch.complete_one());
-        assert!(batch.complete_one());
-        let failures = batch.take_failures();
-        assert_eq!(failures.len(), 1);
-        assert_eq!(failures[0].0, 1);
-    }
 }

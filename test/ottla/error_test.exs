@@ -1,0 +1,5 @@
+defmodule Ottla.ErrorTest do
+  use ExUnit.Case, async: true
+  doctest Ottla.Error
+  doctest Ottla.Message
+end

@@ -1,0 +1,99 @@
+defmodule Ottla.SupervisorTest do
+  use ExUnit.Case, async: true
+
+  import Ottla.TestSupport
+
+  defp conn_name, do: :"ottla_conn_#{System.unique_integer([:positive])}"
+
+  describe "a connection with a producer" do
+    test "produces by connection name, with the connection's settings" do
+      name = conn_name()
+
+      start_supervised!(
+        {Ottla.Supervisor,
+         connection: name,
+         endpoints: endpoints(),
+         config: ["client.id": "ottla-supervisor-test"],
+         producer: [topic: "ignored-for-routing", config: ["linger.ms": 1]]}
+      )
+
+      topic = create_topic!(partitions: 2)
+      assert :ok = Ottla.produce(name, topic, [{"a", "1"}, {"b", "2"}], partition: 1)
+      assert {2, msgs} = fetch_all!(topic, 1)
+      assert Enum.map(msgs, & &1.value) == ["1", "2"]
+    end
+
+    test "admin and fetch calls accept the connection name" do
+      name = conn_name()
+
+      start_supervised!(
+        {Ottla.Supervisor, connection: name, endpoints: endpoints(), producer: []}
+      )
+
+      topic = unique_topic()
+      assert :ok = Ottla.create_topic(name, topic)
+      assert Ottla.topic?(name, topic)
+      assert :ok = Ottla.produce(name, topic, "x")
+      assert {:ok, 1, [%Ottla.Message{value: "x"}]} = Ottla.fetch(name, topic)
+    end
+
+    test "stopping the connection delivers what it queued and forgets the name" do
+      name = conn_name()
+
+      pid =
+        start_supervised!(
+          {Ottla.Supervisor, connection: name, endpoints: endpoints(), producer: []}
+        )
+
+      topic = create_topic!()
+      assert :ok = Ottla.produce(name, topic, "before stop")
+      ref = Process.monitor(pid)
+      stop_supervised!({Ottla.Supervisor, name})
+      assert_receive {:DOWN, ^ref, :process, ^pid, _}, 15_000
+      assert {1, _} = fetch_all!(topic, 0)
+
+      assert_raise ArgumentError, ~r/no Ottla connection/, fn ->
+        Ottla.produce(name, topic, "x")
+      end
+    end
+  end
+
+  test "producing on a connection started without :producer is a no_producer error" do
+    name = conn_name()
+    start_supervised!({Ottla.Supervisor, connection: name, endpoints: endpoints()})
+
+    assert {:error, %Ottla.Error{code: :no_producer}, ["x"]} =
+             Ottla.produce(name, "any-topic", "x")
+  end
+
+  describe "bad options" do
+    test "raise ArgumentError naming the option" do
+      for {opts, name} <- [
+            {[endpoints: endpoints()], ":connection"},
+            {[connection: "string", endpoints: endpoints()], ":connection"},
+            {[connection: :x], ":endpoints"},
+            {[connection: :x, endpoints: 42], ":endpoints"},
+            {[connection: :x, endpoints: endpoints(), config: [{"k", self()}]], ":config"},
+            {[connection: :x, endpoints: endpoints(), producer: :yes], ":producer"},
+            {[connection: :x, endpoints: endpoints(), producer: [topic: 1]], "topic"},
+            {[connection: :x, endpoints: endpoints(), unknown: 1], "unknown"}
+          ] do
+        error = assert_raise ArgumentError, fn -> Ottla.Supervisor.start_link(opts) end
+        assert error.message =~ name, "expected #{inspect(name)} in: #{error.message}"
+      end
+    end
+
+    test "an invalid librdkafka property makes start_link fail with an Ottla.Error" do
+      Process.flag(:trap_exit, true)
+
+      assert {:error,
+              {:shutdown,
+               {:failed_to_start_child, Ottla.Connection, %Ottla.Error{code: :invalid_config}}}} =
+               Ottla.Supervisor.start_link(
+                 connection: conn_name(),
+                 endpoints: endpoints(),
+                 producer: [config: ["not.a.property": "x"]]
+               )
+    end
+  end
+end

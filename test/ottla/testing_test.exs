@@ -1,0 +1,41 @@
+defmodule Ottla.TestingTest do
+  use ExUnit.Case, async: true
+
+  describe "the embedded mock cluster" do
+    test "supports create, list, produce and fetch" do
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster(brokers: 1)
+      assert [{"127.0.0.1", port}] = endpoints
+      assert is_integer(port)
+
+      assert :ok = Ottla.create_topic(endpoints, "mocked", partitions: 2)
+      assert {:ok, [{"mocked", 2}]} = Ottla.list_topics(endpoints)
+      assert :ok = Ottla.produce(endpoints, "mocked", [{"k", "v1"}, {"k", "v2"}], partition: 1)
+      assert {:ok, 2, [a, b]} = Ottla.fetch(endpoints, "mocked", partition: 1)
+      assert {a.value, b.value} == {"v1", "v2"}
+      assert :ok = Ottla.Testing.stop_mock_cluster(endpoints)
+    end
+
+    test "can have several brokers" do
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster(brokers: 3)
+      assert length(endpoints) == 3
+    end
+
+    test "deleting a topic on it says the mock cannot" do
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster()
+      :ok = Ottla.create_topic(endpoints, "t")
+      assert {:error, %Ottla.Error{code: :unsupported}} = Ottla.delete_topic(endpoints, "t")
+    end
+
+    test "works under start_supervised" do
+      pid = start_supervised!({Ottla.Testing, brokers: 1})
+      endpoints = Ottla.Testing.endpoints(pid)
+      assert {:ok, []} = Ottla.list_topics(endpoints)
+    end
+
+    test "rejects a bad :brokers option" do
+      assert_raise ArgumentError, ~r/:brokers/, fn ->
+        Ottla.Testing.start_mock_cluster(brokers: 0)
+      end
+    end
+  end
+end

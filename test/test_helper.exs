@@ -1,0 +1,24 @@
+# Fail fast when the NIF did not load: every test would fail with :nif_not_loaded otherwise.
+case Code.ensure_loaded(Ottla.Native) do
+  {:module, _} ->
+    :ok
+
+  {:error, reason} ->
+    raise "Ottla's NIF did not load (#{inspect(reason)}); run `mix compile` and read its output"
+end
+
+# The suite runs against a real Kafka broker (scripts/test starts one).
+endpoints = Ottla.TestSupport.endpoints()
+
+case Ottla.list_topics(endpoints, timeout: 10_000) do
+  {:ok, _} ->
+    :ok
+
+  {:error, error} ->
+    raise """
+    no Kafka broker answers at #{endpoints}: #{Exception.message(error)}
+    Run the suite with scripts/test (it starts one), or start one with scripts/kafka start.
+    """
+end
+
+ExUnit.start(capture_log: true)
