@@ -208,4 +208,40 @@ defmodule Ottla do
     {bootstrap, config, _} = Connection.resolve!(target)
     Native.fetch_messages(bootstrap, config, topic, partition, offset, max, timeout)
   end
+
+  @doc """
+  The state of a connection's consumer: per assigned partition its generation, backlog
+  length, whether it is paused, the last delivered, acked and committed offsets, the high
+  watermark and the lag; and the time of the last rebalance (ms since the epoch), plus how
+  many acks were dropped as stale or for partitions not held.
+
+  ## Example
+
+      {:ok, %{partitions: [%{topic: "orders", partition: 0, backlog: 12, paused?: false} | _]}} =
+        Ottla.stats(:shop)
+  """
+  @spec stats(atom) :: {:ok, map} | {:error, Ottla.Error.t()}
+  def stats(connection) when is_atom(connection) do
+    case Ottla.Group.Manager.resource(connection) do
+      nil ->
+        {:error,
+         Ottla.Error.new(
+           :no_consumer,
+           "connection #{inspect(connection)} has no running consumer"
+         )}
+
+      resource ->
+        {:ok, stats} = Native.consumer_stats(resource)
+
+        partitions =
+          Enum.map(stats.partitions, fn p ->
+            p |> Map.put(:paused?, p.paused) |> Map.delete(:paused)
+          end)
+
+        {:ok, %{stats | partitions: partitions}}
+    end
+  end
+
+  def stats(other),
+    do: raise(ArgumentError, "invalid connection #{inspect(other)}: expected an atom")
 end

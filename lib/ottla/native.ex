@@ -37,4 +37,29 @@ defmodule Ottla.Native do
 
   def mock_cluster_create_topic(_cluster, _topic, _partitions, _replicas),
     do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_new(_bootstrap, _props, _manager, _topics, _assignment, _tuning),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_attach(_consumer, _topic, _partition, _generation, _pid),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_demand(_consumer, _topic, _partition, _generation),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_ack(_consumer, _topic, _partition, _generation, _offset),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_redeliver(_consumer, _topic, _partition, _generation, _offset),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_worker_down(_consumer, _topic, _partition, _generation),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_latest_offset(_consumer, _topic, _partition),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_revoke_done(_consumer, _id), do: :erlang.nif_error(:nif_not_loaded)
+  def consumer_stats(_consumer), do: :erlang.nif_error(:nif_not_loaded)
+  def consumer_close(_consumer), do: :erlang.nif_error(:nif_not_loaded)
 end

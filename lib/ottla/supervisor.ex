@@ -32,6 +32,43 @@ defmodule Ottla.Supervisor do
       Ottla sets `acks=all`, the Java client's key partitioner (`murmur2_random`),
       `linger.ms=5` and `message.timeout.ms=30000` unless overridden. Without it,
       `Ottla.produce/4` on the connection returns `{:error, %Ottla.Error{code: :no_producer}, _}`.
+    * `:group_consumer` - consume `:topics` as a member of consumer group `:group`; see
+      "Group consumer options" below.
+    * `:consumer` - consume without a group (Elsa's `consumer:`): fixed partitions, no
+      commits; see "Consumer options" below.
+
+  ## Group consumer options
+
+    * `:group` - the consumer group id. Required.
+    * `:topics` - the topics to subscribe to. Required.
+    * `:handler` - a module using `Ottla.Consumer.MessageHandler`. Required.
+    * `:handler_init_args` - passed to the handler's `init/1`. Defaults to `[]`.
+    * `:assignment_received_handler` - `fn group, topic, partition, generation_id -> :ok end`,
+      called for each partition this member is given, before its worker starts.
+      Defaults to a function returning `:ok`.
+    * `:assignments_revoked_handler` - `fn -> :ok end`, called after revoked partitions'
+      workers stopped and their acks were committed, before the rebalance proceeds.
+      Defaults to a function returning `:ok`.
+    * `:begin_offset` - where to start a partition the group never committed: `:earliest` or
+      `:latest`. A committed offset always wins. Defaults to `:latest`.
+    * `:max_batch` - most messages per `handle_messages` call. Defaults to `100`.
+    * `:max_backlog` - most messages buffered (in Rust) per partition; the partition is paused
+      at this size and resumed when it falls to half. Defaults to `1000`.
+    * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
+      Defaults to `:cooperative_sticky`.
+    * `:drain_timeout` - ms a revoked partition's in-flight batch gets to be acked before its
+      acks are committed and its worker stopped; also bounds the wait for the revoked handler.
+      Defaults to `5000`.
+    * `:commit_interval` - ms between background commits of acked offsets. Defaults to `1000`.
+    * `:config` - librdkafka consumer properties (e.g. `"session.timeout.ms": 10_000`).
+      Defaults to `[]`.
+    * `:direct_ack` - accepted for Elsa compatibility; acks are always direct.
+
+  ## Consumer options
+
+    * `:topic` - required. `:partition` - a partition or `:all` (default).
+    * `:begin_offset` - `:earliest`, `:latest` or an offset. Defaults to `:latest`.
+    * `:handler`, `:handler_init_args`, `:max_batch`, `:max_backlog`, `:config` - as above.
   """
   use Supervisor
 
@@ -70,16 +107,47 @@ defmodule Ottla.Supervisor do
       producer: producer_config!(opts[:producer])
     ]
 
-    Supervisor.start_link(__MODULE__, conn_opts, name: via(name))
+    if opts[:group_consumer] && opts[:consumer] do
+      raise ArgumentError, "give :group_consumer or :consumer, not both"
+    end
+
+    consumer =
+      cond do
+        opts[:group_consumer] -> Ottla.Consumer.Options.group!(opts[:group_consumer], conn_opts)
+        opts[:consumer] -> Ottla.Consumer.Options.assign!(opts[:consumer], conn_opts)
+        true -> nil
+      end
+
+    Supervisor.start_link(__MODULE__, {conn_opts, consumer}, name: via(name))
   end
 
   @doc false
   def via(name), do: {:via, Registry, {Ottla.Registry, {__MODULE__, name}}}
 
   @impl true
-  def init(conn_opts) do
-    children = [%{id: Ottla.Connection, start: {Ottla.Connection, :start_link, [conn_opts]}}]
-    Supervisor.init(children, strategy: :one_for_all)
+  def init({conn_opts, consumer}) do
+    connection = %{id: Ottla.Connection, start: {Ottla.Connection, :start_link, [conn_opts]}}
+
+    # rest_for_one: if the consumer's manager restarts, so do its workers; on shutdown the
+    # workers stop first (finishing their batch), then the manager commits and leaves.
+    consumer_children =
+      case consumer do
+        nil ->
+          []
+
+        opts ->
+          workers = {:via, Registry, {Ottla.Registry, {:workers, opts.connection}}}
+
+          [
+            %{
+              id: Ottla.Group.Manager,
+              start: {Ottla.Group.Manager, :start_link, [Map.put(opts, :worker_sup, workers)]}
+            },
+            {DynamicSupervisor, name: workers, strategy: :one_for_one}
+          ]
+      end
+
+    Supervisor.init([connection | consumer_children], strategy: :rest_for_one)
   end
 
   defp producer_config!(nil), do: nil

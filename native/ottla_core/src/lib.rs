@@ -3,3 +3,4 @@
 //! BEAM's `enif_*` symbols).
 
 pub mod errors;
+pub mod partition;

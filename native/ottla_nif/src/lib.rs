@@ -7,6 +7,7 @@
 mod admin;
 mod atoms;
 mod config;
+mod consumer;
 mod context;
 mod error;
 mod fetch;

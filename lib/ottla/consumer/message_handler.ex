@@ -1,0 +1,94 @@
+defmodule Ottla.Consumer.MessageHandler do
+  @moduledoc """
+  The behaviour of a consumer's handler, as in Elsa's `Elsa.Consumer.MessageHandler`.
+
+  Each assigned partition gets its own process running the handler: batches of one partition
+  arrive in offset order, one at a time; partitions run concurrently.
+
+  ## Example
+
+      defmodule MyApp.OrderHandler do
+        use Ottla.Consumer.MessageHandler
+
+        def init(args), do: {:ok, args}
+
+        def handle_messages(messages, state) do
+          Enum.each(messages, &MyApp.Orders.store(&1.key, &1.value))
+          {:ack, state}
+        end
+      end
+
+  ## Return values of `handle_messages`
+
+    * `{:ack, state}` / `{:acknowledge, state}` / `:ack` - the whole batch is done: its last
+      offset is acked (and later committed).
+    * `{:ack, offset, state}` / `{:ack, offset}` - offsets up to `offset` are done; messages of
+      the batch after it are delivered again.
+    * `{:no_ack, state}` / `{:noop, state}` / `:no_ack` / `:noop` - nothing is acked; delivery
+      goes on. A later ack covers these offsets too (acks are cumulative); if none comes, they
+      are delivered again after a restart or a rebalance.
+    * `{:continue, state}` / `:continue` - nothing is acked now; the app acks later with
+      `Ottla.Group.Acknowledger.ack/5` (from any process). Delivery goes on.
+
+  If the handler raises or exits, the partition's process is restarted with backoff (100 ms
+  doubling to 30 s) and receives every unacked message again; other partitions go on.
+
+  Inside a handler, `topic/0`, `partition/0`, `generation_id/0` and `connection/0` tell where
+  the batch comes from.
+  """
+
+  @type state :: term
+  @type messages :: [Ottla.Message.t()]
+  @type result ::
+          {:ack, state}
+          | {:acknowledge, state}
+          | {:ack, integer, state}
+          | {:no_ack, state}
+          | {:noop, state}
+          | {:continue, state}
+          | :ack
+          | {:ack, integer}
+          | :no_ack
+          | :noop
+          | :continue
+
+  @doc "Called when the partition's process starts; returns the handler state."
+  @callback init(args :: term) :: {:ok, state}
+  @doc "Handles one batch of the partition, with state."
+  @callback handle_messages(messages, state) :: result
+  @doc "Handles one batch of the partition; the stateless form."
+  @callback handle_messages(messages) :: result
+  @optional_callbacks handle_messages: 1, handle_messages: 2
+
+  defmacro __using__(_opts) do
+    quote do
+      @behaviour Ottla.Consumer.MessageHandler
+
+      @impl Ottla.Consumer.MessageHandler
+      def init(args), do: {:ok, args}
+
+      @impl Ottla.Consumer.MessageHandler
+      def handle_messages(messages, state) do
+        case handle_messages(messages) do
+          result when is_atom(result) -> {result, state}
+          {:ack, offset} -> {:ack, offset, state}
+          other -> other
+        end
+      end
+
+      @impl Ottla.Consumer.MessageHandler
+      def handle_messages(_messages), do: :ack
+
+      @doc "The topic of the partition this process handles."
+      def topic, do: Process.get(:ottla_topic)
+      @doc "The partition this process handles."
+      def partition, do: Process.get(:ottla_partition)
+      @doc "The generation the partition was assigned in (`nil` outside a group)."
+      def generation_id, do: Process.get(:ottla_generation_id)
+      @doc "The connection's name."
+      def connection, do: Process.get(:ottla_connection)
+
+      defoverridable init: 1, handle_messages: 1, handle_messages: 2
+    end
+  end
+end

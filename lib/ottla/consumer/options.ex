@@ -1,0 +1,166 @@
+defmodule Ottla.Consumer.Options do
+  @moduledoc false
+  # Validation of `group_consumer:` and `consumer:` (documented in Ottla.Supervisor).
+
+  alias Ottla.Options
+
+  @common [
+    :handler,
+    handler_init_args: [],
+    max_batch: 100,
+    max_backlog: 1000,
+    drain_timeout: 5_000,
+    commit_interval: 1_000,
+    config: []
+  ]
+
+  @strategies %{
+    cooperative_sticky: "cooperative-sticky",
+    range: "range",
+    roundrobin: "roundrobin"
+  }
+
+  def group!(opts, conn) do
+    opts =
+      Options.keyword!(
+        opts,
+        [
+          :group,
+          :topics,
+          :direct_ack,
+          assignment_received_handler: fn _, _, _, _ -> :ok end,
+          assignments_revoked_handler: fn -> :ok end,
+          begin_offset: :latest,
+          assignment_strategy: :cooperative_sticky
+        ] ++ @common,
+        ":group_consumer options"
+      )
+
+    group = opts[:group]
+
+    unless is_binary(group) and group != "",
+      do: raise(ArgumentError, "invalid :group #{inspect(group)}: expected a non-empty string")
+
+    topics = opts[:topics]
+
+    unless is_list(topics) and topics != [],
+      do:
+        raise(
+          ArgumentError,
+          "invalid :topics #{inspect(topics)}: expected a non-empty list of topic names"
+        )
+
+    Enum.each(topics, &Options.topic!/1)
+
+    unless is_function(opts[:assignment_received_handler], 4),
+      do:
+        raise(
+          ArgumentError,
+          "invalid :assignment_received_handler: expected a function of 4 arguments"
+        )
+
+    unless is_function(opts[:assignments_revoked_handler], 0),
+      do:
+        raise(
+          ArgumentError,
+          "invalid :assignments_revoked_handler: expected a function of no arguments"
+        )
+
+    begin = opts[:begin_offset]
+
+    unless begin in [:earliest, :latest],
+      do:
+        raise(
+          ArgumentError,
+          "invalid :begin_offset #{inspect(begin)}: expected :earliest or :latest"
+        )
+
+    strategy =
+      Map.get(@strategies, opts[:assignment_strategy]) ||
+        raise ArgumentError,
+              "invalid :assignment_strategy #{inspect(opts[:assignment_strategy])}: " <>
+                "expected :cooperative_sticky, :range or :roundrobin"
+
+    defaults = [
+      {"group.id", group},
+      {"auto.offset.reset", Atom.to_string(begin)},
+      {"partition.assignment.strategy", strategy}
+    ]
+
+    common!(opts, conn, defaults)
+    |> Map.merge(%{
+      mode: :group,
+      group: group,
+      topics: topics,
+      assignment_received_handler: opts[:assignment_received_handler],
+      assignments_revoked_handler: opts[:assignments_revoked_handler]
+    })
+  end
+
+  def assign!(opts, conn) do
+    opts =
+      Options.keyword!(
+        opts,
+        [:topic, partition: :all, begin_offset: :latest] ++ @common,
+        ":consumer options"
+      )
+
+    topic = Options.topic!(opts[:topic])
+    partition = opts[:partition]
+    unless partition == :all, do: Options.integer!(partition, :partition, 0)
+    begin = opts[:begin_offset]
+
+    unless begin in [:earliest, :latest] or (is_integer(begin) and begin >= 0),
+      do:
+        raise(
+          ArgumentError,
+          "invalid :begin_offset #{inspect(begin)}: expected :earliest, :latest or an offset"
+        )
+
+    common!(opts, conn, [{"auto.offset.reset", "earliest"}])
+    |> Map.merge(%{
+      mode: :assign,
+      group: nil,
+      topics: [topic],
+      partition: partition,
+      begin_offset: begin,
+      assignment_received_handler: fn _, _, _, _ -> :ok end,
+      assignments_revoked_handler: fn -> :ok end
+    })
+  end
+
+  defp common!(opts, conn, defaults) do
+    handler = opts[:handler]
+
+    unless is_atom(handler) and not is_nil(handler) and Code.ensure_loaded?(handler) and
+             (function_exported?(handler, :handle_messages, 2) or
+                function_exported?(handler, :handle_messages, 1)),
+           do:
+             raise(
+               ArgumentError,
+               "invalid :handler #{inspect(handler)}: expected a module using Ottla.Consumer.MessageHandler"
+             )
+
+    # Ottla commits itself (acked offsets only); librdkafka's fetch queue backoff is shortened
+    # because its 1 s default stalls a busy consumer.
+    ottla = [
+      {"enable.auto.commit", "false"},
+      {"enable.auto.offset.store", "false"},
+      {"fetch.queue.backoff.ms", "10"},
+      {"queued.max.messages.kbytes", "16384"}
+    ]
+
+    %{
+      connection: Keyword.fetch!(conn, :connection),
+      bootstrap: Keyword.fetch!(conn, :bootstrap),
+      connection_config: Keyword.fetch!(conn, :config),
+      props: ottla ++ defaults ++ Keyword.fetch!(conn, :config) ++ Options.config!(opts[:config]),
+      handler: handler,
+      handler_init_args: opts[:handler_init_args],
+      max_batch: Options.integer!(opts[:max_batch], :max_batch, 1),
+      max_backlog: Options.integer!(opts[:max_backlog], :max_backlog, 1),
+      drain_timeout: Options.integer!(opts[:drain_timeout], :drain_timeout, 0),
+      commit_interval: Options.integer!(opts[:commit_interval], :commit_interval, 1)
+    }
+  end
+end

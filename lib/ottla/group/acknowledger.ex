@@ -1,0 +1,110 @@
+defmodule Ottla.Group.Acknowledger do
+  @moduledoc """
+  Acks for a connection's consumer, with the API of Elsa's `Elsa.Group.Acknowledger`.
+
+  An ack goes straight to the NIF (no process in between), so any process may ack at any
+  rate. Acks are cumulative: acking offset `n` of a partition means every offset up to `n`
+  is done; an ack at or below the current one changes nothing. Acked offsets are committed
+  to Kafka in the background (every `:commit_interval` ms), and synchronously when a
+  partition is revoked and when the consumer stops.
+
+  An ack carries the generation the message was delivered in (`message.generation_id`). An
+  ack from another generation, or for a partition this member does not hold (any more), is
+  dropped with a warning and counted in `Ottla.stats/1`: it is never committed.
+
+  **Generations.** librdkafka does not expose Kafka's group generation id, so Ottla numbers
+  assignments itself: every assignment this member receives gets the next number, and the
+  partitions it brings carry it. With the cooperative-sticky strategy a partition kept across
+  a rebalance keeps its number, so acks in flight stay valid; with eager strategies every
+  rebalance reassigns everything under a new number. Outside a group (`consumer:`) the
+  generation is `nil`.
+
+  ## Example
+
+      # in a handler that returned {:continue, state}, later, from any process:
+      Ottla.Group.Acknowledger.ack(:my_connection, message)
+  """
+
+  alias Ottla.{Group.Manager, Native, Options}
+
+  @doc """
+  Acks `offset` (and every offset before it) of `topic`/`partition`, delivered in
+  `generation_id`. Always returns `:ok`, like Elsa's; dropped acks are logged and counted.
+  """
+  @spec ack(atom, String.t(), non_neg_integer, integer | nil, non_neg_integer) :: :ok
+  def ack(connection, topic, partition, generation_id, offset) do
+    unless is_integer(generation_id) or is_nil(generation_id),
+      do:
+        raise(
+          ArgumentError,
+          "invalid generation_id #{inspect(generation_id)}: expected an integer or nil"
+        )
+
+    Native.consumer_ack(
+      resource!(connection),
+      Options.topic!(topic),
+      Options.integer!(partition, :partition, 0),
+      generation_id,
+      Options.integer!(offset, :offset, 0)
+    )
+  end
+
+  @doc """
+  Acks a message (or any map with `:topic`, `:partition`, `:generation_id` and `:offset`).
+  """
+  @spec ack(atom, %{
+          topic: String.t(),
+          partition: non_neg_integer,
+          generation_id: integer | nil,
+          offset: non_neg_integer
+        }) ::
+          :ok
+  def ack(connection, %{
+        topic: topic,
+        partition: partition,
+        generation_id: generation_id,
+        offset: offset
+      }),
+      do: ack(connection, topic, partition, generation_id, offset)
+
+  def ack(_connection, other),
+    do:
+      raise(
+        ArgumentError,
+        "invalid message #{inspect(other, limit: 5)}: expected a map with :topic, :partition, :generation_id and :offset"
+      )
+
+  @doc """
+  Kept for Elsa compatibility. In Elsa the group manager pushed the new generation to the
+  acknowledger; in Ottla the NIF records each partition's generation at assignment itself,
+  so this only checks that the connection has a consumer and returns `:ok`.
+  """
+  @spec update_generation_id(atom, integer) :: :ok
+  def update_generation_id(connection, generation_id) when is_integer(generation_id) do
+    resource!(connection)
+    :ok
+  end
+
+  def update_generation_id(_connection, other),
+    do: raise(ArgumentError, "invalid generation_id #{inspect(other)}: expected an integer")
+
+  @doc """
+  The offset after the last acked one of `topic`/`partition` (Elsa's "acked + 1"), or `nil`
+  when nothing was acked since this member was assigned the partition (or does not hold it).
+  """
+  @spec get_latest_offset(atom, String.t(), non_neg_integer) :: non_neg_integer | nil
+  def get_latest_offset(connection, topic, partition) do
+    Native.consumer_latest_offset(
+      resource!(connection),
+      Options.topic!(topic),
+      Options.integer!(partition, :partition, 0)
+    )
+  end
+
+  defp resource!(connection) do
+    Manager.resource(connection) ||
+      raise ArgumentError,
+            "connection #{inspect(connection)} has no running consumer " <>
+              "(start Ottla.Supervisor with :group_consumer or :consumer)"
+  end
+end

@@ -1,0 +1,168 @@
+//! The dispatch thread: sends each partition's next batch to its worker process when the
+//! worker asked for one. One batch is one Erlang message; its keys and values are
+//! sub-binaries of one binary, so a batch costs one allocation on the BEAM side.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustler::types::binary::OwnedBinary;
+use rustler::{Binary, Encoder, Env, LocalPid, OwnedEnv, Term};
+
+use super::{Msg, Shared};
+use crate::atoms;
+
+struct Outgoing {
+    pid: LocalPid,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    messages: Vec<Msg>,
+}
+
+pub fn run(shared: Arc<Shared>) {
+    let mut env = OwnedEnv::new();
+    let group = shared.settings.group;
+    loop {
+        let (outgoing, resumed) = {
+            let mut st = shared.lock();
+            loop {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let mut out = Vec::new();
+                let mut resumed = false;
+                let max = shared.settings.max_batch;
+                let state = &mut *st;
+                for (tp, p) in state.partitions.iter_mut() {
+                    let was_paused = p.want_paused;
+                    if let Some(messages) = p.take_batch(max) {
+                        resumed |= was_paused && !p.want_paused;
+                        if let Some(pid) = state.workers.get(tp) {
+                            out.push(Outgoing {
+                                pid: *pid,
+                                topic: tp.0.clone(),
+                                partition: tp.1,
+                                generation: p.generation,
+                                messages,
+                            });
+                        }
+                    }
+                }
+                if resumed {
+                    st.dirty = true;
+                }
+                if !out.is_empty() {
+                    break (out, resumed);
+                }
+                st = shared
+                    .work
+                    .wait_timeout(st, Duration::from_millis(200))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        };
+        let _ = resumed;
+        for o in outgoing {
+            let pid = o.pid;
+            let _ = env.send_and_clear(&pid, |env| encode_batch(env, o, group));
+        }
+    }
+}
+
+/// `{:ottla_messages, topic, partition, generation, [%Ottla.Message{}]}`
+fn encode_batch<'a>(env: Env<'a>, o: Outgoing, group: bool) -> Term<'a> {
+    let total: usize = o
+        .messages
+        .iter()
+        .map(|m| m.key.as_ref().map_or(0, Vec::len) + m.value.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut owned = OwnedBinary::new(total);
+    {
+        let buf = owned.as_mut_slice();
+        let mut at = 0;
+        for m in &o.messages {
+            for part in [&m.key, &m.value].into_iter().flatten() {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+        }
+    }
+    let whole = Binary::from_owned(owned, env);
+    let nil = atoms::nil().encode(env);
+    let topic = o.topic.encode(env);
+    let generation = if group { o.generation.encode(env) } else { nil };
+    let keys = [
+        atoms::struct_().encode(env),
+        atoms::topic().encode(env),
+        atoms::partition().encode(env),
+        atoms::offset().encode(env),
+        atoms::key().encode(env),
+        atoms::value().encode(env),
+        atoms::timestamp().encode(env),
+        atoms::headers().encode(env),
+        atoms::generation_id().encode(env),
+    ];
+    let struct_name = atoms::ottla_message().encode(env);
+    let partition = o.partition.encode(env);
+    let empty: Vec<Term<'a>> = Vec::new();
+    let empty = empty.encode(env);
+    let mut at = 0;
+    let mut slice = |part: &Option<Vec<u8>>| -> Term<'a> {
+        match part {
+            Some(bytes) => {
+                let t = whole
+                    .make_subbinary(at, bytes.len())
+                    .map(|b| b.to_term(env))
+                    .unwrap_or(nil);
+                at += bytes.len();
+                t
+            }
+            None => nil,
+        }
+    };
+    let mut list: Vec<Term<'a>> = Vec::with_capacity(o.messages.len());
+    for m in &o.messages {
+        let key = slice(&m.key);
+        let value = slice(&m.value);
+        let headers = if m.headers.is_empty() {
+            empty
+        } else {
+            m.headers
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Some(bytes) => {
+                            let mut b = rustler::NewBinary::new(env, bytes.len());
+                            b.as_mut_slice().copy_from_slice(bytes);
+                            Binary::from(b).to_term(env)
+                        }
+                        None => nil,
+                    };
+                    (k.as_str(), v).encode(env)
+                })
+                .collect::<Vec<Term<'a>>>()
+                .encode(env)
+        };
+        let values = [
+            struct_name,
+            topic,
+            partition,
+            m.offset.encode(env),
+            key,
+            value,
+            m.timestamp.encode(env),
+            headers,
+            generation,
+        ];
+        list.push(Term::map_from_arrays(env, &keys, &values).unwrap_or(nil));
+    }
+    (
+        atoms::ottla_messages(),
+        topic,
+        partition,
+        o.generation,
+        list,
+    )
+        .encode(env)
+}

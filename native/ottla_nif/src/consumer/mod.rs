@@ -1,0 +1,407 @@
+//! The consumer: one librdkafka consumer per connection, polled on its own thread, with a
+//! bounded backlog per assigned partition and the ack path.
+//!
+//! Threads: `poll` (librdkafka poll, rebalance callbacks, pause/resume, seeks, commits) and
+//! `dispatch` (sends batches to the partitions' worker processes). Both share [`Shared`]:
+//! one mutex over every partition's [`PartitionState`] and two condition variables. The NIFs
+//! here only touch that state (never librdkafka), so they return in microseconds on normal
+//! schedulers; only `consumer_new` and `consumer_close` are dirty.
+
+mod dispatch;
+mod poll;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ottla_core::partition::{Acked, Offset, PartitionState};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset as KOffset, TopicPartitionList};
+use rustler::{Atom, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
+
+use crate::atoms;
+use crate::config::client_config;
+use crate::context::log;
+use crate::error::Error;
+
+pub type Tp = (String, i32);
+
+/// A message held in a backlog.
+pub struct Msg {
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Offset for Msg {
+    fn offset(&self) -> i64 {
+        self.offset
+    }
+}
+
+/// Fixed at start.
+pub struct Settings {
+    pub manager: LocalPid,
+    /// Group mode commits and exposes generations; assign mode (Elsa's `consumer:`) does not.
+    pub group: bool,
+    pub max_batch: usize,
+    pub max_backlog: usize,
+    pub drain_timeout: Duration,
+    pub commit_interval: Duration,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub partitions: HashMap<Tp, PartitionState<Msg>>,
+    pub workers: HashMap<Tp, LocalPid>,
+    /// Grows with every assignment this member receives: the generation of the partitions
+    /// it assigns (librdkafka does not expose Kafka's generation id).
+    pub epoch: i32,
+    /// Something for the poll thread to apply (pause, resume, seek).
+    pub dirty: bool,
+    pub stale_acks: u64,
+    pub unheld_acks: u64,
+    pub last_rebalance_ms: Option<i64>,
+    pub revoke_seq: u64,
+    pub revoke_done: u64,
+    pub closing: bool,
+}
+
+pub struct Shared {
+    pub settings: Settings,
+    pub state: Mutex<State>,
+    /// Wakes the dispatcher: a partition may have a batch to send.
+    pub work: Condvar,
+    /// Wakes the poll thread's bounded waits: acks (drain) and revoke replies.
+    pub progress: Condvar,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct ConsumerResource {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for ConsumerResource {}
+
+impl ConsumerResource {
+    fn signal_stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.work.notify_all();
+        self.shared.progress.notify_all();
+    }
+}
+
+impl Drop for ConsumerResource {
+    fn drop(&mut self) {
+        // Garbage-collected without consumer_close: the threads close the consumer on their
+        // own; joining here would block a scheduler.
+        self.signal_stop();
+    }
+}
+
+/// `{topic, partition, offset}` for assign mode; offset -1 earliest, -2 latest.
+type Assignment = (String, i32, i64);
+
+/// `{max_batch, max_backlog, drain_timeout_ms, commit_interval_ms}`
+type Tuning = (usize, usize, u64, u64);
+
+#[rustler::nif(schedule = "DirtyIo")]
+#[allow(clippy::too_many_arguments)]
+fn consumer_new<'a>(
+    env: Env<'a>,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    manager: LocalPid,
+    topics: Vec<String>,
+    assignment: Vec<Assignment>,
+    tuning: Tuning,
+) -> NifResult<Term<'a>> {
+    let (max_batch, max_backlog, drain_ms, commit_ms) = tuning;
+    let group = assignment.is_empty();
+    let shared = Arc::new(Shared {
+        settings: Settings {
+            manager,
+            group,
+            max_batch: max_batch.max(1),
+            max_backlog: max_backlog.max(1),
+            drain_timeout: Duration::from_millis(drain_ms),
+            commit_interval: Duration::from_millis(commit_ms.max(10)),
+        },
+        state: Mutex::new(State::default()),
+        work: Condvar::new(),
+        progress: Condvar::new(),
+        stop: AtomicBool::new(false),
+    });
+    let consumer: BaseConsumer<poll::GroupCtx> = client_config(&bootstrap, &props)
+        .create_with_context(poll::GroupCtx::new(shared.clone()))
+        .map_err(Error::from)?;
+
+    if group {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(Error::from)?;
+    } else {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in &assignment {
+            let offset = match offset {
+                -1 => KOffset::Beginning,
+                -2 => KOffset::End,
+                o => KOffset::Offset(*o),
+            };
+            tpl.add_partition_offset(topic, *partition, offset)
+                .map_err(Error::from)?;
+        }
+        consumer.assign(&tpl).map_err(Error::from)?;
+        poll::assigned(&shared, &tpl);
+    }
+
+    let poll_shared = shared.clone();
+    let poll_thread = std::thread::Builder::new()
+        .name("ottla-poll".into())
+        .spawn(move || poll::run(consumer, poll_shared))
+        .map_err(|e| Error::new("thread_spawn", e.to_string()))?;
+    let dispatch_shared = shared.clone();
+    let dispatch_thread = std::thread::Builder::new()
+        .name("ottla-dispatch".into())
+        .spawn(move || dispatch::run(dispatch_shared))
+        .map_err(|e| Error::new("thread_spawn", e.to_string()))?;
+
+    let resource = ResourceArc::new(ConsumerResource {
+        shared,
+        threads: Mutex::new(vec![poll_thread, dispatch_thread]),
+    });
+    Ok((atoms::ok(), resource).encode(env))
+}
+
+/// A worker process takes over a partition: batches go to `pid` from now on.
+#[rustler::nif]
+fn consumer_attach(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    pid: LocalPid,
+) -> NifResult<Atom> {
+    let shared = &resource.shared;
+    let mut st = shared.lock();
+    let tp = (topic, partition);
+    match st.partitions.get_mut(&tp) {
+        Some(p) if p.generation == generation && !p.revoking => {
+            p.has_worker = true;
+            p.demand = true;
+        }
+        _ => return Err(Error::new("not_assigned", "this partition is not assigned here").into()),
+    }
+    st.workers.insert(tp, pid);
+    shared.work.notify_one();
+    Ok(atoms::ok())
+}
+
+/// The worker is done with its batch and wants the next one.
+#[rustler::nif]
+fn consumer_demand(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+) -> Atom {
+    let shared = &resource.shared;
+    let mut st = shared.lock();
+    if let Some(p) = st.partitions.get_mut(&(topic, partition)) {
+        if p.generation == generation {
+            p.demand = true;
+            if p.ready() {
+                shared.work.notify_one();
+            }
+        }
+    }
+    atoms::ok()
+}
+
+/// Acks every offset of the partition up to `offset`. Acks from another generation, or for
+/// a partition this member does not hold, are dropped with a warning and counted.
+#[rustler::nif]
+fn consumer_ack(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: Option<i32>,
+    offset: i64,
+) -> Atom {
+    let shared = &resource.shared;
+    let group = shared.settings.group;
+    let mut st = shared.lock();
+    // Outside a group there are no generations: nil acks the current assignment.
+    let outcome = st
+        .partitions
+        .get_mut(&(topic.clone(), partition))
+        .map(|p| match generation {
+            Some(g) => p.ack(g, offset),
+            None if !group => p.ack(p.generation, offset),
+            None => p.ack(-1, offset),
+        });
+    let generation = generation.map_or("nil".to_string(), |g| g.to_string());
+    match outcome {
+        Some(Acked::Advanced(_)) => shared.progress.notify_all(),
+        Some(Acked::Behind) => {}
+        Some(Acked::StaleGeneration { current }) => {
+            st.stale_acks += 1;
+            drop(st);
+            log(
+                atoms::warning(),
+                "ACK",
+                &format!("dropped ack of {topic}/{partition} offset {offset}: generation {generation}, the partition is at generation {current}"),
+            );
+        }
+        None => {
+            st.unheld_acks += 1;
+            drop(st);
+            log(
+                atoms::warning(),
+                "ACK",
+                &format!("dropped ack of {topic}/{partition} offset {offset} (generation {generation}): the partition is not assigned to this member"),
+            );
+        }
+    }
+    atoms::ok()
+}
+
+/// Redeliver the partition from `offset` (a handler acked only part of its batch).
+#[rustler::nif]
+fn consumer_redeliver(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    offset: i64,
+) -> Atom {
+    let shared = &resource.shared;
+    let mut st = shared.lock();
+    if let Some(p) = st.partitions.get_mut(&(topic, partition)) {
+        if p.generation == generation {
+            p.rewind_from(offset);
+            st.dirty = true;
+        }
+    }
+    atoms::ok()
+}
+
+/// The partition's worker died: forget it, and rewind so that a new worker gets every
+/// unacked message again. Returns `{:ok, last_acked | nil}`.
+#[rustler::nif]
+fn consumer_worker_down(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+) -> (Atom, Option<i64>) {
+    let shared = &resource.shared;
+    let mut st = shared.lock();
+    let tp = (topic, partition);
+    let mut acked = None;
+    if let Some(p) = st.partitions.get_mut(&tp) {
+        if p.generation == generation {
+            p.has_worker = false;
+            acked = p.acked;
+            if p.rewind().is_some() {
+                st.dirty = true;
+            }
+            st.workers.remove(&tp);
+        }
+    }
+    (atoms::ok(), acked)
+}
+
+/// Elsa's `get_latest_offset`: last acked offset + 1, or nil if nothing was acked since the
+/// partition was assigned.
+#[rustler::nif]
+fn consumer_latest_offset(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+) -> Option<i64> {
+    let st = resource.shared.lock();
+    st.partitions
+        .get(&(topic, partition))
+        .and_then(|p| p.latest_offset())
+}
+
+/// The manager finished handling revocation `id` (workers stopped, handler called).
+#[rustler::nif]
+fn consumer_revoke_done(resource: ResourceArc<ConsumerResource>, id: u64) -> Atom {
+    let shared = &resource.shared;
+    let mut st = shared.lock();
+    if id > st.revoke_done {
+        st.revoke_done = id;
+    }
+    shared.progress.notify_all();
+    atoms::ok()
+}
+
+/// `{:ok, %{partitions: [%{...}], last_rebalance: ms | nil, stale_acks: n, unheld_acks: n}}`
+#[rustler::nif]
+fn consumer_stats<'a>(env: Env<'a>, resource: ResourceArc<ConsumerResource>) -> NifResult<Term<'a>> {
+    let st = resource.shared.lock();
+    let group = resource.shared.settings.group;
+    let mut rows: Vec<Term<'a>> = Vec::with_capacity(st.partitions.len());
+    let mut keys: Vec<&Tp> = st.partitions.keys().collect();
+    keys.sort();
+    for tp in keys {
+        let p = &st.partitions[tp];
+        let generation = if group { Some(p.generation) } else { None };
+        let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
+            (atoms::topic().encode(env), tp.0.encode(env)),
+            (atoms::partition().encode(env), tp.1.encode(env)),
+            (atoms::generation_id().encode(env), generation.encode(env)),
+            (atoms::backlog().encode(env), p.backlog_len().encode(env)),
+            (atoms::paused().encode(env), p.paused.encode(env)),
+            (atoms::last_delivered().encode(env), p.last_delivered.encode(env)),
+            (atoms::last_acked().encode(env), p.acked.encode(env)),
+            (atoms::committed().encode(env), p.committed.encode(env)),
+            (atoms::high_watermark().encode(env), p.high_watermark.encode(env)),
+            (atoms::lag().encode(env), p.lag().encode(env)),
+            (atoms::worker().encode(env), st.workers.get(tp).encode(env)),
+        ];
+        rows.push(Term::map_from_pairs(env, &pairs)?);
+    }
+    let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
+        (atoms::partitions().encode(env), rows.encode(env)),
+        (atoms::last_rebalance().encode(env), st.last_rebalance_ms.encode(env)),
+        (atoms::stale_acks().encode(env), st.stale_acks.encode(env)),
+        (atoms::unheld_acks().encode(env), st.unheld_acks.encode(env)),
+    ];
+    Ok((atoms::ok(), Term::map_from_pairs(env, &pairs)?).encode(env))
+}
+
+/// Commits what was acked, leaves the group, stops and joins the threads.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_close(resource: ResourceArc<ConsumerResource>) -> Atom {
+    resource.signal_stop();
+    let threads: Vec<JoinHandle<()>> = match resource.threads.lock() {
+        Ok(mut threads) => threads.drain(..).collect(),
+        Err(_) => Vec::new(),
+    };
+    for thread in threads {
+        let _ = thread.join();
+    }
+    atoms::ok()
+}
