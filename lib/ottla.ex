@@ -210,6 +210,31 @@ defmodule Ottla do
   end
 
   @doc """
+  What consumer group `group` has committed for each partition of `topic`:
+  `{:ok, [{partition, offset | nil}]}`, where `offset` is the next offset the group will read
+  (Kafka's convention) and `nil` means nothing was committed.
+
+  ## Options
+
+    * `:timeout` - milliseconds. Defaults to `10000`.
+  """
+  @spec committed_offsets(target, String.t(), String.t(), keyword) ::
+          {:ok, [{non_neg_integer, non_neg_integer | nil}]} | {:error, Ottla.Error.t()}
+  def committed_offsets(target, group, topic, opts \\ []) do
+    opts =
+      Options.keyword!(opts, [timeout: @default_timeout], "Ottla.committed_offsets/4 options")
+
+    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+
+    unless is_binary(group) and group != "",
+      do: raise(ArgumentError, "invalid group #{inspect(group)}: expected a non-empty string")
+
+    topic = Options.topic!(topic)
+    {bootstrap, config, _} = Connection.resolve!(target)
+    Native.admin_committed_offsets(bootstrap, config, group, topic, timeout)
+  end
+
+  @doc """
   The state of a connection's consumer: per assigned partition its generation, backlog
   length, whether it is paused, the last delivered, acked and committed offsets, the high
   watermark and the lag; and the time of the last rebalance (ms since the epoch), plus how

@@ -29,6 +29,9 @@ defmodule Ottla.Native do
 
   def admin_list_topics(_bootstrap, _props, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 
+  def admin_committed_offsets(_bootstrap, _props, _group, _topic, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
   def fetch_messages(_bootstrap, _props, _topic, _partition, _offset, _max, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 

@@ -88,7 +88,7 @@ defmodule Ottla.Supervisor do
     opts =
       Ottla.Options.keyword!(
         opts,
-        [:connection, :endpoints, :producer, config: []],
+        [:connection, :endpoints, :producer, :group_consumer, :consumer, config: []],
         "Ottla.Supervisor options"
       )
 

@@ -117,7 +117,10 @@ defmodule Ottla.Consumer.Options do
           "invalid :begin_offset #{inspect(begin)}: expected :earliest, :latest or an offset"
         )
 
-    common!(opts, conn, [{"auto.offset.reset", "earliest"}])
+    # librdkafka wants a group id even to assign partitions; nothing is ever committed to it.
+    group_id = "ottla-#{Keyword.fetch!(conn, :connection)}-#{System.unique_integer([:positive])}"
+
+    common!(opts, conn, [{"group.id", group_id}, {"auto.offset.reset", "earliest"}])
     |> Map.merge(%{
       mode: :assign,
       group: nil,

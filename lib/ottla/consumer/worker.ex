@@ -57,6 +57,11 @@ defmodule Ottla.Consumer.Worker do
 
   def handle_info({:EXIT, _from, reason}, state), do: {:stop, reason, state}
 
+  def handle_info(other, state) do
+    Logger.debug("#{inspect(state.handler)} worker ignored #{inspect(other, limit: 5)}")
+    {:noreply, state}
+  end
+
   defp apply_result(tag, messages, state)
        when tag in [:ack, :acknowledge, :no_ack, :noop, :continue],
        do: apply_result({tag, state.handler_state}, messages, state)

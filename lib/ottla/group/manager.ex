@@ -130,6 +130,13 @@ defmodule Ottla.Group.Manager do
       nil ->
         {:noreply, state}
 
+      {{topic, partition} = tp, entry}
+      when reason in [:normal, :shutdown] or
+             (is_tuple(reason) and elem(reason, 0) == :shutdown) ->
+        # Stopped on purpose (the connection is shutting down): no restart.
+        Native.consumer_worker_down(state.resource, topic, partition, entry.generation)
+        {:noreply, put_in(state.partitions[tp], %{entry | pid: nil, ref: nil})}
+
       {{topic, partition} = tp, entry} ->
         {:ok, acked} =
           Native.consumer_worker_down(state.resource, topic, partition, entry.generation)

@@ -153,3 +153,54 @@ fn admin_list_topics(
     topics.sort();
     Ok((atoms::ok(), topics))
 }
+
+/// `{:ok, [{partition, committed_offset | nil}]}`: what consumer group `group` committed for
+/// each partition of `topic` (Kafka's convention: the next offset to read).
+#[rustler::nif(schedule = "DirtyIo")]
+fn admin_committed_offsets(
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    group: String,
+    topic: String,
+    timeout_ms: u64,
+) -> NifResult<(Atom, Vec<(i32, Option<i64>)>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let timeout = Duration::from_millis(timeout_ms);
+    let mut props = props;
+    props.push(("group.id".into(), group));
+    props.push(("enable.auto.commit".into(), "false".into()));
+    let consumer: BaseConsumer<OttlaContext> = client_config(&bootstrap, &props)
+        .create_with_context(OttlaContext)
+        .map_err(Error::from)?;
+    let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(Error::from)?;
+    let count = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .ok_or_else(|| {
+            Error::from_code(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+                format!("topic {topic:?} does not exist"),
+            )
+        })?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..count {
+        tpl.add_partition(&topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, timeout)
+        .map_err(Error::from)?;
+    let mut out: Vec<(i32, Option<i64>)> = committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => (e.partition(), Some(o)),
+            _ => (e.partition(), None),
+        })
+        .collect();
+    out.sort();
+    Ok((atoms::ok(), out))
+}

@@ -69,6 +69,11 @@ fn notify_manager(shared: &Shared, kind: rustler::Atom, id: u64, list: Vec<Tp>) 
 /// Records newly assigned partitions under a new generation and tells the manager.
 pub fn assigned(shared: &Shared, tpl: &TopicPartitionList) {
     let list = tps(tpl);
+    if list.is_empty() {
+        // Cooperative rebalances often assign nothing new: no new generation then.
+        shared.lock().last_rebalance_ms = Some(now_ms());
+        return;
+    }
     {
         let mut st = shared.lock();
         st.epoch += 1;
@@ -87,6 +92,9 @@ pub fn assigned(shared: &Shared, tpl: &TopicPartitionList) {
 /// be acked, commits, has the manager stop their workers (bounded), and forgets them.
 fn revoking(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
     let list = tps(tpl);
+    if list.is_empty() {
+        return;
+    }
     let lost = consumer.assignment_lost();
     let drain = shared.settings.drain_timeout;
     let closing = {
@@ -161,8 +169,15 @@ impl ConsumerContext for GroupCtx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // librdkafka keeps a partition's pause flag across unassign/assign; a new
+            // assignment starts with an empty backlog, so it must flow.
+            if tpl.count() > 0 {
+                if let Err(err) = consumer.resume(tpl) {
+                    log(atoms::warning(), "RESUME", &format!("resume after assign failed: {err}"));
+                }
+            }
             assigned(&self.shared, tpl);
         }
     }
@@ -373,8 +388,10 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
             None => {}
         }
         apply_pending(&shared, &consumer);
+        // Sync: a round trip a second on this thread, and the committed offsets in the
+        // stats are known rather than assumed.
         if shared.settings.group && last_commit.elapsed() >= shared.settings.commit_interval {
-            commit(&shared, &consumer, None, CommitMode::Async);
+            commit(&shared, &consumer, None, CommitMode::Sync);
             last_commit = Instant::now();
         }
         if last_marks.elapsed() >= WATERMARK_INTERVAL {

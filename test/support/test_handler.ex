@@ -1,0 +1,34 @@
+defmodule Ottla.TestHandler do
+  @moduledoc false
+  # A handler for tests: `handler_init_args: %{pid: test_pid, fun: fn messages, state -> result end}`.
+  # Every batch is first reported to `pid` as {:batch, self(), topic, partition, messages}.
+  # Without `:fun` it acks every batch.
+  use Ottla.Consumer.MessageHandler
+
+  def init(args), do: {:ok, args}
+
+  def handle_messages(messages, state) do
+    send(state.pid, {:batch, self(), topic(), partition(), messages})
+
+    case state do
+      %{fun: fun} -> fun.(messages, state)
+      _ -> {:ack, state}
+    end
+  end
+end
+
+defmodule Ottla.StatelessHandler do
+  @moduledoc false
+  # Elsa's stateless form: handle_messages/1 only. Acks everything; reports to the pid in
+  # the :ottla_test_pid application env.
+  use Ottla.Consumer.MessageHandler
+
+  def handle_messages(messages) do
+    send(
+      Application.get_env(:ottla, :test_pid),
+      {:stateless, partition(), generation_id(), messages}
+    )
+
+    :ack
+  end
+end
