@@ -32,3 +32,14 @@ defmodule Ottla.StatelessHandler do
     :ack
   end
 end
+
+defmodule Ottla.CountingHandler do
+  @moduledoc false
+  # Counts messages in a :counters reference and acks; sends nothing.
+  use Ottla.Consumer.MessageHandler
+
+  def handle_messages(messages, %{counter: counter} = state) do
+    :counters.add(counter, 1, length(messages))
+    {:ack, state}
+  end
+end

@@ -20,6 +20,9 @@ pub enum Pushed {
     Duplicate,
     /// A rewind is pending or the partition is being revoked: dropped, it will be fetched again.
     Discarded,
+    /// The backlog is full: dropped, and a seek back to `seek` is pending so it is fetched
+    /// again once the partition resumes. The backlog never exceeds its bound.
+    Overflow { seek: i64 },
 }
 
 /// What an ack did.
@@ -96,6 +99,13 @@ impl<M: Offset> PartitionState<M> {
             if offset < next {
                 return Pushed::Duplicate;
             }
+        }
+        if self.backlog.len() >= self.max_backlog {
+            // Polled before the pause took effect: hand it back to librdkafka.
+            self.want_paused = true;
+            self.next_fetch = Some(offset);
+            self.rewind_to = Some(offset);
+            return Pushed::Overflow { seek: offset };
         }
         self.first_seen.get_or_insert(offset);
         self.next_fetch = Some(offset + 1);
@@ -236,15 +246,27 @@ mod tests {
         assert_eq!(p.push(M(2)), Pushed::Added { pause: false });
         assert_eq!(p.push(M(3)), Pushed::Added { pause: true });
         assert!(p.want_paused);
-        // Already asked to pause: later messages (prefetched) do not ask again.
-        assert_eq!(p.push(M(4)), Pushed::Added { pause: false });
-
         p.demand = true;
-        assert_eq!(offsets(p.take_batch(2)), vec![0, 1]);
+        assert_eq!(offsets(p.take_batch(1)), vec![0]);
         assert!(p.want_paused, "3 left of a bound of 4: still above half");
         p.demand = true;
-        assert_eq!(offsets(p.take_batch(1)), vec![2]);
+        assert_eq!(offsets(p.take_batch(1)), vec![1]);
         assert!(!p.want_paused, "2 left of a bound of 4: resume");
+    }
+
+    #[test]
+    fn overflow_past_the_bound_is_sought_back_not_kept() {
+        let mut p = ready(2);
+        p.push(M(0));
+        assert_eq!(p.push(M(1)), Pushed::Added { pause: true });
+        assert_eq!(p.push(M(2)), Pushed::Overflow { seek: 2 });
+        assert_eq!(p.push(M(3)), Pushed::Discarded);
+        assert_eq!(p.backlog_len(), 2);
+        assert_eq!(p.rewind_to, Some(2));
+        p.rewound();
+        p.demand = true;
+        assert_eq!(offsets(p.take_batch(10)), vec![0, 1]);
+        assert_eq!(p.push(M(2)), Pushed::Added { pause: false });
     }
 
     #[test]

@@ -14,5 +14,6 @@ mod fetch;
 mod message;
 mod mock;
 mod producer;
+mod timing;
 
 rustler::init!("Elixir.Ottla.Native");

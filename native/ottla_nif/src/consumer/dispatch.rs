@@ -12,6 +12,10 @@ use rustler::{Binary, Encoder, Env, LocalPid, OwnedEnv, Term};
 use super::{Msg, Shared};
 use crate::atoms;
 
+/// Demand from the NIFs wakes this thread when the state lock is free; otherwise this wait
+/// bounds how late it notices.
+const IDLE_WAIT: Duration = Duration::from_millis(2);
+
 struct Outgoing {
     pid: LocalPid,
     topic: String,
@@ -24,7 +28,7 @@ pub fn run(shared: Arc<Shared>) {
     let mut env = OwnedEnv::new();
     let group = shared.settings.group;
     loop {
-        let (outgoing, resumed) = {
+        let outgoing = {
             let mut st = shared.lock();
             loop {
                 if shared.stop.load(Ordering::SeqCst) {
@@ -33,17 +37,18 @@ pub fn run(shared: Arc<Shared>) {
                 let mut out = Vec::new();
                 let mut resumed = false;
                 let max = shared.settings.max_batch;
-                let state = &mut *st;
-                for (tp, p) in state.partitions.iter_mut() {
-                    let was_paused = p.want_paused;
-                    if let Some(messages) = p.take_batch(max) {
-                        resumed |= was_paused && !p.want_paused;
-                        if let Some(pid) = state.workers.get(tp) {
+                for (tp, slot) in st.partitions.iter_mut() {
+                    slot.sync();
+                    let was_paused = slot.state.want_paused;
+                    if let Some(messages) = slot.state.take_batch(max) {
+                        resumed |= was_paused && !slot.state.want_paused;
+                        // take_batch only gives a batch to a partition with a worker.
+                        if let Some(pid) = slot.worker {
                             out.push(Outgoing {
-                                pid: *pid,
+                                pid,
                                 topic: tp.0.clone(),
                                 partition: tp.1,
-                                generation: p.generation,
+                                generation: slot.state.generation,
                                 messages,
                             });
                         }
@@ -53,16 +58,15 @@ pub fn run(shared: Arc<Shared>) {
                     st.dirty = true;
                 }
                 if !out.is_empty() {
-                    break (out, resumed);
+                    break out;
                 }
                 st = shared
                     .work
-                    .wait_timeout(st, Duration::from_millis(200))
+                    .wait_timeout(st, IDLE_WAIT)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
         };
-        let _ = resumed;
         for o in outgoing {
             let pid = o.pid;
             let _ = env.send_and_clear(&pid, |env| encode_batch(env, o, group));

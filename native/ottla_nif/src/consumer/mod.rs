@@ -3,20 +3,21 @@
 //!
 //! Threads: `poll` (librdkafka poll, rebalance callbacks, pause/resume, seeks, commits) and
 //! `dispatch` (sends batches to the partitions' worker processes). Both share [`Shared`]:
-//! one mutex over every partition's [`PartitionState`] and two condition variables. The NIFs
-//! here only touch that state (never librdkafka), so they return in microseconds on normal
-//! schedulers; only `consumer_new` and `consumer_close` are dirty.
+//! one mutex over every partition's [`PartitionState`], and per partition an [`AckCell`]
+//! of atomics. The NIFs never call librdkafka. The hot ones (ack, demand, latest offset) run
+//! on normal schedulers and only touch cells, never the mutex; the rest run on dirty
+//! schedulers.
 
 mod dispatch;
 mod poll;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ottla_core::partition::{Acked, Offset, PartitionState};
+use ottla_core::partition::{Offset, PartitionState};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset as KOffset, TopicPartitionList};
 use rustler::{Atom, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
@@ -25,6 +26,7 @@ use crate::atoms;
 use crate::config::client_config;
 use crate::context::log;
 use crate::error::Error;
+use crate::timing::Timed;
 
 pub type Tp = (String, i32);
 
@@ -54,17 +56,68 @@ pub struct Settings {
     pub commit_interval: Duration,
 }
 
+/// What the ack and demand NIFs write without taking the state mutex: a held lock can be
+/// preempted by the OS for milliseconds on a busy machine, and those NIFs run on normal
+/// schedulers. The poll and dispatch threads fold cells into the state (`Slot::sync`).
+pub struct AckCell {
+    pub generation: i32,
+    /// The highest acked offset, -1 when none.
+    acked: AtomicI64,
+    /// The worker asked for its next batch.
+    pub demand: AtomicBool,
+}
+
+impl AckCell {
+    fn new(generation: i32) -> Self {
+        AckCell {
+            generation,
+            acked: AtomicI64::new(-1),
+            demand: AtomicBool::new(false),
+        }
+    }
+
+    pub fn acked(&self) -> Option<i64> {
+        let a = self.acked.load(Ordering::Acquire);
+        (a >= 0).then_some(a)
+    }
+}
+
+/// One assigned partition: its bookkeeping, its cell, its worker.
+pub struct Slot {
+    pub state: PartitionState<Msg>,
+    pub cell: Arc<AckCell>,
+    pub worker: Option<LocalPid>,
+}
+
+impl Slot {
+    pub fn new(generation: i32, max_backlog: usize) -> Self {
+        Slot {
+            state: PartitionState::new(generation, max_backlog),
+            cell: Arc::new(AckCell::new(generation)),
+            worker: None,
+        }
+    }
+
+    /// Folds the cell's acks and demand into the state.
+    pub fn sync(&mut self) {
+        if let Some(acked) = self.cell.acked() {
+            let generation = self.state.generation;
+            let _ = self.state.ack(generation, acked);
+        }
+        if self.cell.demand.swap(false, Ordering::AcqRel) {
+            self.state.demand = true;
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct State {
-    pub partitions: HashMap<Tp, PartitionState<Msg>>,
-    pub workers: HashMap<Tp, LocalPid>,
+    pub partitions: HashMap<Tp, Slot>,
     /// Grows with every assignment this member receives: the generation of the partitions
     /// it assigns (librdkafka does not expose Kafka's generation id).
     pub epoch: i32,
     /// Something for the poll thread to apply (pause, resume, seek).
     pub dirty: bool,
-    pub stale_acks: u64,
-    pub unheld_acks: u64,
     pub last_rebalance_ms: Option<i64>,
     pub revoke_seq: u64,
     pub revoke_done: u64,
@@ -74,9 +127,13 @@ pub struct State {
 pub struct Shared {
     pub settings: Settings,
     pub state: Mutex<State>,
+    /// The cells of the assigned partitions; written only on assignment and revocation.
+    pub cells: RwLock<HashMap<Tp, Arc<AckCell>>>,
+    pub stale_acks: AtomicU64,
+    pub unheld_acks: AtomicU64,
     /// Wakes the dispatcher: a partition may have a batch to send.
     pub work: Condvar,
-    /// Wakes the poll thread's bounded waits: acks (drain) and revoke replies.
+    /// Wakes the poll thread's bounded waits (revoke replies).
     pub progress: Condvar,
     pub stop: AtomicBool,
 }
@@ -85,6 +142,50 @@ impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn cell(&self, tp: &Tp) -> Option<Arc<AckCell>> {
+        self.cells
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tp)
+            .cloned()
+    }
+
+    /// Adds partitions under a new generation (state and cells).
+    pub fn insert_partitions(&self, list: &[Tp]) -> i32 {
+        let mut st = self.lock();
+        st.epoch += 1;
+        let epoch = st.epoch;
+        let mut cells = self.cells.write().unwrap_or_else(|e| e.into_inner());
+        for tp in list {
+            let slot = st
+                .partitions
+                .entry(tp.clone())
+                .or_insert_with(|| Slot::new(epoch, self.settings.max_backlog));
+            cells.insert(tp.clone(), slot.cell.clone());
+        }
+        st.last_rebalance_ms = Some(now_ms());
+        epoch
+    }
+
+    /// Forgets revoked partitions (state and cells).
+    pub fn remove_partitions(&self, list: &[Tp]) {
+        let mut st = self.lock();
+        let mut cells = self.cells.write().unwrap_or_else(|e| e.into_inner());
+        for tp in list {
+            st.partitions.remove(tp);
+            cells.remove(tp);
+        }
+        st.last_rebalance_ms = Some(now_ms());
+    }
+
+    /// Wakes the dispatcher if the state lock is free right now; otherwise whoever holds it
+    /// re-checks, or the dispatcher's short wait ends. Never blocks.
+    pub fn poke(&self) {
+        if let Ok(_guard) = self.state.try_lock() {
+            self.work.notify_one();
+        }
     }
 }
 
@@ -148,6 +249,9 @@ fn consumer_new<'a>(
             commit_interval: Duration::from_millis(commit_ms.max(10)),
         },
         state: Mutex::new(State::default()),
+        cells: RwLock::new(HashMap::new()),
+        stale_acks: AtomicU64::new(0),
+        unheld_acks: AtomicU64::new(0),
         work: Condvar::new(),
         progress: Condvar::new(),
         stop: AtomicBool::new(false),
@@ -193,7 +297,7 @@ fn consumer_new<'a>(
 }
 
 /// A worker process takes over a partition: batches go to `pid` from now on.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyIo")]
 fn consumer_attach(
     resource: ResourceArc<ConsumerResource>,
     topic: String,
@@ -203,20 +307,19 @@ fn consumer_attach(
 ) -> NifResult<Atom> {
     let shared = &resource.shared;
     let mut st = shared.lock();
-    let tp = (topic, partition);
-    match st.partitions.get_mut(&tp) {
-        Some(p) if p.generation == generation && !p.revoking => {
-            p.has_worker = true;
-            p.demand = true;
+    match st.partitions.get_mut(&(topic, partition)) {
+        Some(slot) if slot.state.generation == generation && !slot.state.revoking => {
+            slot.worker = Some(pid);
+            slot.state.has_worker = true;
+            slot.state.demand = true;
         }
         _ => return Err(Error::new("not_assigned", "this partition is not assigned here").into()),
     }
-    st.workers.insert(tp, pid);
     shared.work.notify_one();
     Ok(atoms::ok())
 }
 
-/// The worker is done with its batch and wants the next one.
+/// The worker is done with its batch and wants the next one. Lock-free.
 #[rustler::nif]
 fn consumer_demand(
     resource: ResourceArc<ConsumerResource>,
@@ -224,21 +327,19 @@ fn consumer_demand(
     partition: i32,
     generation: i32,
 ) -> Atom {
+    let _timed = Timed::start();
     let shared = &resource.shared;
-    let mut st = shared.lock();
-    if let Some(p) = st.partitions.get_mut(&(topic, partition)) {
-        if p.generation == generation {
-            p.demand = true;
-            if p.ready() {
-                shared.work.notify_one();
-            }
+    if let Some(cell) = shared.cell(&(topic, partition)) {
+        if cell.generation == generation {
+            cell.demand.store(true, Ordering::Release);
+            shared.poke();
         }
     }
     atoms::ok()
 }
 
 /// Acks every offset of the partition up to `offset`. Acks from another generation, or for
-/// a partition this member does not hold, are dropped with a warning and counted.
+/// a partition this member does not hold, are dropped with a warning and counted. Lock-free.
 #[rustler::nif]
 fn consumer_ack(
     resource: ResourceArc<ConsumerResource>,
@@ -247,38 +348,36 @@ fn consumer_ack(
     generation: Option<i32>,
     offset: i64,
 ) -> Atom {
+    let _timed = Timed::start();
     let shared = &resource.shared;
     let group = shared.settings.group;
-    let mut st = shared.lock();
-    // Outside a group there are no generations: nil acks the current assignment.
-    let outcome = st
-        .partitions
-        .get_mut(&(topic.clone(), partition))
-        .map(|p| match generation {
-            Some(g) => p.ack(g, offset),
-            None if !group => p.ack(p.generation, offset),
-            None => p.ack(-1, offset),
-        });
-    let generation = generation.map_or("nil".to_string(), |g| g.to_string());
-    match outcome {
-        Some(Acked::Advanced(_)) => shared.progress.notify_all(),
-        Some(Acked::Behind) => {}
-        Some(Acked::StaleGeneration { current }) => {
-            st.stale_acks += 1;
-            drop(st);
+    let tp = (topic, partition);
+    let shown = generation.map_or("nil".to_string(), |g| g.to_string());
+    match shared.cell(&tp) {
+        // Outside a group there are no generations: nil acks the current assignment.
+        Some(cell) if generation == Some(cell.generation) || (generation.is_none() && !group) => {
+            cell.acked.fetch_max(offset, Ordering::AcqRel);
+        }
+        Some(cell) => {
+            shared.stale_acks.fetch_add(1, Ordering::Relaxed);
             log(
                 atoms::warning(),
                 "ACK",
-                &format!("dropped ack of {topic}/{partition} offset {offset}: generation {generation}, the partition is at generation {current}"),
+                &format!(
+                    "dropped ack of {}/{} offset {offset}: generation {shown}, the partition is at generation {}",
+                    tp.0, tp.1, cell.generation
+                ),
             );
         }
         None => {
-            st.unheld_acks += 1;
-            drop(st);
+            shared.unheld_acks.fetch_add(1, Ordering::Relaxed);
             log(
                 atoms::warning(),
                 "ACK",
-                &format!("dropped ack of {topic}/{partition} offset {offset} (generation {generation}): the partition is not assigned to this member"),
+                &format!(
+                    "dropped ack of {}/{} offset {offset} (generation {shown}): the partition is not assigned to this member",
+                    tp.0, tp.1
+                ),
             );
         }
     }
@@ -286,7 +385,7 @@ fn consumer_ack(
 }
 
 /// Redeliver the partition from `offset` (a handler acked only part of its batch).
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyIo")]
 fn consumer_redeliver(
     resource: ResourceArc<ConsumerResource>,
     topic: String,
@@ -296,9 +395,10 @@ fn consumer_redeliver(
 ) -> Atom {
     let shared = &resource.shared;
     let mut st = shared.lock();
-    if let Some(p) = st.partitions.get_mut(&(topic, partition)) {
-        if p.generation == generation {
-            p.rewind_from(offset);
+    if let Some(slot) = st.partitions.get_mut(&(topic, partition)) {
+        if slot.state.generation == generation {
+            slot.sync();
+            slot.state.rewind_from(offset);
             st.dirty = true;
         }
     }
@@ -307,7 +407,7 @@ fn consumer_redeliver(
 
 /// The partition's worker died: forget it, and rewind so that a new worker gets every
 /// unacked message again. Returns `{:ok, last_acked | nil}`.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyIo")]
 fn consumer_worker_down(
     resource: ResourceArc<ConsumerResource>,
     topic: String,
@@ -316,37 +416,42 @@ fn consumer_worker_down(
 ) -> (Atom, Option<i64>) {
     let shared = &resource.shared;
     let mut st = shared.lock();
-    let tp = (topic, partition);
     let mut acked = None;
-    if let Some(p) = st.partitions.get_mut(&tp) {
-        if p.generation == generation {
-            p.has_worker = false;
-            acked = p.acked;
-            if p.rewind().is_some() {
-                st.dirty = true;
-            }
-            st.workers.remove(&tp);
+    let mut rewound = false;
+    if let Some(slot) = st.partitions.get_mut(&(topic, partition)) {
+        if slot.state.generation == generation {
+            slot.sync();
+            slot.cell.demand.store(false, Ordering::Release);
+            slot.worker = None;
+            slot.state.has_worker = false;
+            acked = slot.state.acked;
+            rewound = slot.state.rewind().is_some();
         }
+    }
+    if rewound {
+        st.dirty = true;
     }
     (atoms::ok(), acked)
 }
 
 /// Elsa's `get_latest_offset`: last acked offset + 1, or nil if nothing was acked since the
-/// partition was assigned.
+/// partition was assigned. Lock-free.
 #[rustler::nif]
 fn consumer_latest_offset(
     resource: ResourceArc<ConsumerResource>,
     topic: String,
     partition: i32,
 ) -> Option<i64> {
-    let st = resource.shared.lock();
-    st.partitions
-        .get(&(topic, partition))
-        .and_then(|p| p.latest_offset())
+    let _timed = Timed::start();
+    resource
+        .shared
+        .cell(&(topic, partition))
+        .and_then(|cell| cell.acked())
+        .map(|a| a + 1)
 }
 
 /// The manager finished handling revocation `id` (workers stopped, handler called).
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyIo")]
 fn consumer_revoke_done(resource: ResourceArc<ConsumerResource>, id: u64) -> Atom {
     let shared = &resource.shared;
     let mut st = shared.lock();
@@ -358,15 +463,20 @@ fn consumer_revoke_done(resource: ResourceArc<ConsumerResource>, id: u64) -> Ato
 }
 
 /// `{:ok, %{partitions: [%{...}], last_rebalance: ms | nil, stale_acks: n, unheld_acks: n}}`
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyIo")]
 fn consumer_stats<'a>(env: Env<'a>, resource: ResourceArc<ConsumerResource>) -> NifResult<Term<'a>> {
-    let st = resource.shared.lock();
-    let group = resource.shared.settings.group;
-    let mut rows: Vec<Term<'a>> = Vec::with_capacity(st.partitions.len());
-    let mut keys: Vec<&Tp> = st.partitions.keys().collect();
+    let shared = &resource.shared;
+    let group = shared.settings.group;
+    let mut st = shared.lock();
+    let mut keys: Vec<Tp> = st.partitions.keys().cloned().collect();
     keys.sort();
+    let mut rows: Vec<Term<'a>> = Vec::with_capacity(keys.len());
     for tp in keys {
-        let p = &st.partitions[tp];
+        let Some(slot) = st.partitions.get_mut(&tp) else {
+            continue;
+        };
+        slot.sync();
+        let p = &slot.state;
         let generation = if group { Some(p.generation) } else { None };
         let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
             (atoms::topic().encode(env), tp.0.encode(env)),
@@ -379,15 +489,21 @@ fn consumer_stats<'a>(env: Env<'a>, resource: ResourceArc<ConsumerResource>) -> 
             (atoms::committed().encode(env), p.committed.encode(env)),
             (atoms::high_watermark().encode(env), p.high_watermark.encode(env)),
             (atoms::lag().encode(env), p.lag().encode(env)),
-            (atoms::worker().encode(env), st.workers.get(tp).encode(env)),
+            (atoms::worker().encode(env), slot.worker.encode(env)),
         ];
         rows.push(Term::map_from_pairs(env, &pairs)?);
     }
     let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
         (atoms::partitions().encode(env), rows.encode(env)),
         (atoms::last_rebalance().encode(env), st.last_rebalance_ms.encode(env)),
-        (atoms::stale_acks().encode(env), st.stale_acks.encode(env)),
-        (atoms::unheld_acks().encode(env), st.unheld_acks.encode(env)),
+        (
+            atoms::stale_acks().encode(env),
+            shared.stale_acks.load(Ordering::Relaxed).encode(env),
+        ),
+        (
+            atoms::unheld_acks().encode(env),
+            shared.unheld_acks.load(Ordering::Relaxed).encode(env),
+        ),
     ];
     Ok((atoms::ok(), Term::map_from_pairs(env, &pairs)?).encode(env))
 }

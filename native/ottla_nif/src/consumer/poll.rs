@@ -7,21 +7,25 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ottla_core::partition::{PartitionState, Pushed};
+use ottla_core::partition::Pushed;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rustler::Encoder;
 
-use super::{now_ms, Msg, Shared, Tp};
+use super::{Msg, Shared, Tp};
 use crate::atoms;
 use crate::context::{log, send_to, OttlaContext};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Messages taken from librdkafka per lock of the state.
+const INTAKE_BATCH: usize = 500;
 const WATERMARK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a bounded wait re-reads the ack cells.
+const RECHECK: Duration = Duration::from_millis(5);
 
 pub struct GroupCtx {
     base: OttlaContext,
@@ -54,12 +58,7 @@ fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
-fn notify_manager(shared: &Shared, kind: rustler::Atom, id: u64, list: Vec<Tp>) {
-    let generation = if shared.settings.group {
-        Some(shared.lock().epoch)
-    } else {
-        None
-    };
+fn notify_manager(shared: &Shared, kind: rustler::Atom, id: u64, generation: Option<i32>, list: Vec<Tp>) {
     send_to(
         &shared.settings.manager,
         Box::new(move |env| (kind, id, generation, list).encode(env)),
@@ -71,21 +70,35 @@ pub fn assigned(shared: &Shared, tpl: &TopicPartitionList) {
     let list = tps(tpl);
     if list.is_empty() {
         // Cooperative rebalances often assign nothing new: no new generation then.
-        shared.lock().last_rebalance_ms = Some(now_ms());
+        shared.lock().last_rebalance_ms = Some(super::now_ms());
         return;
     }
-    {
-        let mut st = shared.lock();
-        st.epoch += 1;
-        let epoch = st.epoch;
-        for tp in &list {
-            st.partitions
-                .entry(tp.clone())
-                .or_insert_with(|| PartitionState::new(epoch, shared.settings.max_backlog));
+    let epoch = shared.insert_partitions(&list);
+    let generation = shared.settings.group.then_some(epoch);
+    notify_manager(shared, atoms::ottla_assigned(), 0, generation, list);
+}
+
+/// Waits until `done` holds for the state or `timeout` passes, re-reading the ack cells.
+fn wait_for(shared: &Shared, timeout: Duration, done: impl Fn(&mut super::State) -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut st = shared.lock();
+    loop {
+        for slot in st.partitions.values_mut() {
+            slot.sync();
         }
-        st.last_rebalance_ms = Some(now_ms());
+        if done(&mut st) || shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        st = shared
+            .progress
+            .wait_timeout(st, left.min(RECHECK))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
     }
-    notify_manager(shared, atoms::ottla_assigned(), 0, list);
 }
 
 /// Stops delivery to the revoked partitions, waits (bounded) for their in-flight batches to
@@ -100,34 +113,22 @@ fn revoking(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicParti
     let closing = {
         let mut st = shared.lock();
         for tp in &list {
-            if let Some(p) = st.partitions.get_mut(tp) {
-                p.revoking = true;
+            if let Some(slot) = st.partitions.get_mut(tp) {
+                slot.state.revoking = true;
             }
         }
         st.closing
     };
 
     if !lost && !closing {
-        let deadline = Instant::now() + drain;
-        let mut st = shared.lock();
-        while !list
-            .iter()
-            .all(|tp| st.partitions.get(tp).is_none_or(|p| p.drained()))
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || shared.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            st = shared
-                .progress
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
+        wait_for(shared, drain, |st| {
+            list.iter()
+                .all(|tp| st.partitions.get(tp).is_none_or(|s| s.state.drained()))
+        });
     }
 
     if !lost && shared.settings.group {
-        commit(shared, consumer, Some(&list), CommitMode::Sync);
+        commit(shared, consumer, Some(&list));
     }
 
     if !closing {
@@ -136,28 +137,11 @@ fn revoking(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicParti
             st.revoke_seq += 1;
             st.revoke_seq
         };
-        notify_manager(shared, atoms::ottla_revoked(), id, list.clone());
-        let deadline = Instant::now() + drain;
-        let mut st = shared.lock();
-        while st.revoke_done < id && !shared.stop.load(Ordering::SeqCst) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = shared
-                .progress
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
+        notify_manager(shared, atoms::ottla_revoked(), id, None, list.clone());
+        wait_for(shared, drain, |st| st.revoke_done >= id);
     }
 
-    let mut st = shared.lock();
-    for tp in &list {
-        st.partitions.remove(tp);
-        st.workers.remove(tp);
-    }
-    st.last_rebalance_ms = Some(now_ms());
+    shared.remove_partitions(&list);
 }
 
 impl ConsumerContext for GroupCtx {
@@ -181,76 +165,45 @@ impl ConsumerContext for GroupCtx {
             assigned(&self.shared, tpl);
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                let mut st = self.shared.lock();
-                for e in offsets.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        if let Some(p) = st
-                            .partitions
-                            .get_mut(&(e.topic().to_string(), e.partition()))
-                        {
-                            p.mark_committed(o);
-                        }
-                    }
-                }
-            }
-            Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(err) => log(atoms::warning(), "COMMIT", &format!("commit failed: {err}")),
-        }
-    }
 }
 
-/// Commits acked offsets (of `only`, or of every partition) that are ahead of the committed
-/// ones. Sync commits also update the state here (the callback covers async ones).
-fn commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, only: Option<&[Tp]>, mode: CommitMode) {
+/// Synchronously commits acked offsets (of `only`, or of every partition) that are ahead of
+/// the committed ones, and records them as committed.
+fn commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, only: Option<&[Tp]>) {
     let mut tpl = TopicPartitionList::new();
     {
-        let st = shared.lock();
-        let mut add = |tp: &Tp, p: &PartitionState<Msg>| {
-            if let Some(next) = p.commit_candidate() {
+        let mut st = shared.lock();
+        for (tp, slot) in st.partitions.iter_mut() {
+            if only.is_some_and(|list| !list.contains(tp)) {
+                continue;
+            }
+            slot.sync();
+            if let Some(next) = slot.state.commit_candidate() {
                 let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
-            }
-        };
-        match only {
-            Some(list) => {
-                for tp in list {
-                    if let Some(p) = st.partitions.get(tp) {
-                        add(tp, p);
-                    }
-                }
-            }
-            None => {
-                for (tp, p) in st.partitions.iter() {
-                    add(tp, p);
-                }
             }
         }
     }
     if tpl.count() == 0 {
         return;
     }
-    match consumer.commit(&tpl, mode) {
-        Ok(()) if matches!(mode, CommitMode::Sync) => {
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
             let mut st = shared.lock();
             for e in tpl.elements() {
-                if let (Offset::Offset(o), Some(p)) = (
+                if let (Offset::Offset(o), Some(slot)) = (
                     e.offset(),
                     st.partitions
                         .get_mut(&(e.topic().to_string(), e.partition())),
                 ) {
-                    p.mark_committed(o);
+                    slot.state.mark_committed(o);
                 }
             }
         }
-        Ok(()) => {}
         Err(err) => log(atoms::warning(), "COMMIT", &format!("commit failed: {err}")),
     }
 }
 
-fn to_msg(m: &BorrowedMessage<'_>) -> Msg {
+fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
     let headers = match m.headers() {
         Some(hs) => hs
             .iter()
@@ -258,33 +211,38 @@ fn to_msg(m: &BorrowedMessage<'_>) -> Msg {
             .collect(),
         None => Vec::new(),
     };
-    Msg {
+    let msg = Msg {
         offset: m.offset(),
         timestamp: m.timestamp().to_millis(),
         key: m.key().map(<[u8]>::to_vec),
         value: m.payload().map(<[u8]>::to_vec),
         headers,
-    }
+    };
+    ((m.topic().to_string(), m.partition()), msg)
 }
 
-/// Adds a polled message to its partition's backlog.
-fn intake(shared: &Shared, m: &BorrowedMessage<'_>) {
-    let tp = (m.topic().to_string(), m.partition());
+/// Adds polled messages to their partitions' backlogs, under one lock.
+fn intake(shared: &Shared, messages: Vec<(Tp, Msg)>) {
     let mut st = shared.lock();
-    let Some(p) = st.partitions.get_mut(&tp) else {
-        return; // revoked meanwhile: it will be fetched by whoever owns it now
-    };
-    match p.push(to_msg(m)) {
-        Pushed::Added { pause } => {
-            let ready = p.ready();
-            if pause {
-                st.dirty = true;
+    let mut wake = false;
+    let mut dirty = false;
+    for (tp, msg) in messages {
+        let Some(slot) = st.partitions.get_mut(&tp) else {
+            continue; // revoked meanwhile: it will be fetched by whoever owns it now
+        };
+        match slot.state.push(msg) {
+            Pushed::Added { pause } => {
+                dirty |= pause;
+                slot.sync();
+                wake |= slot.state.ready();
             }
-            if ready {
-                shared.work.notify_one();
-            }
+            Pushed::Overflow { .. } => dirty = true,
+            Pushed::Duplicate | Pushed::Discarded => {}
         }
-        Pushed::Duplicate | Pushed::Discarded => {}
+    }
+    st.dirty |= dirty;
+    if wake {
+        shared.work.notify_one();
     }
 }
 
@@ -299,7 +257,8 @@ fn apply_pending(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         let mut seeks: Vec<(Tp, i64)> = Vec::new();
-        for (tp, p) in st.partitions.iter_mut() {
+        for (tp, slot) in st.partitions.iter_mut() {
+            let p = &mut slot.state;
             if let Some(offset) = p.rewind_to {
                 seeks.push((tp.clone(), offset));
             }
@@ -323,9 +282,9 @@ fn apply_pending(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
         match consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
             Ok(()) => {
                 let mut st = shared.lock();
-                if let Some(p) = st.partitions.get_mut(&(topic, partition)) {
-                    if p.rewind_to == Some(offset) {
-                        p.rewound();
+                if let Some(slot) = st.partitions.get_mut(&(topic, partition)) {
+                    if slot.state.rewind_to == Some(offset) {
+                        slot.state.rewound();
                     }
                 }
             }
@@ -372,8 +331,8 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     }
     let mut st = shared.lock();
     for (tp, high) in marks {
-        if let Some(p) = st.partitions.get_mut(&tp) {
-            p.high_watermark = Some(high);
+        if let Some(slot) = st.partitions.get_mut(&tp) {
+            slot.state.high_watermark = Some(high);
         }
     }
 }
@@ -381,17 +340,29 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
 pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut last_commit = Instant::now();
     let mut last_marks = Instant::now();
+    let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
     while !shared.stop.load(Ordering::SeqCst) {
-        match consumer.poll(POLL_TIMEOUT) {
-            Some(Ok(m)) => intake(&shared, &m),
-            Some(Err(err)) => log(atoms::warning(), "CONSUME", &err.to_string()),
-            None => {}
+        // Wait for one message, then take what is already there without waiting.
+        let mut timeout = POLL_TIMEOUT;
+        while polled.len() < INTAKE_BATCH {
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => polled.push(to_msg(&m)),
+                Some(Err(err)) => {
+                    log(atoms::warning(), "CONSUME", &err.to_string());
+                    break;
+                }
+                None => break,
+            }
+            timeout = Duration::ZERO;
+        }
+        if !polled.is_empty() {
+            intake(&shared, std::mem::take(&mut polled));
         }
         apply_pending(&shared, &consumer);
         // Sync: a round trip a second on this thread, and the committed offsets in the
         // stats are known rather than assumed.
         if shared.settings.group && last_commit.elapsed() >= shared.settings.commit_interval {
-            commit(&shared, &consumer, None, CommitMode::Sync);
+            commit(&shared, &consumer, None);
             last_commit = Instant::now();
         }
         if last_marks.elapsed() >= WATERMARK_INTERVAL {
@@ -401,7 +372,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     }
     // Shutdown: commit every ack, then close (leave the group, so others rebalance at once).
     if shared.settings.group {
-        commit(&shared, &consumer, None, CommitMode::Sync);
+        commit(&shared, &consumer, None);
     }
     shared.lock().closing = true;
     drop(consumer);
