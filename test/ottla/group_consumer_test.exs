@@ -427,8 +427,15 @@ defmodule Ottla.GroupConsumerTest do
         collect_batches(fn acc -> length(Map.get(acc, 0, [])) == 3_000 end, 60_000, first)
 
       assert delivered[0] == Enum.to_list(0..2_999)
-      {:ok, %{partitions: ps}} = Ottla.stats(conn)
-      refute Enum.find(ps, &(&1.partition == 0)).paused?
+
+      wait_until(
+        fn ->
+          {:ok, %{partitions: ps}} = Ottla.stats(conn)
+          not Enum.find(ps, &(&1.partition == 0)).paused?
+        end,
+        5_000,
+        "partition 0 to resume"
+      )
     end
   end
 

@@ -3,8 +3,6 @@ defmodule Ottla.SupervisorTest do
 
   import Ottla.TestSupport
 
-  defp conn_name, do: :"ottla_conn_#{System.unique_integer([:positive])}"
-
   describe "a connection with a producer" do
     test "produces by connection name, with the connection's settings" do
       name = conn_name()
