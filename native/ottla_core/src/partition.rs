@@ -211,7 +211,10 @@ impl<M: Offset> PartitionState<M> {
     /// Messages between the next offset to process and the high watermark.
     pub fn lag(&self) -> Option<i64> {
         let hw = self.high_watermark?;
-        let next = self.latest_offset().or(self.committed).or(self.first_seen)?;
+        let next = self
+            .latest_offset()
+            .or(self.committed)
+            .or(self.first_seen)?;
         Some((hw - next).max(0))
     }
 }
@@ -351,7 +354,11 @@ mod tests {
         p.ack(1, 20);
         assert_eq!(p.rewind(), Some(21));
         assert_eq!(p.backlog_len(), 0);
-        assert_eq!(p.push(M(25)), Pushed::Discarded, "prefetched before the seek");
+        assert_eq!(
+            p.push(M(25)),
+            Pushed::Discarded,
+            "prefetched before the seek"
+        );
         p.rewound();
         assert_eq!(p.push(M(20)), Pushed::Duplicate);
         assert_eq!(p.push(M(21)), Pushed::Added { pause: false });

@@ -154,6 +154,9 @@ fn admin_list_topics(
     Ok((atoms::ok(), topics))
 }
 
+/// A partition and what its group committed, if anything.
+type Committed = (i32, Option<i64>);
+
 /// `{:ok, [{partition, committed_offset | nil}]}`: what consumer group `group` committed for
 /// each partition of `topic` (Kafka's convention: the next offset to read).
 #[rustler::nif(schedule = "DirtyIo")]
@@ -163,7 +166,7 @@ fn admin_committed_offsets(
     group: String,
     topic: String,
     timeout_ms: u64,
-) -> NifResult<(Atom, Vec<(i32, Option<i64>)>)> {
+) -> NifResult<(Atom, Vec<Committed>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
 
@@ -174,7 +177,9 @@ fn admin_committed_offsets(
     let consumer: BaseConsumer<OttlaContext> = client_config(&bootstrap, &props)
         .create_with_context(OttlaContext)
         .map_err(Error::from)?;
-    let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(Error::from)?;
+    let md = consumer
+        .fetch_metadata(Some(&topic), timeout)
+        .map_err(Error::from)?;
     let count = md
         .topics()
         .iter()
@@ -193,7 +198,7 @@ fn admin_committed_offsets(
     let committed = consumer
         .committed_offsets(tpl, timeout)
         .map_err(Error::from)?;
-    let mut out: Vec<(i32, Option<i64>)> = committed
+    let mut out: Vec<Committed> = committed
         .elements()
         .iter()
         .map(|e| match e.offset() {

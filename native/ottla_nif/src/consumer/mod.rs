@@ -464,7 +464,10 @@ fn consumer_revoke_done(resource: ResourceArc<ConsumerResource>, id: u64) -> Ato
 
 /// `{:ok, %{partitions: [%{...}], last_rebalance: ms | nil, stale_acks: n, unheld_acks: n}}`
 #[rustler::nif(schedule = "DirtyIo")]
-fn consumer_stats<'a>(env: Env<'a>, resource: ResourceArc<ConsumerResource>) -> NifResult<Term<'a>> {
+fn consumer_stats<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<ConsumerResource>,
+) -> NifResult<Term<'a>> {
     let shared = &resource.shared;
     let group = shared.settings.group;
     let mut st = shared.lock();
@@ -484,10 +487,16 @@ fn consumer_stats<'a>(env: Env<'a>, resource: ResourceArc<ConsumerResource>) -> 
             (atoms::generation_id().encode(env), generation.encode(env)),
             (atoms::backlog().encode(env), p.backlog_len().encode(env)),
             (atoms::paused().encode(env), p.paused.encode(env)),
-            (atoms::last_delivered().encode(env), p.last_delivered.encode(env)),
+            (
+                atoms::last_delivered().encode(env),
+                p.last_delivered.encode(env),
+            ),
             (atoms::last_acked().encode(env), p.acked.encode(env)),
             (atoms::committed().encode(env), p.committed.encode(env)),
-            (atoms::high_watermark().encode(env), p.high_watermark.encode(env)),
+            (
+                atoms::high_watermark().encode(env),
+                p.high_watermark.encode(env),
+            ),
             (atoms::lag().encode(env), p.lag().encode(env)),
             (atoms::worker().encode(env), slot.worker.encode(env)),
         ];
@@ -495,7 +504,10 @@ fn consumer_stats<'a>(env: Env<'a>, resource: ResourceArc<ConsumerResource>) -> 
     }
     let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
         (atoms::partitions().encode(env), rows.encode(env)),
-        (atoms::last_rebalance().encode(env), st.last_rebalance_ms.encode(env)),
+        (
+            atoms::last_rebalance().encode(env),
+            st.last_rebalance_ms.encode(env),
+        ),
         (
             atoms::stale_acks().encode(env),
             shared.stale_acks.load(Ordering::Relaxed).encode(env),

@@ -58,7 +58,13 @@ fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
-fn notify_manager(shared: &Shared, kind: rustler::Atom, id: u64, generation: Option<i32>, list: Vec<Tp>) {
+fn notify_manager(
+    shared: &Shared,
+    kind: rustler::Atom,
+    id: u64,
+    generation: Option<i32>,
+    list: Vec<Tp>,
+) {
     send_to(
         &shared.settings.manager,
         Box::new(move |env| (kind, id, generation, list).encode(env)),
@@ -159,7 +165,11 @@ impl ConsumerContext for GroupCtx {
             // assignment starts with an empty backlog, so it must flow.
             if tpl.count() > 0 {
                 if let Err(err) = consumer.resume(tpl) {
-                    log(atoms::warning(), "RESUME", &format!("resume after assign failed: {err}"));
+                    log(
+                        atoms::warning(),
+                        "RESUME",
+                        &format!("resume after assign failed: {err}"),
+                    );
                 }
             }
             assigned(&self.shared, tpl);
