@@ -3,8 +3,8 @@
 #   mix bench                          # 200,000 × 100-byte messages over 8 partitions
 #   BENCH_MESSAGES=500000 mix bench
 #
-# Consume time runs from the first delivered batch to the last (the mock cluster's ~3 s join
-# delay is left out); the handler counts messages and acks every batch.
+# Consume time runs from the first delivered batch to the last (the group join is left out);
+# the handler counts messages and acks every batch.
 
 defmodule Bench.Handler do
   use Ottla.Consumer.MessageHandler

@@ -41,7 +41,7 @@ for partition <- 0..1 do
   end
 end
 
-IO.puts("starting a consumer group (the embedded cluster waits ~3 s before the first join)...")
+IO.puts("consuming them again through a consumer group:")
 
 {:ok, sup} =
   Ottla.Supervisor.start_link(

@@ -32,6 +32,43 @@ defmodule Ottla.TestingTest do
       assert {:ok, []} = Ottla.list_topics(endpoints)
     end
 
+    test "runs a consumer group, as users' own tests would" do
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster()
+      :ok = Ottla.create_topic(endpoints, "orders", partitions: 2)
+      :ok = Ottla.produce(endpoints, "orders", [{"a", "1"}, {"b", "2"}, {"c", "3"}])
+
+      start_supervised!(
+        {Ottla.Supervisor,
+         connection: :mock_group_test,
+         endpoints: endpoints,
+         group_consumer: [
+           group: "g",
+           topics: ["orders"],
+           handler: Ottla.TestHandler,
+           handler_init_args: %{pid: self()},
+           begin_offset: :earliest
+         ]}
+      )
+
+      delivered =
+        Ottla.TestSupport.collect_batches(
+          fn acc -> Enum.sum(Enum.map(acc, fn {_, l} -> length(l) end)) >= 3 end,
+          15_000
+        )
+
+      assert delivered |> Map.values() |> List.flatten() |> length() == 3
+
+      Ottla.TestSupport.wait_until(
+        fn ->
+          {:ok, committed} = Ottla.committed_offsets(endpoints, "g", "orders")
+          # A partition that got no message has nothing committed (nil).
+          committed |> Enum.map(fn {_, c} -> c || 0 end) |> Enum.sum() == 3
+        end,
+        10_000,
+        "the group's commits on the mock cluster"
+      )
+    end
+
     test "rejects a bad :brokers option" do
       assert_raise ArgumentError, ~r/:brokers/, fn ->
         Ottla.Testing.start_mock_cluster(brokers: 0)

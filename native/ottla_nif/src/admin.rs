@@ -177,20 +177,7 @@ fn admin_committed_offsets(
     let consumer: BaseConsumer<OttlaContext> = client_config(&bootstrap, &props)
         .create_with_context(OttlaContext)
         .map_err(Error::from)?;
-    let md = consumer
-        .fetch_metadata(Some(&topic), timeout)
-        .map_err(Error::from)?;
-    let count = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len() as i32)
-        .ok_or_else(|| {
-            Error::from_code(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-                format!("topic {topic:?} does not exist"),
-            )
-        })?;
+    let count = crate::metadata::partition_count(consumer.client(), &topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..count {
         tpl.add_partition(&topic, p);

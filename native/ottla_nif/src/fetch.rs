@@ -13,6 +13,7 @@ use crate::config::client_config;
 use crate::context::OttlaContext;
 use crate::error::Error;
 use crate::message;
+use crate::metadata::partition_count;
 
 /// Returns `{:ok, high_watermark, [%Ottla.Message{}]}` with the messages from `offset` (or
 /// the log start, if `offset` is older) up to the high watermark, at most `max_messages`.
@@ -40,20 +41,7 @@ fn fetch_messages<'a>(
         .create_with_context(OttlaContext)
         .map_err(Error::from)?;
 
-    let md = consumer
-        .fetch_metadata(Some(&topic), timeout)
-        .map_err(Error::from)?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len() as i32)
-        .ok_or_else(|| {
-            Error::from_code(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-                format!("topic {topic:?} does not exist"),
-            )
-        })?;
+    let partitions = partition_count(consumer.client(), &topic, timeout)?;
     if partition >= partitions {
         return Err(Error::from_code(
             RDKafkaErrorCode::UnknownPartition,

@@ -12,6 +12,7 @@ mod context;
 mod error;
 mod fetch;
 mod message;
+mod metadata;
 mod mock;
 mod producer;
 mod timing;

@@ -18,6 +18,22 @@ fn binary<'a>(env: Env<'a>, bytes: Option<&[u8]>) -> Term<'a> {
     }
 }
 
+/// The keys of an `%Ottla.Message{}` map, in the order `encode` and the consumer's batches
+/// give the values.
+pub fn keys(env: Env<'_>) -> [Term<'_>; 9] {
+    [
+        atoms::struct_().encode(env),
+        atoms::topic().encode(env),
+        atoms::partition().encode(env),
+        atoms::offset().encode(env),
+        atoms::key().encode(env),
+        atoms::value().encode(env),
+        atoms::timestamp().encode(env),
+        atoms::headers().encode(env),
+        atoms::generation_id().encode(env),
+    ]
+}
+
 /// `%Ottla.Message{}` for a message read from Kafka. `topic` is passed in so a batch shares
 /// one binary for it.
 pub fn encode<'a>(
@@ -33,17 +49,7 @@ pub fn encode<'a>(
             .collect(),
         None => Vec::new(),
     };
-    let keys = [
-        atoms::struct_().encode(env),
-        atoms::topic().encode(env),
-        atoms::partition().encode(env),
-        atoms::offset().encode(env),
-        atoms::key().encode(env),
-        atoms::value().encode(env),
-        atoms::timestamp().encode(env),
-        atoms::headers().encode(env),
-        atoms::generation_id().encode(env),
-    ];
+    let keys = keys(env);
     let values = [
         atoms::ottla_message().encode(env),
         topic,

@@ -1,13 +1,19 @@
 //! librdkafka's in-process mock cluster, for the quick start and for users' own tests.
 //!
-//! `MockCluster` is neither `Send` nor `Sync`, and destroying it blocks, so it lives on a
-//! thread of its own; the resource holds the channel that sends that thread commands.
-//! The mock has no CreateTopics handler, so topic creation is a command to that thread.
+//! The cluster is created through librdkafka's C API (the `rdkafka` crate's `MockCluster`
+//! hides the handle needed to set the group join delay, 3 s by default, to 0). It is neither
+//! `Send` nor `Sync`, and destroying it blocks, so it lives on a thread of its own; the
+//! resource holds the channel that sends that thread commands. The mock has no CreateTopics
+//! handler, so topic creation is a command to that thread.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 
-use rdkafka::mocking::MockCluster;
+use std::ffi::{CStr, CString};
+
+use rdkafka::bindings as rd;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
 use rustler::{Atom, Encoder, Env, NifResult, ResourceArc, Term};
 
 use crate::atoms;
@@ -51,10 +57,63 @@ impl MockClusterResource {
     }
 }
 
-fn run(
-    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    commands: std::sync::mpsc::Receiver<Command>,
-) {
+/// A mock cluster and the client that hosts it; destroyed in that order.
+struct RawMock {
+    ptr: *mut rd::rd_kafka_mock_cluster_t,
+    _host: BaseProducer,
+}
+
+impl RawMock {
+    fn new(brokers: i32) -> Result<Self> {
+        let host: BaseProducer = ClientConfig::new().create()?;
+        // SAFETY: `host` is a live client; librdkafka returns null on failure.
+        let ptr = unsafe { rd::rd_kafka_mock_cluster_new(host.client().native_ptr(), brokers) };
+        if ptr.is_null() {
+            return Err(Error::new(
+                "mock_cluster",
+                "librdkafka could not create a mock cluster",
+            ));
+        }
+        // SAFETY: `ptr` is the live cluster created above. Groups join at once instead of
+        // after the mock's default 3 s delay.
+        unsafe { rd::rd_kafka_mock_group_initial_rebalance_delay_ms(ptr, 0) };
+        Ok(RawMock { ptr, _host: host })
+    }
+
+    fn bootstrap(&self) -> String {
+        // SAFETY: the cluster is live; the string it returns lives as long as the cluster.
+        unsafe { CStr::from_ptr(rd::rd_kafka_mock_cluster_bootstraps(self.ptr)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn create_topic(&self, topic: &str, partitions: i32, replicas: i32) -> Result<()> {
+        let name = CString::new(topic)
+            .map_err(|_| Error::new("invalid_topic", "the topic name contains a NUL byte"))?;
+        // SAFETY: the cluster is live and `name` outlives the call.
+        let err = unsafe {
+            rd::rd_kafka_mock_topic_create(self.ptr, name.as_ptr(), partitions, replicas)
+        };
+        if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            Ok(())
+        } else {
+            let code = rdkafka::error::RDKafkaErrorCode::from(err);
+            Err(Error::from_code(
+                code,
+                format!("could not create topic {topic:?}: {code}"),
+            ))
+        }
+    }
+}
+
+impl Drop for RawMock {
+    fn drop(&mut self) {
+        // SAFETY: created by rd_kafka_mock_cluster_new and destroyed once, before its host.
+        unsafe { rd::rd_kafka_mock_cluster_destroy(self.ptr) };
+    }
+}
+
+fn run(cluster: RawMock, commands: std::sync::mpsc::Receiver<Command>) {
     // Runs until the resource stops it or is garbage-collected (the sender is dropped).
     for command in commands {
         match command {
@@ -64,10 +123,7 @@ fn run(
                 replicas,
                 reply,
             } => {
-                let result = cluster
-                    .create_topic(&topic, partitions, replicas)
-                    .map_err(Error::from);
-                let _ = reply.send(result);
+                let _ = reply.send(cluster.create_topic(&topic, partitions, replicas));
             }
         }
     }
@@ -81,13 +137,13 @@ fn mock_cluster_start(env: Env<'_>, brokers: i32) -> NifResult<Term<'_>> {
     let (tx, rx) = channel::<Command>();
     std::thread::Builder::new()
         .name("ottla-mock-cluster".into())
-        .spawn(move || match MockCluster::new(brokers) {
+        .spawn(move || match RawMock::new(brokers) {
             Ok(cluster) => {
-                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                let _ = ready_tx.send(Ok(cluster.bootstrap()));
                 run(cluster, rx);
             }
             Err(err) => {
-                let _ = ready_tx.send(Err(Error::from(err)));
+                let _ = ready_tx.send(Err(err));
             }
         })
         .map_err(|e| Error::new("thread_spawn", e.to_string()))?;

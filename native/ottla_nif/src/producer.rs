@@ -18,6 +18,7 @@ use crate::atoms;
 use crate::config::client_config;
 use crate::context::{send_to, OttlaContext};
 use crate::error::{Error, Result};
+use crate::metadata::partition_count;
 
 /// How long a topic's partition count is trusted before metadata is asked again.
 const METADATA_TTL: Duration = Duration::from_secs(30);
@@ -146,33 +147,7 @@ impl ProducerResource {
                 }
             }
         }
-        let metadata = self.with_producer(|p| {
-            p.client()
-                .fetch_metadata(Some(topic), timeout)
-                .map_err(Error::from)
-        })?;
-        let found = metadata.topics().iter().find(|t| t.name() == topic);
-        let count = match found {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                t.partitions().len() as i32
-            }
-            Some(t) => {
-                let code = t
-                    .error()
-                    .map(RDKafkaErrorCode::from)
-                    .unwrap_or(RDKafkaErrorCode::UnknownTopicOrPartition);
-                return Err(Error::from_code(
-                    code,
-                    format!("topic {topic:?} is not available: {code}"),
-                ));
-            }
-            None => {
-                return Err(Error::from_code(
-                    RDKafkaErrorCode::UnknownTopicOrPartition,
-                    format!("topic {topic:?} does not exist"),
-                ))
-            }
-        };
+        let count = self.with_producer(|p| partition_count(p.client(), topic, timeout))?;
         if let Ok(mut cache) = self.partitions.lock() {
             cache.insert(topic.to_string(), (count, Instant::now()));
         }

@@ -96,17 +96,7 @@ fn encode_batch<'a>(env: Env<'a>, o: Outgoing, group: bool) -> Term<'a> {
     let nil = atoms::nil().encode(env);
     let topic = o.topic.encode(env);
     let generation = if group { o.generation.encode(env) } else { nil };
-    let keys = [
-        atoms::struct_().encode(env),
-        atoms::topic().encode(env),
-        atoms::partition().encode(env),
-        atoms::offset().encode(env),
-        atoms::key().encode(env),
-        atoms::value().encode(env),
-        atoms::timestamp().encode(env),
-        atoms::headers().encode(env),
-        atoms::generation_id().encode(env),
-    ];
+    let keys = crate::message::keys(env);
     let struct_name = atoms::ottla_message().encode(env);
     let partition = o.partition.encode(env);
     let empty: Vec<Term<'a>> = Vec::new();
