@@ -9,7 +9,7 @@ defmodule Ottla.Native do
   end
 
   def log_set_process(_pid), do: :erlang.nif_error(:nif_not_loaded)
-  def nif_max_micros, do: :erlang.nif_error(:nif_not_loaded)
+  def nif_timing, do: :erlang.nif_error(:nif_not_loaded)
 
   def producer_new(_bootstrap, _props), do: :erlang.nif_error(:nif_not_loaded)
 

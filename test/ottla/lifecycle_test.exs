@@ -23,28 +23,33 @@ defmodule Ottla.LifecycleTest do
   # scheduling slot of its own.
   defp hammer(conn, topic, parent) do
     receive do
-      :stop -> send(parent, :hammer_done)
+      :stop ->
+        send(parent, :hammer_done)
     after
       0 ->
-        _ = Ottla.Group.Acknowledger.get_latest_offset(conn, topic, 0)
-        :erlang.yield()
+        for p <- 0..3 do
+          _ = Ottla.Group.Acknowledger.get_latest_offset(conn, topic, p)
+          :erlang.yield()
+          # Offset 0 is behind any real ack: counted by the NIF, changes nothing.
+          :ok = Ottla.Group.Acknowledger.ack(conn, topic, p, 1, 0)
+          :erlang.yield()
+        end
+
         {:ok, _} = Ottla.stats(conn)
-        :erlang.yield()
-        :ok = Ottla.Group.Acknowledger.update_generation_id(conn, 1)
         # A pause between rounds: the point is many NIF calls during consumption, not a
-        # process that is always runnable (which the OS could preempt mid-slot).
+        # process that is always runnable.
         Process.sleep(1)
         hammer(conn, topic, parent)
     end
   end
 
-  test "no NIF call holds a normal scheduler for 1 ms while 40,000 messages are consumed" do
+  test "no NIF call holds a normal scheduler for 1 ms while 100,000 messages are consumed" do
     topic = create_topic!(partitions: 4)
     value = String.duplicate("x", 100)
 
     for p <- 0..3 do
       :ok =
-        Ottla.produce(endpoints(), topic, for(i <- 1..10_000, do: {"k#{i}", value}), partition: p)
+        Ottla.produce(endpoints(), topic, for(i <- 1..25_000, do: {"k#{i}", value}), partition: p)
     end
 
     counter = :counters.new(1, [])
@@ -65,7 +70,7 @@ defmodule Ottla.LifecycleTest do
       start_group!(topic, group_name(),
         handler: Ottla.CountingHandler,
         handler_init_args: %{counter: counter},
-        max_batch: 200
+        max_batch: 100
       )
 
     hammer =
@@ -75,10 +80,10 @@ defmodule Ottla.LifecycleTest do
         end
       end)
 
-    _reset = Ottla.Native.nif_max_micros()
+    _reset = Ottla.Native.nif_timing()
     :erlang.system_monitor(self(), [{:long_schedule, 1}])
     send(hammer, :go)
-    wait_until(fn -> :counters.get(counter, 1) >= 40_000 end, 90_000, "40,000 messages")
+    wait_until(fn -> :counters.get(counter, 1) >= 100_000 end, 90_000, "100,000 messages")
     send(hammer, :stop)
     assert_receive :hammer_done, 5_000
     :erlang.system_monitor(:undefined)
@@ -94,18 +99,25 @@ defmodule Ottla.LifecycleTest do
       |> Enum.take_while(& &1)
       |> Enum.filter(fn {pid, _} -> pid == hammer or ottla_process?(pid) end)
 
-    # The NIFs time themselves: the longest call on a normal scheduler during the run.
-    longest = Ottla.Native.nif_max_micros()
+    # The NIFs time themselves: wall time, and the CPU time of the scheduler thread.
+    {calls, max_wall, max_cpu, over_1ms} = Ottla.Native.nif_timing()
+    assert calls > 1_000, "only #{calls} NIF calls were timed"
 
-    # long_schedule cannot tell a NIF from a garbage collection or the OS preempting a
-    # scheduler thread (2 cores, a broker and librdkafka's threads all busy). A long slot
-    # caused by a NIF shows in `longest`; any other is reported, not failed on.
-    assert longest < 1_000,
-           "a NIF held a normal scheduler for #{longest} µs; long schedules seen: #{inspect(events)}"
+    # A NIF's own work must stay under 1 ms. Wall time also counts the OS preempting the
+    # scheduler thread (2 cores, a broker and librdkafka's threads all busy), which neither
+    # long_schedule nor a wall clock can tell from a blocking NIF: a NIF that blocked would be
+    # slow on every call, so a rare slow call (at most 1 in 1,000) is preemption.
+    assert max_cpu < 1_000, "a NIF worked #{max_cpu} µs on a normal scheduler"
 
+    assert over_1ms * 1_000 <= calls,
+           "#{over_1ms} of #{calls} NIF calls took 1 ms or more (longest #{max_wall} µs); " <>
+             "long schedules: #{inspect(events)}"
+
+    # long_schedule events in Ottla processes with every NIF under 1 ms of work come from
+    # garbage collection or the OS; they are reported, not failed on.
     if events != [] do
       IO.puts(
-        "\nlong schedules not caused by NIFs (longest NIF call #{longest} µs): #{inspect(events)}"
+        "\nlong schedules (NIF calls: #{calls}, longest #{max_wall} µs wall, #{max_cpu} µs CPU): #{inspect(events)}"
       )
     end
   end
