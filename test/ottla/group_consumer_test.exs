@@ -63,6 +63,20 @@ defmodule Ottla.GroupConsumerTest do
       {:ok, stats} = Ottla.stats(conn)
       assert [%{generation_id: gen}] = stats.partitions
       assert gen == msg.generation_id
+      assert is_integer(stats.last_rebalance)
+
+      # Once acked and committed, the stats show the high watermark and no lag.
+      p0 =
+        wait_until(
+          fn ->
+            {:ok, %{partitions: [p0]}} = Ottla.stats(conn)
+            p0.committed == 1 and p0.high_watermark == 1 and p0
+          end,
+          15_000,
+          "stats to show offset 0 committed"
+        )
+
+      assert %{last_delivered: 0, last_acked: 0, lag: 0, backlog: 0, paused?: false} = p0
     end
 
     test "a stateless handle_messages/1 handler works as in Elsa" do
