@@ -94,7 +94,7 @@ defmodule Ottla do
     partitions = Options.integer!(opts[:partitions], :partitions, 1)
     replicas = Options.integer!(opts[:replicas], :replicas, 1)
     topic_config = Options.config!(opts[:config])
-    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
     {bootstrap, config, _} = Connection.resolve!(target)
 
     case Ottla.Testing.lookup(bootstrap) do
@@ -125,7 +125,7 @@ defmodule Ottla do
   def delete_topic(target, topic, opts \\ []) do
     opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.delete_topic/3 options")
     topic = Options.topic!(topic)
-    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
     {bootstrap, config, _} = Connection.resolve!(target)
 
     case Ottla.Testing.lookup(bootstrap) do
@@ -149,7 +149,7 @@ defmodule Ottla do
           {:ok, [{String.t(), pos_integer}]} | {:error, Ottla.Error.t()}
   def list_topics(target, opts \\ []) do
     opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.list_topics/2 options")
-    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
     {bootstrap, config, _} = Connection.resolve!(target)
     Native.admin_list_topics(bootstrap, config, timeout)
   end
@@ -196,13 +196,13 @@ defmodule Ottla do
     topic = Options.topic!(topic)
     partition = Options.integer!(opts[:partition], :partition, 0)
     max = Options.integer!(opts[:max_messages], :max_messages, 1)
-    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
 
     offset =
       case opts[:offset] do
         :earliest -> -1
         :latest -> -2
-        offset -> Options.integer!(offset, :offset, 0)
+        offset -> Options.integer!(offset, :offset, 0, 9_223_372_036_854_775_807)
       end
 
     {bootstrap, config, _} = Connection.resolve!(target)
@@ -224,7 +224,7 @@ defmodule Ottla do
     opts =
       Options.keyword!(opts, [timeout: @default_timeout], "Ottla.committed_offsets/4 options")
 
-    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
 
     unless is_binary(group) and group != "",
       do: raise(ArgumentError, "invalid group #{inspect(group)}: expected a non-empty string")
@@ -238,7 +238,8 @@ defmodule Ottla do
   The state of a connection's consumer: per assigned partition its generation, backlog
   length, whether it is paused, the last delivered, acked and committed offsets, the high
   watermark and the lag; and the time of the last rebalance (ms since the epoch), plus how
-  many acks were dropped as stale or for partitions not held.
+  many acks were dropped: `stale_acks` (another generation), `unheld_acks` (a partition not
+  held) and `undelivered_acks` (an offset beyond what was delivered).
 
   ## Example
 

@@ -118,16 +118,26 @@ defmodule Ottla.Options do
         "invalid topic #{inspect(topic)}: expected a non-empty string of at most 249 bytes"
       )
 
-  @doc "Raises unless `value` is an integer of at least `min`, naming option `name`."
-  @spec integer!(term, atom, integer) :: integer
-  def integer!(value, _name, min) when is_integer(value) and value >= min, do: value
+  @doc """
+  Raises unless `value` is an integer from `min` to `max` (Kafka's int32 range by default),
+  naming option `name`.
+  """
+  @spec integer!(term, atom, integer, integer) :: integer
+  def integer!(value, name, min, max \\ 2_147_483_647)
 
-  def integer!(value, name, min),
+  def integer!(value, _name, min, max) when is_integer(value) and value >= min and value <= max,
+    do: value
+
+  def integer!(value, name, min, max),
     do:
       raise(
         ArgumentError,
-        "invalid #{inspect(name)}: expected an integer >= #{min}, got #{inspect(value)}"
+        "invalid #{inspect(name)}: expected an integer from #{min} to #{max}, got #{inspect(value)}"
       )
+
+  @doc "Raises unless `value` is a timeout in milliseconds (at most a day), naming `name`."
+  @spec timeout!(term, atom, non_neg_integer) :: non_neg_integer
+  def timeout!(value, name, min \\ 1), do: integer!(value, name, min, 86_400_000)
 
   @doc "`Keyword.validate!/2` that also rejects a non-keyword argument with a clear message."
   @spec keyword!(term, keyword | [atom], String.t()) :: keyword

@@ -10,7 +10,7 @@ defmodule Ottla.Producer do
   def produce(target, topic, messages, opts) do
     opts = Options.keyword!(opts, @opts, "Ottla.produce/4 options")
     topic = Options.topic!(topic)
-    timeout = Options.integer!(opts[:timeout], :timeout, 1)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
     partition = opts[:partition] && Options.integer!(opts[:partition], :partition, 0)
     partitioner = partitioner!(opts[:partitioner])
     extra_config = Options.config!(opts[:config])

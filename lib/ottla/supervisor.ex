@@ -44,7 +44,8 @@ defmodule Ottla.Supervisor do
     * `:handler` - a module using `Ottla.Consumer.MessageHandler`. Required.
     * `:handler_init_args` - passed to the handler's `init/1`. Defaults to `[]`.
     * `:assignment_received_handler` - `fn group, topic, partition, generation_id -> :ok end`,
-      called for each partition this member is given, before its worker starts.
+      called for each partition this member is given, before its worker starts. Returning
+      anything else (or raising) stops the consumer, as in Elsa; its supervisor restarts it.
       Defaults to a function returning `:ok`.
     * `:assignments_revoked_handler` - `fn -> :ok end`, called after revoked partitions'
       workers stopped and their acks were committed, before the rebalance proceeds.
@@ -126,7 +127,13 @@ defmodule Ottla.Supervisor do
 
   @impl true
   def init({conn_opts, consumer}) do
-    connection = %{id: Ottla.Connection, start: {Ottla.Connection, :start_link, [conn_opts]}}
+    # Shutdown budgets: the connection flushes its producer for up to 10 s; the manager
+    # commits, leaves the group and joins librdkafka's threads.
+    connection = %{
+      id: Ottla.Connection,
+      start: {Ottla.Connection, :start_link, [conn_opts]},
+      shutdown: 15_000
+    }
 
     # rest_for_one: if the consumer's manager restarts, so do its workers; on shutdown the
     # workers stop first (finishing their batch), then the manager commits and leaves.
@@ -141,7 +148,8 @@ defmodule Ottla.Supervisor do
           [
             %{
               id: Ottla.Group.Manager,
-              start: {Ottla.Group.Manager, :start_link, [Map.put(opts, :worker_sup, workers)]}
+              start: {Ottla.Group.Manager, :start_link, [Map.put(opts, :worker_sup, workers)]},
+              shutdown: 30_000
             },
             {DynamicSupervisor, name: workers, strategy: :one_for_one}
           ]

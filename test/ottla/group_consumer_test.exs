@@ -91,6 +91,23 @@ defmodule Ottla.GroupConsumerTest do
       wait_until(fn -> committed(group, topic) == %{0 => 2} end, 15_000, "commit of 2")
     end
 
+    test "a handler that uses linked Tasks keeps its worker" do
+      topic = create_topic!()
+      :ok = Ottla.produce(endpoints(), topic, for(i <- 0..49, do: "m#{i}"))
+      me = self()
+
+      fun = fn messages, s ->
+        # Task.async links to the worker; the task's normal exit must not stop it.
+        Task.async(fn -> length(messages) end) |> Task.await()
+        {:ack, s}
+      end
+
+      start_group!(topic, group_name(), max_batch: 5, handler_init_args: %{pid: me, fun: fun})
+      delivered = collect_batches(fn acc -> length(Map.get(acc, 0, [])) >= 50 end)
+      assert delivered[0] == Enum.to_list(0..49)
+      refute_receive {:batch, _, _, _, _}, 500
+    end
+
     test "assignment_received_handler sees each partition with its generation" do
       topic = create_topic!(partitions: 2)
       me = self()
@@ -121,8 +138,10 @@ defmodule Ottla.GroupConsumerTest do
           handler_init_args: %{pid: me, fun: fn _, s -> {:continue, s} end}
         )
 
-      assert_receive {:batch, _, _, 0, [first | _]}, 30_000
+      assert_receive {:batch, _, _, 0, [first | _] = batch}, 30_000
       gen = first.generation_id
+      rest = collect_batches(fn acc -> length(batch) + length(Map.get(acc, 0, [])) >= 10 end)
+      assert Enum.map(batch, & &1.offset) ++ Map.get(rest, 0, []) == Enum.to_list(0..9)
 
       assert Acknowledger.get_latest_offset(conn, topic, 0) == nil
 
@@ -140,6 +159,12 @@ defmodule Ottla.GroupConsumerTest do
              "a lower ack moved the offset back"
 
       wait_until(fn -> committed(group, topic) == %{0 => 5} end, 15_000, "commit of offset 5")
+
+      # An ack beyond what was delivered would commit unprocessed messages: dropped.
+      assert :ok = Acknowledger.ack(conn, topic, 0, gen, 10)
+      {:ok, stats} = Ottla.stats(conn)
+      assert stats.undelivered_acks == 1
+      assert Acknowledger.get_latest_offset(conn, topic, 0) == 5
 
       # An ack for a partition this member does not hold is dropped too.
       assert :ok = Acknowledger.ack(conn, topic, 7, gen, 1)
@@ -487,11 +512,20 @@ defmodule Ottla.GroupConsumerTest do
       name = conn_name()
       start_supervised!({Ottla.Supervisor, connection: name, endpoints: endpoints()})
 
-      assert_raise ArgumentError, ~r/no running consumer/, fn ->
-        Acknowledger.ack(name, "t", 0, 1, 1)
+      # As Elsa's casts: an ack without a running consumer is dropped, not raised.
+      assert :ok = Acknowledger.ack(name, "t", 0, 1, 1)
+      assert Acknowledger.get_latest_offset(name, "t", 0) == nil
+      assert {:error, %Ottla.Error{code: :no_consumer}} = Ottla.stats(name)
+
+      assert_raise ArgumentError, ~r/generation_id/, fn ->
+        Acknowledger.ack(name, "t", 0, :x, 1)
       end
 
-      assert {:error, %Ottla.Error{code: :no_consumer}} = Ottla.stats(name)
+      assert_raise ArgumentError, ~r/:partition/, fn -> Acknowledger.ack(name, "t", -1, 1, 1) end
+
+      assert_raise ArgumentError, ~r/connection/, fn ->
+        Acknowledger.get_latest_offset("c", "t", 0)
+      end
     end
   end
 

@@ -28,11 +28,14 @@ defmodule Ottla.LifecycleTest do
     after
       0 ->
         for p <- 0..3 do
-          _ = Ottla.Group.Acknowledger.get_latest_offset(conn, topic, p)
+          latest = Ottla.Group.Acknowledger.get_latest_offset(conn, topic, p)
           :erlang.yield()
-          # Offset 0 is behind any real ack: counted by the NIF, changes nothing.
-          :ok = Ottla.Group.Acknowledger.ack(conn, topic, p, 1, 0)
-          :erlang.yield()
+
+          # Re-acking what is already acked: a real ack call that changes nothing.
+          if latest do
+            :ok = Ottla.Group.Acknowledger.ack(conn, topic, p, 1, latest - 1)
+            :erlang.yield()
+          end
         end
 
         {:ok, _} = Ottla.stats(conn)

@@ -22,8 +22,8 @@ defmodule Ottla.Consumer.MessageHandler do
 
     * `{:ack, state}` / `{:acknowledge, state}` / `:ack` - the whole batch is done: its last
       offset is acked (and later committed).
-    * `{:ack, offset, state}` / `{:ack, offset}` - offsets up to `offset` are done; messages of
-      the batch after it are delivered again.
+    * `{:ack, offset, state}` / `{:acknowledge, offset, state}` / `{:ack, offset}` - offsets up
+      to `offset` are done; messages of the batch after it are delivered again.
     * `{:no_ack, state}` / `{:noop, state}` / `:no_ack` / `:noop` - nothing is acked; delivery
       goes on. A later ack covers these offsets too (acks are cumulative); if none comes, they
       are delivered again after a restart or a rebalance.
@@ -43,6 +43,7 @@ defmodule Ottla.Consumer.MessageHandler do
           {:ack, state}
           | {:acknowledge, state}
           | {:ack, integer, state}
+          | {:acknowledge, integer, state}
           | {:no_ack, state}
           | {:noop, state}
           | {:continue, state}
@@ -70,9 +71,14 @@ defmodule Ottla.Consumer.MessageHandler do
       @impl Ottla.Consumer.MessageHandler
       def handle_messages(messages, state) do
         case handle_messages(messages) do
-          result when is_atom(result) -> {result, state}
-          {:ack, offset} -> {:ack, offset, state}
-          other -> other
+          result when is_atom(result) ->
+            {result, state}
+
+          {tag, offset} when tag in [:ack, :acknowledge] and is_integer(offset) ->
+            {tag, offset, state}
+
+          other ->
+            other
         end
       end
 

@@ -136,13 +136,12 @@ defmodule Ottla.Consumer.Options do
     handler = opts[:handler]
 
     unless is_atom(handler) and not is_nil(handler) and Code.ensure_loaded?(handler) and
-             (function_exported?(handler, :handle_messages, 2) or
-                function_exported?(handler, :handle_messages, 1)),
-           do:
-             raise(
-               ArgumentError,
-               "invalid :handler #{inspect(handler)}: expected a module using Ottla.Consumer.MessageHandler"
-             )
+             function_exported?(handler, :init, 1) and
+             function_exported?(handler, :handle_messages, 2) do
+      raise ArgumentError,
+            "invalid :handler #{inspect(handler)}: expected a module with " <>
+              "`use Ottla.Consumer.MessageHandler`"
+    end
 
     # Ottla commits itself (acked offsets only); librdkafka's fetch queue backoff is shortened
     # because its 1 s default stalls a busy consumer.
@@ -160,10 +159,10 @@ defmodule Ottla.Consumer.Options do
       props: ottla ++ defaults ++ Keyword.fetch!(conn, :config) ++ Options.config!(opts[:config]),
       handler: handler,
       handler_init_args: opts[:handler_init_args],
-      max_batch: Options.integer!(opts[:max_batch], :max_batch, 1),
-      max_backlog: Options.integer!(opts[:max_backlog], :max_backlog, 1),
-      drain_timeout: Options.integer!(opts[:drain_timeout], :drain_timeout, 0),
-      commit_interval: Options.integer!(opts[:commit_interval], :commit_interval, 1)
+      max_batch: Options.integer!(opts[:max_batch], :max_batch, 1, 1_000_000),
+      max_backlog: Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000),
+      drain_timeout: Options.timeout!(opts[:drain_timeout], :drain_timeout, 0),
+      commit_interval: Options.timeout!(opts[:commit_interval], :commit_interval)
     }
   end
 end

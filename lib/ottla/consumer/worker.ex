@@ -55,6 +55,9 @@ defmodule Ottla.Consumer.Worker do
     {:noreply, state}
   end
 
+  # Exits from the supervisor (shutdown, revocation) or from anything linked that crashed
+  # stop the worker; a linked helper (a Task, say) ending normally does not.
+  def handle_info({:EXIT, _from, :normal}, state), do: {:noreply, state}
   def handle_info({:EXIT, _from, reason}, state), do: {:stop, reason, state}
 
   def handle_info(other, state) do
@@ -72,20 +75,8 @@ defmodule Ottla.Consumer.Worker do
         ack(state, List.last(messages).offset)
         %{state | handler_state: handler_state}
 
-      {:ack, offset, handler_state} when is_integer(offset) ->
-        last = List.last(messages).offset
-        ack(state, min(offset, last))
-
-        if offset < last do
-          Native.consumer_redeliver(
-            state.resource,
-            state.topic,
-            state.partition,
-            state.generation,
-            offset + 1
-          )
-        end
-
+      {tag, offset, handler_state} when tag in [:ack, :acknowledge] and is_integer(offset) ->
+        partial_ack(state, messages, offset)
         %{state | handler_state: handler_state}
 
       {tag, handler_state} when tag in [:no_ack, :noop, :continue] ->
@@ -96,6 +87,28 @@ defmodule Ottla.Consumer.Worker do
               "#{inspect(state.handler)}.handle_messages/2 returned #{inspect(other, limit: 5)}; " <>
                 "expected {:ack, state}, {:ack, offset, state}, {:no_ack, state}, {:noop, state} " <>
                 "or {:continue, state}"
+    end
+  end
+
+  # Acks up to `offset` (within the batch) and has the rest of the batch delivered again.
+  defp partial_ack(state, messages, offset) do
+    first = hd(messages).offset
+    last = List.last(messages).offset
+
+    cond do
+      offset >= last ->
+        ack(state, last)
+
+      true ->
+        if offset >= first, do: ack(state, offset)
+
+        Native.consumer_redeliver(
+          state.resource,
+          state.topic,
+          state.partition,
+          state.generation,
+          max(offset + 1, first)
+        )
     end
   end
 

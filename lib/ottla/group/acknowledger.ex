@@ -10,7 +10,8 @@ defmodule Ottla.Group.Acknowledger do
 
   An ack carries the generation the message was delivered in (`message.generation_id`). An
   ack from another generation, or for a partition this member does not hold (any more), is
-  dropped with a warning and counted in `Ottla.stats/1`: it is never committed.
+  dropped with a warning and counted in `Ottla.stats/1`: it is never committed. So is an ack
+  of an offset that was not delivered yet (it would commit unprocessed messages).
 
   **Generations.** librdkafka does not expose Kafka's group generation id, so Ottla numbers
   assignments itself: every assignment this member receives gets the next number, and the
@@ -25,11 +26,14 @@ defmodule Ottla.Group.Acknowledger do
       Ottla.Group.Acknowledger.ack(:my_connection, message)
   """
 
+  require Logger
+
   alias Ottla.{Group.Manager, Native, Options}
 
   @doc """
   Acks `offset` (and every offset before it) of `topic`/`partition`, delivered in
-  `generation_id`. Always returns `:ok`, like Elsa's; dropped acks are logged and counted.
+  `generation_id`. Always returns `:ok`, like Elsa's; dropped acks are logged (and counted in
+  `Ottla.stats/1` while the consumer runs). Wrong argument types raise `ArgumentError`.
   """
   @spec ack(atom, String.t(), non_neg_integer, integer | nil, non_neg_integer) :: :ok
   def ack(connection, topic, partition, generation_id, offset) do
@@ -40,13 +44,24 @@ defmodule Ottla.Group.Acknowledger do
           "invalid generation_id #{inspect(generation_id)}: expected an integer or nil"
         )
 
-    Native.consumer_ack(
-      resource!(connection),
-      Options.topic!(topic),
-      Options.integer!(partition, :partition, 0),
-      generation_id,
-      Options.integer!(offset, :offset, 0)
-    )
+    topic = Options.topic!(topic)
+    partition = Options.integer!(partition, :partition, 0)
+    offset = Options.integer!(offset, :offset, 0, 9_223_372_036_854_775_807)
+
+    case resource(connection) do
+      nil ->
+        # Like Elsa's cast: an ack for a consumer that is not running (restarting, stopped)
+        # is dropped, never raised in the acking process.
+        Logger.warning(
+          "dropped ack of #{topic}/#{partition} offset #{offset}: connection " <>
+            "#{inspect(connection)} has no running consumer"
+        )
+
+        :ok
+
+      resource ->
+        Native.consumer_ack(resource, topic, partition, generation_id, offset)
+    end
   end
 
   @doc """
@@ -77,11 +92,11 @@ defmodule Ottla.Group.Acknowledger do
   @doc """
   Kept for Elsa compatibility. In Elsa the group manager pushed the new generation to the
   acknowledger; in Ottla the NIF records each partition's generation at assignment itself,
-  so this only checks that the connection has a consumer and returns `:ok`.
+  so this does nothing and returns `:ok`.
   """
   @spec update_generation_id(atom, integer) :: :ok
   def update_generation_id(connection, generation_id) when is_integer(generation_id) do
-    resource!(connection)
+    connection!(connection)
     :ok
   end
 
@@ -90,21 +105,25 @@ defmodule Ottla.Group.Acknowledger do
 
   @doc """
   The offset after the last acked one of `topic`/`partition` (Elsa's "acked + 1"), or `nil`
-  when nothing was acked since this member was assigned the partition (or does not hold it).
+  when nothing was acked since this member was assigned the partition (or does not hold it,
+  or the connection has no running consumer).
   """
   @spec get_latest_offset(atom, String.t(), non_neg_integer) :: non_neg_integer | nil
   def get_latest_offset(connection, topic, partition) do
-    Native.consumer_latest_offset(
-      resource!(connection),
-      Options.topic!(topic),
-      Options.integer!(partition, :partition, 0)
-    )
+    topic = Options.topic!(topic)
+    partition = Options.integer!(partition, :partition, 0)
+
+    case resource(connection) do
+      nil -> nil
+      resource -> Native.consumer_latest_offset(resource, topic, partition)
+    end
   end
 
-  defp resource!(connection) do
-    Manager.resource(connection) ||
-      raise ArgumentError,
-            "connection #{inspect(connection)} has no running consumer " <>
-              "(start Ottla.Supervisor with :group_consumer or :consumer)"
-  end
+  defp resource(connection), do: Manager.resource(connection!(connection))
+
+  defp connection!(connection) when is_atom(connection) and connection not in [nil, true, false],
+    do: connection
+
+  defp connection!(other),
+    do: raise(ArgumentError, "invalid connection #{inspect(other)}: expected an atom")
 end

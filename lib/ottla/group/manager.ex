@@ -84,7 +84,15 @@ defmodule Ottla.Group.Manager do
     state =
       Enum.reduce(tps, state, fn {topic, partition} = tp, acc ->
         if acc.mode == :group do
-          call_assignment_handler(acc, topic, partition, generation)
+          case call_assignment_handler(acc, topic, partition, generation) do
+            :ok ->
+              :ok
+
+            other ->
+              # As in Elsa: a failed assignment handler stops the consumer; its supervisor
+              # restarts it, and it joins the group again.
+              exit({:assignment_received_handler, topic, partition, other})
+          end
         end
 
         entry = %{
@@ -105,19 +113,16 @@ defmodule Ottla.Group.Manager do
   def handle_info({:ottla_revoked, id, _generation, tps}, state) do
     Logger.info("revoking #{inspect(tps)}", connection: state.connection)
 
-    state =
-      Enum.reduce(tps, state, fn tp, acc ->
-        {entry, partitions} = Map.pop(acc.partitions, tp)
-        if entry, do: stop_worker(acc, entry)
-        %{acc | partitions: partitions}
-      end)
+    {revoked, kept} = Map.split(state.partitions, tps)
+    stop_workers(Map.values(revoked), state.drain_timeout)
+    state = %{state | partitions: kept}
 
     try do
       state.assignments_revoked_handler.()
-    rescue
-      e ->
+    catch
+      kind, reason ->
         Logger.error(
-          "assignments_revoked_handler raised: " <> Exception.format(:error, e, __STACKTRACE__)
+          "assignments_revoked_handler failed: " <> Exception.format(kind, reason, __STACKTRACE__)
         )
     end
 
@@ -131,9 +136,9 @@ defmodule Ottla.Group.Manager do
         {:noreply, state}
 
       {{topic, partition} = tp, entry}
-      when reason in [:normal, :shutdown] or
-             (is_tuple(reason) and elem(reason, 0) == :shutdown) ->
-        # Stopped on purpose (the connection is shutting down): no restart.
+      when reason == :shutdown or (is_tuple(reason) and elem(reason, 0) == :shutdown) ->
+        # Stopped by the workers' supervisor, which is shutting down with the connection
+        # (stops the manager makes itself are demonitored first): no restart.
         Native.consumer_worker_down(state.resource, topic, partition, entry.generation)
         {:noreply, put_in(state.partitions[tp], %{entry | pid: nil, ref: nil})}
 
@@ -164,15 +169,24 @@ defmodule Ottla.Group.Manager do
     end
   end
 
+  def handle_info({:ottla_consumer_down, thread}, state) do
+    Logger.error("the consumer's #{thread} thread failed; restarting the consumer")
+    {:stop, {:consumer_down, thread}, state}
+  end
+
+  # The parent's exit stops the manager; a linked helper of a user callback ending normally
+  # does not.
+  def handle_info({:EXIT, _pid, :normal}, state), do: {:noreply, state}
   def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
   def terminate(_reason, state) do
-    # Workers have been stopped by the supervisor (they come after us); commit what they
-    # acked, leave the group, free the client.
-    Native.consumer_close(state.resource)
+    # Workers have been stopped by the supervisor (they come after us). Forget the resource
+    # first, so late acks are dropped cleanly; then commit what was acked, leave the group
+    # and free the client.
     :persistent_term.erase({__MODULE__, state.connection})
+    Native.consumer_close(state.resource)
     :ok
   end
 
@@ -183,20 +197,9 @@ defmodule Ottla.Group.Manager do
   defp backoff(failures), do: min(100 * Integer.pow(2, min(failures - 1, 20)), @max_backoff)
 
   defp call_assignment_handler(state, topic, partition, generation) do
-    case state.assignment_received_handler.(state.group, topic, partition, generation) do
-      :ok ->
-        :ok
-
-      other ->
-        Logger.warning(
-          "assignment_received_handler returned #{inspect(other)} for #{topic}/#{partition}"
-        )
-    end
-  rescue
-    e ->
-      Logger.error(
-        "assignment_received_handler raised: " <> Exception.format(:error, e, __STACKTRACE__)
-      )
+    state.assignment_received_handler.(state.group, topic, partition, generation)
+  catch
+    kind, reason -> {:error, {kind, reason, __STACKTRACE__}}
   end
 
   defp start_worker(state, {topic, partition} = tp) do
@@ -215,13 +218,22 @@ defmodule Ottla.Group.Manager do
     }
 
     result =
-      try do
-        DynamicSupervisor.start_child(state.worker_sup, {Ottla.Consumer.Worker, args})
-      catch
-        :exit, reason -> {:error, {:exit, reason}}
+      if GenServer.whereis(state.worker_sup) do
+        try do
+          DynamicSupervisor.start_child(state.worker_sup, {Ottla.Consumer.Worker, args})
+        catch
+          :exit, reason -> {:error, {:exit, reason}}
+        end
+      else
+        # The workers' supervisor starts right after the manager: try again in a moment.
+        :not_ready
       end
 
     case result do
+      :not_ready ->
+        Process.send_after(self(), {:restart, tp, entry.generation}, 20)
+        state
+
       {:ok, pid} ->
         put_in(state.partitions[tp], %{entry | pid: pid, ref: Process.monitor(pid)})
 
@@ -240,15 +252,34 @@ defmodule Ottla.Group.Manager do
     end
   end
 
-  defp stop_worker(state, %{pid: pid, ref: ref}) when is_pid(pid) do
-    Process.demonitor(ref, [:flush])
+  # Stops the workers of revoked partitions together. Their in-flight batches already had
+  # the drain timeout to be acked, so each gets a short grace to finish, then is killed: a
+  # revoked partition's handler must not run on once the rebalance goes on.
+  @stop_grace 2_000
+  defp stop_workers(entries, drain_timeout) do
+    running =
+      for %{pid: pid, ref: ref} <- entries, is_pid(pid) do
+        Process.demonitor(ref, [:flush])
+        ref = Process.monitor(pid)
+        Process.exit(pid, :shutdown)
+        {pid, ref}
+      end
 
-    try do
-      DynamicSupervisor.terminate_child(state.worker_sup, pid)
-    catch
-      :exit, _ -> :ok
-    end
+    deadline = System.monotonic_time(:millisecond) + min(drain_timeout, @stop_grace)
+
+    Enum.each(running, fn {pid, ref} ->
+      left = max(deadline - System.monotonic_time(:millisecond), 0)
+
+      receive do
+        {:DOWN, ^ref, :process, ^pid, _} -> :ok
+      after
+        left ->
+          Process.exit(pid, :kill)
+
+          receive do
+            {:DOWN, ^ref, :process, ^pid, _} -> :ok
+          end
+      end
+    end)
   end
-
-  defp stop_worker(_state, _entry), do: :ok
 end

@@ -147,6 +147,9 @@ impl<M: Offset> PartitionState<M> {
         }
         match self.acked {
             Some(acked) if offset <= acked => Acked::Behind,
+            // Before the first message of this assignment: committing it would move the
+            // group's offset backwards.
+            _ if self.first_seen.is_none_or(|first| offset < first) => Acked::Behind,
             _ => {
                 self.acked = Some(offset);
                 Acked::Advanced(offset)
@@ -156,7 +159,7 @@ impl<M: Offset> PartitionState<M> {
 
     /// `acked + 1`, Elsa's "latest offset", or `None` when nothing was acked.
     pub fn latest_offset(&self) -> Option<i64> {
-        self.acked.map(|a| a + 1)
+        self.acked.map(|a| a.saturating_add(1))
     }
 
     /// The offset to commit, when acks went beyond what is committed.
@@ -300,6 +303,7 @@ mod tests {
     #[test]
     fn acks_are_cumulative_and_never_go_back() {
         let mut p = ready(10);
+        p.push(M(0));
         assert_eq!(p.latest_offset(), None);
         assert_eq!(p.ack(1, 5), Acked::Advanced(5));
         assert_eq!(p.ack(1, 3), Acked::Behind);
@@ -318,6 +322,7 @@ mod tests {
     #[test]
     fn commits_only_forward() {
         let mut p = ready(10);
+        p.push(M(0));
         p.ack(1, 9);
         assert_eq!(p.commit_candidate(), Some(10));
         p.mark_committed(10);
@@ -385,6 +390,17 @@ mod tests {
         p.revoking = true;
         assert!(p.take_batch(10).is_none());
         assert_eq!(p.push(M(1)), Pushed::Discarded);
+    }
+
+    #[test]
+    fn acks_before_the_first_message_of_the_assignment_are_ignored() {
+        let mut p = ready(10);
+        assert_eq!(p.ack(1, 3), Acked::Behind, "nothing seen yet");
+        p.push(M(50));
+        assert_eq!(p.ack(1, 49), Acked::Behind);
+        assert_eq!(p.commit_candidate(), None);
+        assert_eq!(p.ack(1, 50), Acked::Advanced(50));
+        assert_eq!(p.commit_candidate(), Some(51));
     }
 
     #[test]

@@ -37,6 +37,8 @@ rustler::atoms! {
     last_rebalance,
     stale_acks,
     unheld_acks,
+    undelivered_acks,
+    ottla_consumer_down,
     ottla_log,
     debug,
     info,

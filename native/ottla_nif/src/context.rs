@@ -24,12 +24,27 @@ pub type MessageBuilder = Box<dyn for<'a> FnOnce(Env<'a>) -> Term<'a> + Send>;
 static LOG_PROCESS: Mutex<Option<LocalPid>> = Mutex::new(None);
 static FORWARDER: OnceLock<SyncSender<(LocalPid, MessageBuilder)>> = OnceLock::new();
 
-/// Sends a message to `pid` from any thread. Returns `false` when it could not be sent
-/// (the process is gone, or the forwarding queue is full).
+/// Sends a message to `pid` from any thread, dropping it if the forwarding queue is full
+/// (for log lines: never blocks). Returns `false` when it could not be sent.
 pub fn send_to(pid: &LocalPid, build: MessageBuilder) -> bool {
+    send(pid, build, false)
+}
+
+/// Sends a message that must arrive (delivery reports, assignments). On a BEAM thread it
+/// waits for room in the forwarding queue; it is only called from Rust threads and dirty
+/// schedulers, where a short wait is allowed.
+pub fn send_reliably(pid: &LocalPid, build: MessageBuilder) -> bool {
+    send(pid, build, true)
+}
+
+fn send(pid: &LocalPid, build: MessageBuilder, wait: bool) -> bool {
     if rustler::thread::is_scheduler_thread() {
         let tx = FORWARDER.get_or_init(spawn_forwarder);
-        tx.try_send((*pid, build)).is_ok()
+        if wait {
+            tx.send((*pid, build)).is_ok()
+        } else {
+            tx.try_send((*pid, build)).is_ok()
+        }
     } else {
         let mut env = OwnedEnv::new();
         env.send_and_clear(pid, build).is_ok()

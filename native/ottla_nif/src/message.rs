@@ -1,12 +1,47 @@
 //! Encoding Kafka messages as `%Ottla.Message{}` terms.
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use std::ffi::CStr;
+
+use rdkafka::bindings as rd;
+use rdkafka::message::{BorrowedMessage, Message};
 use rustler::types::binary::NewBinary;
 use rustler::{Encoder, Env, Term};
 
 use crate::atoms;
 
-fn binary<'a>(env: Env<'a>, bytes: Option<&[u8]>) -> Term<'a> {
+/// A message's headers as `(name, value)` bytes. Read through librdkafka's C API because
+/// the `rdkafka` crate panics on a header name that is not UTF-8, which any producer can send.
+pub fn headers(msg: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `msg.ptr()` is a live message; librdkafka sets `hdrs` (owned by the message)
+    // or returns an error when there are none.
+    let err = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut hdrs) };
+    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `hdrs` stays valid while `msg` lives, which outlasts this function.
+    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    let mut out = Vec::with_capacity(count);
+    for idx in 0..count {
+        let mut name: *const std::os::raw::c_char = std::ptr::null();
+        let mut value: *const std::os::raw::c_void = std::ptr::null();
+        let mut size: usize = 0;
+        // SAFETY: idx < count; the out-parameters are valid pointers.
+        let err =
+            unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            continue;
+        }
+        // SAFETY: librdkafka gives a NUL-terminated name and `size` bytes of value (or null).
+        let name = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
+        let value = (!value.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(value as *const u8, size) }.to_vec());
+        out.push((name, value));
+    }
+    out
+}
+
+pub fn binary<'a>(env: Env<'a>, bytes: Option<&[u8]>) -> Term<'a> {
     match bytes {
         Some(bytes) => {
             let mut bin = NewBinary::new(env, bytes.len());
@@ -42,13 +77,10 @@ pub fn encode<'a>(
     topic: Term<'a>,
     generation_id: Option<i32>,
 ) -> Term<'a> {
-    let headers: Vec<Term<'a>> = match msg.headers() {
-        Some(hs) => hs
-            .iter()
-            .map(|h| (binary(env, Some(h.key.as_bytes())), binary(env, h.value)).encode(env))
-            .collect(),
-        None => Vec::new(),
-    };
+    let headers: Vec<Term<'a>> = headers(msg)
+        .iter()
+        .map(|(k, v)| (binary(env, Some(k)), binary(env, v.as_deref())).encode(env))
+        .collect();
     let keys = keys(env);
     let values = [
         atoms::ottla_message().encode(env),

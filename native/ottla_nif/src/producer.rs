@@ -16,7 +16,7 @@ use rustler::{Binary, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::config::client_config;
-use crate::context::{send_to, OttlaContext};
+use crate::context::{send_reliably, OttlaContext};
 use crate::error::{Error, Result};
 use crate::metadata::partition_count;
 
@@ -83,7 +83,7 @@ impl ProducerContext for ProducerCtx {
         if batch.complete_one() {
             let failures = batch.take_failures();
             let tag = batch.tag;
-            send_to(
+            send_reliably(
                 &batch.pid,
                 Box::new(move |env| (atoms::ottla_produced(), tag, failures).encode(env)),
             );

@@ -42,6 +42,9 @@ pub fn run(shared: Arc<Shared>) {
                     let was_paused = slot.state.want_paused;
                     if let Some(messages) = slot.state.take_batch(max) {
                         resumed |= was_paused && !slot.state.want_paused;
+                        if let Some(last) = messages.last() {
+                            slot.cell.high.fetch_max(last.offset, Ordering::AcqRel);
+                        }
                         // take_batch only gives a batch to a partition with a worker.
                         if let Some(pid) = slot.worker {
                             out.push(Outgoing {
@@ -125,15 +128,8 @@ fn encode_batch<'a>(env: Env<'a>, o: Outgoing, group: bool) -> Term<'a> {
             m.headers
                 .iter()
                 .map(|(k, v)| {
-                    let v = match v {
-                        Some(bytes) => {
-                            let mut b = rustler::NewBinary::new(env, bytes.len());
-                            b.as_mut_slice().copy_from_slice(bytes);
-                            Binary::from(b).to_term(env)
-                        }
-                        None => nil,
-                    };
-                    (k.as_str(), v).encode(env)
+                    let k = crate::message::binary(env, Some(k));
+                    (k, crate::message::binary(env, v.as_deref())).encode(env)
                 })
                 .collect::<Vec<Term<'a>>>()
                 .encode(env)

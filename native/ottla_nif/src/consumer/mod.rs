@@ -36,7 +36,7 @@ pub struct Msg {
     pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Offset for Msg {
@@ -63,6 +63,11 @@ pub struct AckCell {
     pub generation: i32,
     /// The highest acked offset, -1 when none.
     acked: AtomicI64,
+    /// The first offset seen in this generation, -1 before any (set by the poll thread).
+    pub low: AtomicI64,
+    /// The highest offset delivered to the worker, -1 before any (set by the dispatcher):
+    /// an ack beyond it would commit messages nobody processed.
+    pub high: AtomicI64,
     /// The worker asked for its next batch.
     pub demand: AtomicBool,
 }
@@ -72,6 +77,8 @@ impl AckCell {
         AckCell {
             generation,
             acked: AtomicI64::new(-1),
+            low: AtomicI64::new(-1),
+            high: AtomicI64::new(-1),
             demand: AtomicBool::new(false),
         }
     }
@@ -131,6 +138,9 @@ pub struct Shared {
     pub cells: RwLock<HashMap<Tp, Arc<AckCell>>>,
     pub stale_acks: AtomicU64,
     pub unheld_acks: AtomicU64,
+    pub undelivered_acks: AtomicU64,
+    /// When a dropped ack was last logged (ms): at most one warning a second.
+    last_ack_warning_ms: AtomicI64,
     /// Wakes the dispatcher: a partition may have a batch to send.
     pub work: Condvar,
     /// Wakes the poll thread's bounded waits (revoke replies).
@@ -180,6 +190,20 @@ impl Shared {
         st.last_rebalance_ms = Some(now_ms());
     }
 
+    /// Logs a dropped ack, at most once a second (the counters in the stats count them all).
+    fn warn_dropped_ack(&self, text: impl FnOnce() -> String) {
+        let now = now_ms();
+        let last = self.last_ack_warning_ms.load(Ordering::Relaxed);
+        if now - last >= 1_000
+            && self
+                .last_ack_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log(atoms::warning(), "ACK", &text());
+        }
+    }
+
     /// Wakes the dispatcher if the state lock is free right now; otherwise whoever holds it
     /// re-checks, or the dispatcher's short wait ends. Never blocks.
     pub fn poke(&self) {
@@ -194,6 +218,32 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Spawns one of the consumer's threads. A panic there (a bug) must not leave a consumer
+/// that looks alive: it stops the other thread and tells the manager, which restarts the
+/// consumer.
+fn spawn_guarded(
+    name: &str,
+    shared: &Arc<Shared>,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, Error> {
+    let shared = shared.clone();
+    let thread_name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+                shared.stop.store(true, Ordering::SeqCst);
+                shared.work.notify_all();
+                shared.progress.notify_all();
+                crate::context::send_reliably(
+                    &shared.settings.manager,
+                    Box::new(move |env| (atoms::ottla_consumer_down(), thread_name).encode(env)),
+                );
+            }
+        })
+        .map_err(|e| Error::new("thread_spawn", e.to_string()))
 }
 
 pub struct ConsumerResource {
@@ -252,6 +302,8 @@ fn consumer_new<'a>(
         cells: RwLock::new(HashMap::new()),
         stale_acks: AtomicU64::new(0),
         unheld_acks: AtomicU64::new(0),
+        undelivered_acks: AtomicU64::new(0),
+        last_ack_warning_ms: AtomicI64::new(0),
         work: Condvar::new(),
         progress: Condvar::new(),
         stop: AtomicBool::new(false),
@@ -278,16 +330,22 @@ fn consumer_new<'a>(
         poll::assigned(&shared, &tpl);
     }
 
-    let poll_shared = shared.clone();
-    let poll_thread = std::thread::Builder::new()
-        .name("ottla-poll".into())
-        .spawn(move || poll::run(consumer, poll_shared))
-        .map_err(|e| Error::new("thread_spawn", e.to_string()))?;
-    let dispatch_shared = shared.clone();
-    let dispatch_thread = std::thread::Builder::new()
-        .name("ottla-dispatch".into())
-        .spawn(move || dispatch::run(dispatch_shared))
-        .map_err(|e| Error::new("thread_spawn", e.to_string()))?;
+    let poll_thread = spawn_guarded("ottla-poll", &shared, {
+        let shared = shared.clone();
+        move || poll::run(consumer, shared)
+    })?;
+    let dispatch_thread = match spawn_guarded("ottla-dispatch", &shared, {
+        let shared = shared.clone();
+        move || dispatch::run(shared)
+    }) {
+        Ok(thread) => thread,
+        Err(err) => {
+            // The poll thread is running: stop it, or it stays in the group for good.
+            shared.stop.store(true, Ordering::SeqCst);
+            let _ = poll_thread.join();
+            return Err(err.into());
+        }
+    };
 
     let resource = ResourceArc::new(ConsumerResource {
         shared,
@@ -356,29 +414,37 @@ fn consumer_ack(
     match shared.cell(&tp) {
         // Outside a group there are no generations: nil acks the current assignment.
         Some(cell) if generation == Some(cell.generation) || (generation.is_none() && !group) => {
-            cell.acked.fetch_max(offset, Ordering::AcqRel);
+            let high = cell.high.load(Ordering::Acquire);
+            if offset > high {
+                shared.undelivered_acks.fetch_add(1, Ordering::Relaxed);
+                shared.warn_dropped_ack(|| {
+                    format!(
+                        "dropped ack of {}/{} offset {offset}: only offsets up to {high} were delivered",
+                        tp.0, tp.1
+                    )
+                });
+            } else if offset >= cell.low.load(Ordering::Acquire) {
+                cell.acked.fetch_max(offset, Ordering::AcqRel);
+            }
+            // Below the first offset of this assignment: already done, nothing to record.
         }
         Some(cell) => {
             shared.stale_acks.fetch_add(1, Ordering::Relaxed);
-            log(
-                atoms::warning(),
-                "ACK",
-                &format!(
+            shared.warn_dropped_ack(|| {
+                format!(
                     "dropped ack of {}/{} offset {offset}: generation {shown}, the partition is at generation {}",
                     tp.0, tp.1, cell.generation
-                ),
-            );
+                )
+            });
         }
         None => {
             shared.unheld_acks.fetch_add(1, Ordering::Relaxed);
-            log(
-                atoms::warning(),
-                "ACK",
-                &format!(
+            shared.warn_dropped_ack(|| {
+                format!(
                     "dropped ack of {}/{} offset {offset} (generation {shown}): the partition is not assigned to this member",
                     tp.0, tp.1
-                ),
-            );
+                )
+            });
         }
     }
     atoms::ok()
@@ -515,6 +581,10 @@ fn consumer_stats<'a>(
         (
             atoms::unheld_acks().encode(env),
             shared.unheld_acks.load(Ordering::Relaxed).encode(env),
+        ),
+        (
+            atoms::undelivered_acks().encode(env),
+            shared.undelivered_acks.load(Ordering::Relaxed).encode(env),
         ),
     ];
     Ok((atoms::ok(), Term::map_from_pairs(env, &pairs)?).encode(env))

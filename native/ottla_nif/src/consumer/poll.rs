@@ -12,18 +12,20 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rustler::Encoder;
 
 use super::{Msg, Shared, Tp};
 use crate::atoms;
-use crate::context::{log, send_to, OttlaContext};
+use crate::context::{log, send_reliably, OttlaContext};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Messages taken from librdkafka per lock of the state.
 const INTAKE_BATCH: usize = 500;
 const WATERMARK_INTERVAL: Duration = Duration::from_millis(500);
+/// Beyond the drain timeout, how long a revocation waits for the manager's reply.
+const REPLY_MARGIN: Duration = Duration::from_secs(5);
 /// How often a bounded wait re-reads the ack cells.
 const RECHECK: Duration = Duration::from_millis(5);
 
@@ -65,7 +67,7 @@ fn notify_manager(
     generation: Option<i32>,
     list: Vec<Tp>,
 ) {
-    send_to(
+    send_reliably(
         &shared.settings.manager,
         Box::new(move |env| (kind, id, generation, list).encode(env)),
     );
@@ -144,7 +146,12 @@ fn revoking(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicParti
             st.revoke_seq
         };
         notify_manager(shared, atoms::ottla_revoked(), id, None, list.clone());
-        wait_for(shared, drain, |st| st.revoke_done >= id);
+        // The manager gives stopping workers a short grace, then runs the user's handler.
+        wait_for(shared, drain + REPLY_MARGIN, |st| st.revoke_done >= id);
+        // Workers that finished a batch while stopping acked it after the first commit.
+        if !lost && shared.settings.group {
+            commit(shared, consumer, Some(&list));
+        }
     }
 
     shared.remove_partitions(&list);
@@ -214,13 +221,7 @@ fn commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, only: Option<&[Tp]
 }
 
 fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
-    let headers = match m.headers() {
-        Some(hs) => hs
-            .iter()
-            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-            .collect(),
-        None => Vec::new(),
-    };
+    let headers = crate::message::headers(m);
     let msg = Msg {
         offset: m.offset(),
         timestamp: m.timestamp().to_millis(),
@@ -240,7 +241,15 @@ fn intake(shared: &Shared, messages: Vec<(Tp, Msg)>) {
         let Some(slot) = st.partitions.get_mut(&tp) else {
             continue; // revoked meanwhile: it will be fetched by whoever owns it now
         };
-        match slot.state.push(msg) {
+        let offset = msg.offset;
+        let pushed = slot.state.push(msg);
+        if matches!(pushed, Pushed::Added { .. }) {
+            let _ = slot
+                .cell
+                .low
+                .compare_exchange(-1, offset, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        match pushed {
             Pushed::Added { pause } => {
                 dirty |= pause;
                 slot.sync();
