@@ -56,7 +56,10 @@ defmodule Ottla do
       `:md5` (Elsa's md5 partitioner), or a function `(partition_count, key) -> partition`.
       Defaults to `:default`.
     * `:timeout` - milliseconds to wait for all delivery reports. With endpoints it is also
-      librdkafka's `message.timeout.ms`. Defaults to `30000`.
+      librdkafka's `message.timeout.ms`. With a connection, the producer's own
+      `message.timeout.ms` (30 s unless configured) bounds delivery: a shorter `:timeout` can
+      return `:timed_out` while delivery goes on, and the late report then arrives in the
+      caller's mailbox as `{:ottla_produced, tag, failures}`. Defaults to `30000`.
     * `:config` - extra librdkafka producer properties for the short-lived client (ignored
       with a connection, whose producer is configured once). Defaults to `[]`.
     * `:connection` - accepted for Elsa compatibility and ignored.
