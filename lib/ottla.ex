@@ -260,14 +260,7 @@ defmodule Ottla do
          )}
 
       resource ->
-        {:ok, stats} = Native.consumer_stats(resource)
-
-        partitions =
-          Enum.map(stats.partitions, fn p ->
-            p |> Map.put(:paused?, p.paused) |> Map.delete(:paused)
-          end)
-
-        {:ok, %{stats | partitions: partitions}}
+        Native.consumer_stats(resource)
     end
   end
 

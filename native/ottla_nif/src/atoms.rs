@@ -26,7 +26,7 @@ rustler::atoms! {
     ottla_assigned,
     ottla_revoked,
     backlog,
-    paused,
+    paused = "paused?",
     last_delivered,
     last_acked,
     committed,
