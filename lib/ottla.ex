@@ -18,7 +18,7 @@ defmodule Ottla do
   raise `ArgumentError` naming the argument.
   """
 
-  alias Ottla.{Connection, Native, Options}
+  alias Ottla.{Connection, Native, Options, Reply}
 
   @typedoc "Bootstrap brokers, or the name of a running `Ottla.Supervisor` connection."
   @type target :: atom | Ottla.Options.endpoints()
@@ -74,8 +74,8 @@ defmodule Ottla do
     do: Ottla.Producer.produce(target, topic, messages, opts)
 
   @doc """
-  Creates a topic and waits until the cluster's metadata shows it with a leader for every
-  partition.
+  Creates a topic and waits until the leader of every partition serves it, so a produce or
+  fetch right after it finds the topic.
 
   ## Options
 
@@ -102,13 +102,18 @@ defmodule Ottla do
 
     case Ottla.Testing.lookup(bootstrap) do
       nil ->
-        Native.admin_create_topic(
-          bootstrap,
-          config,
-          topic,
-          partitions,
-          replicas,
-          topic_config,
+        Reply.await(
+          &Native.admin_create_topic(
+            &1,
+            &2,
+            bootstrap,
+            config,
+            topic,
+            partitions,
+            replicas,
+            topic_config,
+            timeout
+          ),
           timeout
         )
 
@@ -133,7 +138,10 @@ defmodule Ottla do
 
     case Ottla.Testing.lookup(bootstrap) do
       nil ->
-        Native.admin_delete_topic(bootstrap, config, topic, timeout)
+        Reply.await(
+          &Native.admin_delete_topic(&1, &2, bootstrap, config, topic, timeout),
+          timeout
+        )
 
       _mock ->
         {:error, Ottla.Error.new(:unsupported, "librdkafka's mock cluster cannot delete topics")}
@@ -154,7 +162,7 @@ defmodule Ottla do
     opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.list_topics/2 options")
     timeout = Options.timeout!(opts[:timeout], :timeout)
     {bootstrap, config, _} = Connection.resolve!(target)
-    Native.admin_list_topics(bootstrap, config, timeout)
+    Reply.await(&Native.admin_list_topics(&1, &2, bootstrap, config, timeout), timeout)
   end
 
   @doc """
@@ -209,7 +217,11 @@ defmodule Ottla do
       end
 
     {bootstrap, config, _} = Connection.resolve!(target)
-    Native.fetch_messages(bootstrap, config, topic, partition, offset, max, timeout)
+
+    Reply.await(
+      &Native.fetch_messages(&1, &2, bootstrap, config, topic, partition, offset, max, timeout),
+      timeout
+    )
   end
 
   @doc """
@@ -234,7 +246,11 @@ defmodule Ottla do
 
     topic = Options.topic!(topic)
     {bootstrap, config, _} = Connection.resolve!(target)
-    Native.admin_committed_offsets(bootstrap, config, group, topic, timeout)
+
+    Reply.await(
+      &Native.admin_committed_offsets(&1, &2, bootstrap, config, group, topic, timeout),
+      timeout
+    )
   end
 
   @doc """

@@ -215,9 +215,12 @@ defmodule OttlaTest do
     test "producing to an unknown topic is an unknown_topic_or_partition error naming the failed messages" do
       topic = unique_topic()
 
-      assert {:error, %Ottla.Error{code: :unknown_topic_or_partition} = error, ["a", "b"]} =
+      assert {:error, %Ottla.Error{code: :unknown_topic_or_partition} = error, failed} =
                Ottla.produce(endpoints(), topic, ["a", "b"], timeout: 5_000)
 
+      assert [{"a", %Ottla.Error{code: :unknown_topic_or_partition} = a}, {"b", b}] = failed
+      assert b == a
+      refute a.possibly_persisted?, "a topic that does not exist was never written to"
       assert error.message =~ topic
     end
 
@@ -251,10 +254,57 @@ defmodule OttlaTest do
         {micros, result} = :timer.tc(fun)
 
         assert match?({:error, %Ottla.Error{retriable?: true}}, result) or
-                 match?({:error, %Ottla.Error{retriable?: true}, ["x"]}, result),
+                 match?(
+                   {:error, %Ottla.Error{retriable?: true},
+                    [{"x", %Ottla.Error{retriable?: true}}]},
+                   result
+                 ),
                "#{call}: #{inspect(result)}"
 
         assert micros < 5_000_000, "#{call} took #{div(micros, 1000)} ms with a 1000 ms timeout"
+      end
+    end
+
+    test "a produce whose messages are still queued at its timeout returns then, naming each as possibly persisted" do
+      name = conn_name()
+
+      # linger.ms of a minute keeps the message in librdkafka's queue past the call's timeout.
+      start_supervised!(
+        {Ottla.Supervisor,
+         connection: name,
+         endpoints: endpoints(),
+         producer: [config: ["linger.ms": 60_000, "message.timeout.ms": 120_000]]}
+      )
+
+      topic = create_topic!()
+      assert :ok = Ottla.produce(name, topic, "warm-up the partition count", timeout: 100_000)
+
+      {micros, result} = :timer.tc(fn -> Ottla.produce(name, topic, ["a", "b"], timeout: 500) end)
+
+      assert {:error, %Ottla.Error{code: :timed_out, possibly_persisted?: true},
+              [{"a", %Ottla.Error{possibly_persisted?: true}}, {"b", _}]} = result
+
+      assert micros < 1_000_000, "returned after #{div(micros, 1000)} ms with a 500 ms timeout"
+      # The abandoned call leaves nothing behind in the caller's mailbox.
+      refute_receive {:ottla_produced, _, _}, 200
+    end
+
+    test "a produce that cannot be made at all returns by its timeout with every message named" do
+      name = conn_name()
+
+      start_supervised!(
+        {Ottla.Supervisor, connection: name, endpoints: @unreachable, producer: []}
+      )
+
+      for target <- [name, @unreachable] do
+        {micros, result} =
+          :timer.tc(fn -> Ottla.produce(target, "t", ["a", {"k", "b"}], timeout: 1_000) end)
+
+        assert {:error, %Ottla.Error{retriable?: true},
+                [{"a", %Ottla.Error{possibly_persisted?: false}}, {{"k", "b"}, %Ottla.Error{}}]} =
+                 result
+
+        assert micros < 1_300_000, "returned after #{div(micros, 1000)} ms with a 1000 ms timeout"
       end
     end
 
@@ -299,7 +349,7 @@ defmodule OttlaTest do
     end
 
     test "an unknown librdkafka property is an invalid_config error" do
-      assert {:error, %Ottla.Error{code: :invalid_config}, ["x"]} =
+      assert {:error, %Ottla.Error{code: :invalid_config} = error, [{"x", error}]} =
                Ottla.produce(endpoints(), "t", "x", config: ["no.such.property": 1])
     end
   end

@@ -21,4 +21,6 @@ case Ottla.list_topics(endpoints, timeout: 10_000) do
     """
 end
 
-ExUnit.start(capture_log: true)
+# Tests tagged :cluster need the 3-broker cluster, which scripts/test starts.
+exclude = if System.get_env("OTTLA_KAFKA_CLUSTER_ENDPOINTS"), do: [], else: [:cluster]
+ExUnit.start(capture_log: true, exclude: exclude)

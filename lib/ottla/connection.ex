@@ -15,6 +15,8 @@ defmodule Ottla.Connection do
         }
 
   @producer_defaults [
+    # Retries can neither reorder nor duplicate messages.
+    {"enable.idempotence", "true"},
     {"request.required.acks", "all"},
     # The Java client's partitioner: the same key lands on the same partition.
     {"partitioner", "murmur2_random"},
@@ -75,7 +77,7 @@ defmodule Ottla.Connection do
 
     if conn.producer do
       # Deliver what is queued before the connection goes away.
-      Ottla.Native.producer_flush(conn.producer, 10_000)
+      Ottla.Reply.await(&Ottla.Native.producer_flush(&1, &2, conn.producer, 10_000), 10_000)
       Ottla.Native.producer_close(conn.producer, 1_000)
     end
 

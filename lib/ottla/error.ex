@@ -8,6 +8,10 @@ defmodule Ottla.Error do
     * `:message` - a human-readable explanation.
     * `:retriable?` - `true` when trying again later may succeed (a broker down, a leader
       election, a timeout).
+    * `:possibly_persisted?` - for a message that `Ottla.produce/4` reports as failed: `true`
+      when it may have been written all the same (librdkafka's message status: it was sent
+      and no answer came, or it is still queued when the call's `:timeout` passed).
+      Retrying such a message may write it twice; retrying one with `false` does not.
 
   ## Example
 
@@ -16,9 +20,14 @@ defmodule Ottla.Error do
       "timed_out: no answer"
   """
 
-  defexception code: :kafka_error, message: "", retriable?: false
+  defexception code: :kafka_error, message: "", retriable?: false, possibly_persisted?: false
 
-  @type t :: %__MODULE__{code: atom, message: String.t(), retriable?: boolean}
+  @type t :: %__MODULE__{
+          code: atom,
+          message: String.t(),
+          retriable?: boolean,
+          possibly_persisted?: boolean
+        }
 
   @impl true
   def message(%__MODULE__{code: code, message: message}), do: "#{code}: #{message}"

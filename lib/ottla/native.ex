@@ -13,27 +13,43 @@ defmodule Ottla.Native do
 
   def producer_new(_bootstrap, _props), do: :erlang.nif_error(:nif_not_loaded)
 
-  def producer_partition_count(_producer, _topic, _timeout),
+  def producer_partition_count(_pid, _tag, _producer, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def producer_send(_producer, _pid, _tag, _topic, _messages, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def producer_flush(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+  def producer_abandon(_batch), do: :erlang.nif_error(:nif_not_loaded)
+  def producer_flush(_pid, _tag, _producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
   def producer_close(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_create_topic(_bootstrap, _props, _topic, _partitions, _replicas, _config, _timeout),
+  # Calls that wait on Kafka answer {:ottla_reply, tag, result} to pid (see Ottla.Reply).
+  def admin_create_topic(
+        _pid,
+        _tag,
+        _bootstrap,
+        _props,
+        _topic,
+        _partitions,
+        _replicas,
+        _config,
+        _timeout
+      ),
+      do: :erlang.nif_error(:nif_not_loaded)
+
+  def admin_delete_topic(_pid, _tag, _bootstrap, _props, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_delete_topic(_bootstrap, _props, _topic, _timeout),
+  def admin_list_topics(_pid, _tag, _bootstrap, _props, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_list_topics(_bootstrap, _props, _timeout), do: :erlang.nif_error(:nif_not_loaded)
-
-  def admin_committed_offsets(_bootstrap, _props, _group, _topic, _timeout),
+  def admin_partition_count(_pid, _tag, _bootstrap, _props, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def fetch_messages(_bootstrap, _props, _topic, _partition, _offset, _max, _timeout),
+  def admin_committed_offsets(_pid, _tag, _bootstrap, _props, _group, _topic, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def fetch_messages(_pid, _tag, _bootstrap, _props, _topic, _partition, _offset, _max, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def mock_cluster_start(_brokers), do: :erlang.nif_error(:nif_not_loaded)
@@ -65,5 +81,5 @@ defmodule Ottla.Native do
 
   def consumer_revoke_done(_consumer, _id), do: :erlang.nif_error(:nif_not_loaded)
   def consumer_stats(_consumer), do: :erlang.nif_error(:nif_not_loaded)
-  def consumer_close(_consumer), do: :erlang.nif_error(:nif_not_loaded)
+  def consumer_close(_consumer, _pid, _tag), do: :erlang.nif_error(:nif_not_loaded)
 end

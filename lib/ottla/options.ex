@@ -106,6 +106,45 @@ defmodule Ottla.Options do
             "(expected a string, number, boolean or atom)"
   end
 
+  # librdkafka properties that Ottla sets itself because its guarantees rest on them. A user
+  # value could break them silently (auto-commit would commit offsets no handler acked), so
+  # they are refused everywhere, with the option to use instead.
+  @reserved %{
+    "bootstrap.servers" => "it is set from :endpoints",
+    "metadata.broker.list" => "it is set from :endpoints",
+    "group.id" => "it is set from the group consumer's :group",
+    "enable.auto.commit" => "Ottla commits only the offsets handlers acked",
+    "auto.commit.enable" => "Ottla commits only the offsets handlers acked",
+    "enable.auto.offset.store" => "Ottla stores only the offsets handlers acked",
+    "auto.offset.reset" => "it is set from the consumer's :begin_offset",
+    "partition.assignment.strategy" => "it is set from the group consumer's :assignment_strategy",
+    "delivery.report.only.error" =>
+      "Ottla.produce/4 needs a delivery report for every message to answer"
+  }
+
+  @doc """
+  `config!/2` for librdkafka client properties: also refuses the properties Ottla sets itself
+  (see `@reserved`), with an `ArgumentError` naming the property and why.
+  """
+  @spec client_config!(term, atom) :: [{String.t(), String.t()}]
+  def client_config!(config, name \\ :config) do
+    config = config!(config, name)
+
+    Enum.each(config, fn {key, _} ->
+      case Map.fetch(@reserved, key) do
+        {:ok, why} ->
+          raise ArgumentError,
+                "invalid #{inspect(name)}: the librdkafka property #{inspect(key)} cannot be " <>
+                  "set, because #{why}"
+
+        :error ->
+          :ok
+      end
+    end)
+
+    config
+  end
+
   @doc "Raises unless `topic` is a non-empty binary."
   @spec topic!(term) :: String.t()
   def topic!(topic) when is_binary(topic) and byte_size(topic) > 0 and byte_size(topic) <= 249,

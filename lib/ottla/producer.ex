@@ -13,7 +13,7 @@ defmodule Ottla.Producer do
     timeout = Options.timeout!(opts[:timeout], :timeout)
     partition = opts[:partition] && Options.integer!(opts[:partition], :partition, 0)
     partitioner = partitioner!(opts[:partitioner])
-    extra_config = Options.config!(opts[:config])
+    extra_config = Options.client_config!(opts[:config])
     originals = if is_list(messages), do: messages, else: [messages]
     encoded = Enum.map(originals, &encode!/1)
     {bootstrap, config, conn} = Connection.resolve!(target)
@@ -23,19 +23,26 @@ defmodule Ottla.Producer do
         :ok
 
       conn != nil and conn.producer == nil ->
-        {:error,
-         Ottla.Error.new(
-           :no_producer,
-           "connection #{inspect(conn.name)} was started without a :producer option"
-         ), originals}
+        error =
+          Ottla.Error.new(
+            :no_producer,
+            "connection #{inspect(conn.name)} was started without a :producer option"
+          )
+
+        whole_call_failed(error, originals)
 
       conn != nil ->
         send_batch(conn.producer, topic, encoded, originals, partition, partitioner, timeout)
 
       true ->
+        # librdkafka gives every message its verdict within message.timeout.ms: a little
+        # less than the call's timeout, so the verdicts are in when the call returns.
+        message_timeout = max(timeout - min(div(timeout, 10), 500), 1)
+
         props =
           Connection.producer_defaults() ++
-            config ++ extra_config ++ [{"message.timeout.ms", Integer.to_string(timeout)}]
+            config ++
+            extra_config ++ [{"message.timeout.ms", Integer.to_string(message_timeout)}]
 
         case Native.producer_new(bootstrap, props) do
           {:ok, producer} ->
@@ -46,43 +53,57 @@ defmodule Ottla.Producer do
             end
 
           {:error, error} ->
-            {:error, error, originals}
+            whole_call_failed(error, originals)
         end
     end
   end
 
   defp send_batch(producer, topic, encoded, originals, partition, partitioner, timeout) do
-    with {:ok, tuples} <-
-           assign_partitions(producer, topic, encoded, partition, partitioner, timeout) do
-      tag = System.unique_integer([:positive])
+    started = System.monotonic_time(:millisecond)
 
-      case Native.producer_send(producer, self(), tag, topic, tuples, timeout) do
-        :pending -> await(tag, originals, timeout)
-        {:done, failures} -> verdict(failures, originals)
-        {:error, error} -> {:error, error, originals}
-      end
-    else
-      {:error, error} -> {:error, error, originals}
+    case assign_partitions(producer, topic, encoded, partition, partitioner, timeout) do
+      {:ok, tuples} ->
+        left = max(timeout - (System.monotonic_time(:millisecond) - started), 0)
+        tag = System.unique_integer([:positive])
+        {:pending, batch} = Native.producer_send(producer, self(), tag, topic, tuples, left)
+        await(batch, tag, originals, left)
+
+      {:error, error} ->
+        whole_call_failed(error, originals)
     end
   end
 
-  defp await(tag, originals, timeout) do
+  defp await(batch, tag, originals, timeout) do
     receive do
       {:ottla_produced, ^tag, failures} -> verdict(failures, originals)
     after
-      # librdkafka gives every message a verdict within message.timeout.ms; the margin covers
-      # the last delivery report's trip.
-      timeout + 2_000 ->
-        error =
-          Ottla.Error.new(
-            :timed_out,
-            "no delivery report within #{timeout} ms; the messages may still be delivered",
-            true
-          )
+      timeout ->
+        case Native.producer_abandon(batch) do
+          :sent ->
+            # Every verdict came in as the timeout passed: the message is on its way.
+            receive do
+              {:ottla_produced, ^tag, failures} -> verdict(failures, originals)
+            end
 
-        {:error, error, Enum.map(originals, &{&1, error})}
+          {:abandoned, failures, unreported} ->
+            still_queued =
+              Ottla.Error.new(
+                :timed_out,
+                "no delivery report within #{timeout} ms: the message is still queued and " <>
+                  "may yet be delivered",
+                true
+              )
+
+            still_queued = %{still_queued | possibly_persisted?: true}
+            late = Enum.map(unreported, &{&1, still_queued})
+            verdict(Enum.sort(failures ++ late), originals)
+        end
     end
   end
+
+  # The call could not be made at all: every message failed with the same error.
+  defp whole_call_failed(error, originals),
+    do: {:error, error, Enum.map(originals, &{&1, error})}
 
   defp verdict([], _originals), do: :ok
 
@@ -98,7 +119,9 @@ defmodule Ottla.Producer do
         Enum.all?(failed, fn {_, e} -> e.retriable? end)
       )
 
-    {:error, summary, failed}
+    {:error,
+     %{summary | possibly_persisted?: Enum.any?(failed, fn {_, e} -> e.possibly_persisted? end)},
+     failed}
   end
 
   defp assign_partitions(_producer, _topic, encoded, partition, _partitioner, _timeout)
@@ -109,7 +132,11 @@ defmodule Ottla.Producer do
   defp assign_partitions(_producer, _topic, encoded, nil, :default, _timeout), do: {:ok, encoded}
 
   defp assign_partitions(producer, topic, encoded, nil, partitioner, timeout) do
-    with {:ok, count} <- Native.producer_partition_count(producer, topic, timeout) do
+    with {:ok, count} <-
+           Ottla.Reply.await(
+             &Native.producer_partition_count(&1, &2, producer, topic, timeout),
+             timeout
+           ) do
       {:ok, Enum.map(encoded, &put_elem(&1, 4, pick(partitioner, count, elem(&1, 0))))}
     end
   end

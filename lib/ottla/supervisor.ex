@@ -1,7 +1,7 @@
 defmodule Ottla.Supervisor do
   @moduledoc """
-  Starts a named Ottla connection: the native clients for one Kafka cluster, and (in later
-  releases) its consumers. The shape of its options follows Elsa's `Elsa.Supervisor`.
+  Starts a named Ottla connection: the native clients for one Kafka cluster (a producer, a
+  group consumer or a consumer without a group). The shape of its options follows Elsa's `Elsa.Supervisor`.
 
   ## Example
 
@@ -104,7 +104,7 @@ defmodule Ottla.Supervisor do
     conn_opts = [
       connection: name,
       bootstrap: Ottla.Options.bootstrap!(opts[:endpoints]),
-      config: Ottla.Options.config!(opts[:config]),
+      config: Ottla.Options.client_config!(opts[:config]),
       producer: producer_config!(opts[:producer])
     ]
 
@@ -135,8 +135,10 @@ defmodule Ottla.Supervisor do
       shutdown: 15_000
     }
 
-    # rest_for_one: if the consumer's manager restarts, so do its workers; on shutdown the
-    # workers stop first (finishing their batch), then the manager commits and leaves.
+    # rest_for_one: the workers' supervisor starts before the manager, so the manager stops
+    # first and stops the workers itself (each finishing its batch within the drain timeout)
+    # before it commits and leaves the group. If the workers' supervisor fails, the manager
+    # restarts with it; a restarted manager stops the workers of its predecessor.
     consumer_children =
       case consumer do
         nil ->
@@ -146,12 +148,12 @@ defmodule Ottla.Supervisor do
           workers = {:via, Registry, {Ottla.Registry, {:workers, opts.connection}}}
 
           [
+            {DynamicSupervisor, name: workers, strategy: :one_for_one},
             %{
               id: Ottla.Group.Manager,
               start: {Ottla.Group.Manager, :start_link, [Map.put(opts, :worker_sup, workers)]},
-              shutdown: 30_000
-            },
-            {DynamicSupervisor, name: workers, strategy: :one_for_one}
+              shutdown: opts.drain_timeout + 15_000
+            }
           ]
       end
 
@@ -166,7 +168,7 @@ defmodule Ottla.Supervisor do
     Enum.flat_map(entries, fn entry ->
       entry = Ottla.Options.keyword!(entry, [:topic, config: []], ":producer")
       if entry[:topic], do: Ottla.Options.topic!(entry[:topic])
-      Ottla.Options.config!(entry[:config], :producer)
+      Ottla.Options.client_config!(entry[:config], :producer)
     end)
   end
 

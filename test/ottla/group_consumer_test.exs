@@ -330,6 +330,119 @@ defmodule Ottla.GroupConsumerTest do
     end
   end
 
+  describe "core correctness" do
+    import ExUnit.CaptureLog
+
+    test "a worker that exits with {:shutdown, :closed} is restarted, logged, and gets its batch again" do
+      topic = create_topic!()
+      :ok = Ottla.produce(endpoints(), topic, for(i <- 0..4, do: "m#{i}"))
+      me = self()
+      {:ok, calls} = Agent.start_link(fn -> 0 end)
+
+      fun = fn _messages, s ->
+        # As when a handler is linked to a client that closed.
+        if Agent.get_and_update(calls, &{&1, &1 + 1}) == 0, do: exit({:shutdown, :closed})
+        {:ack, s}
+      end
+
+      log =
+        capture_log(fn ->
+          start_group!(topic, group_name(), handler_init_args: %{pid: me, fun: fun})
+          assert_receive {:batch, first, _, 0, batch}, 30_000
+          assert_receive {:batch, second, _, 0, ^batch}, 10_000
+          assert first != second, "the same worker process got the batch twice"
+        end)
+
+      assert log =~ "worker for #{topic}/0 exited: {:shutdown, :closed}"
+    end
+
+    test "an old consumer's ack is stale for the next one, even after a restart of the connection" do
+      topic = create_topic!()
+      :ok = Ottla.produce(endpoints(), topic, ["a", "b"])
+      group = group_name()
+      me = self()
+      continue = %{pid: me, fun: fn _, s -> {:continue, s} end}
+      conn = start_group!(topic, group, id: :old, handler_init_args: continue)
+      assert_receive {:batch, _, _, 0, [old | _]}, 30_000
+      stop_supervised!(:old)
+
+      start_group!(topic, group, connection: conn, id: :new, handler_init_args: continue)
+      assert_receive {:batch, _, _, 0, [new | _]}, 30_000
+      assert new.generation_id != old.generation_id
+
+      assert :ok = Acknowledger.ack(conn, old)
+      {:ok, stats} = Ottla.stats(conn)
+      assert stats.stale_acks == 1
+      assert Acknowledger.get_latest_offset(conn, topic, 0) == nil
+      assert :ok = Acknowledger.ack(conn, new)
+      assert Acknowledger.get_latest_offset(conn, topic, 0) == new.offset + 1
+    end
+
+    test "{:ack, offset, state} below the batch acks nothing, warns, and does not loop" do
+      topic = create_topic!()
+      :ok = Ottla.produce(endpoints(), topic, for(i <- 0..9, do: "m#{i}"))
+      group = group_name()
+      me = self()
+
+      fun = fn [first | _], s ->
+        if first.offset == 0, do: {:ack, -1, s}, else: {:ack, s}
+      end
+
+      log =
+        capture_log(fn ->
+          start_group!(topic, group, max_batch: 5, handler_init_args: %{pid: me, fun: fun})
+          delivered = collect_batches(fn acc -> Map.get(acc, 0, []) |> Enum.member?(9) end)
+          assert delivered[0] == Enum.to_list(0..9)
+          refute_receive {:batch, _, _, _, _}, 1_000
+        end)
+
+      assert log =~ "below the batch, so nothing is acked"
+      wait_until(fn -> committed(group, topic) == %{0 => 10} end, 15_000, "commit of 10")
+    end
+
+    test "a revoke completes within drain_timeout + 1 s while a handler never returns, and that handler is killed" do
+      topic = create_topic!(partitions: 2)
+      produce_spread!(topic, 2, 5)
+      group = group_name()
+      me = self()
+
+      stuck = fn _messages, s ->
+        send(me, {:stuck, self()})
+        Process.sleep(:infinity)
+        {:ack, s}
+      end
+
+      a =
+        start_group!(topic, group,
+          id: :a,
+          drain_timeout: 2_000,
+          assignment_strategy: :range,
+          handler_init_args: %{pid: me, fun: stuck}
+        )
+
+      assert_receive {:stuck, worker}, 30_000
+      ref = Process.monitor(worker)
+      start_group!(topic, group, id: :b, assignment_strategy: :range)
+
+      {:ok, stats} =
+        wait_until(
+          fn ->
+            case Ottla.stats(a) do
+              {:ok, %{last_revoke_duration: ms}} = ok when is_integer(ms) -> ok
+              _ -> nil
+            end
+          end,
+          30_000,
+          "a revoke on the first member"
+        )
+
+      assert stats.last_revoke_duration <= 3_000,
+             "the revoke took #{stats.last_revoke_duration} ms with a drain_timeout of 2000 ms"
+
+      assert_receive {:DOWN, ^ref, :process, ^worker, :killed}, 1_000
+    end
+  end
+
   describe "rebalances" do
     for strategy <- [:cooperative_sticky, :range] do
       test "members join and leave (#{strategy}): every message is processed, none acked twice" do

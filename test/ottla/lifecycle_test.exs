@@ -46,6 +46,35 @@ defmodule Ottla.LifecycleTest do
     end
   end
 
+  test "file reads stay fast while 50 fetches wait on an unreachable broker" do
+    path = Path.join(System.tmp_dir!(), "ottla-read-#{System.unique_integer([:positive])}")
+    File.write!(path, "hello")
+    on_exit(fn -> File.rm(path) end)
+
+    fetches =
+      for _ <- 1..50 do
+        Task.async(fn -> Ottla.fetch([{"127.0.0.1", 1}], "t", timeout: 4_000) end)
+      end
+
+    # Let every fetch reach its wait on the network.
+    Process.sleep(300)
+
+    reads =
+      for _ <- 1..20 do
+        {micros, {:ok, "hello"}} = :timer.tc(fn -> File.read(path) end)
+        Process.sleep(50)
+        micros
+      end
+
+    results = Task.await_many(fetches, 10_000)
+    assert Enum.all?(results, &match?({:error, %Ottla.Error{}}, &1))
+
+    # Were the fetches waiting on dirty I/O schedulers (10 of them), each read would wait
+    # for seconds behind them.
+    assert Enum.max(reads) < 200_000,
+           "the slowest of 20 file reads took #{div(Enum.max(reads), 1000)} ms while fetches waited"
+  end
+
   test "no NIF call holds a normal scheduler for 1 ms while 100,000 messages are consumed" do
     topic = create_topic!(partitions: 4)
     value = String.duplicate("x", 100)

@@ -60,7 +60,7 @@ defmodule Ottla.SupervisorTest do
     name = conn_name()
     start_supervised!({Ottla.Supervisor, connection: name, endpoints: endpoints()})
 
-    assert {:error, %Ottla.Error{code: :no_producer}, ["x"]} =
+    assert {:error, %Ottla.Error{code: :no_producer} = error, [{"x", error}]} =
              Ottla.produce(name, "any-topic", "x")
   end
 
@@ -92,6 +92,72 @@ defmodule Ottla.SupervisorTest do
                  endpoints: endpoints(),
                  producer: [config: ["not.a.property": "x"]]
                )
+    end
+  end
+
+  test "librdkafka properties Ottla's guarantees rest on are refused, naming the property and why" do
+    handler = [group: "g", topics: ["t"], handler: Ottla.TestHandler]
+
+    for {opts, property} <- [
+          {[group_consumer: handler ++ [config: ["enable.auto.commit": true]]],
+           "enable.auto.commit"},
+          {[group_consumer: handler ++ [config: ["enable.auto.offset.store": true]]],
+           "enable.auto.offset.store"},
+          {[config: ["group.id": "other"], group_consumer: handler], "group.id"},
+          {[consumer: [topic: "t", handler: Ottla.TestHandler, config: ["group.id": "x"]]],
+           "group.id"},
+          {[config: ["bootstrap.servers": "elsewhere:9092"]], "bootstrap.servers"},
+          {[producer: [config: ["delivery.report.only.error": true]]],
+           "delivery.report.only.error"}
+        ] do
+      error =
+        assert_raise ArgumentError, fn ->
+          Ottla.Supervisor.start_link([connection: :x, endpoints: endpoints()] ++ opts)
+        end
+
+      assert error.message =~ inspect(property)
+      assert error.message =~ "because"
+    end
+
+    error =
+      assert_raise ArgumentError, fn ->
+        Ottla.produce(endpoints(), "t", "x", config: ["enable.auto.commit": true])
+      end
+
+    assert error.message =~ "enable.auto.commit"
+  end
+
+  describe "producer defaults" do
+    test "the producer is idempotent unless told otherwise" do
+      Process.flag(:trap_exit, true)
+
+      # librdkafka refuses more than 5 requests in flight with enable.idempotence=true: the
+      # default is idempotent.
+      assert {:error,
+              {:shutdown,
+               {:failed_to_start_child, Ottla.Connection,
+                %Ottla.Error{code: :invalid_config, message: message}}}} =
+               Ottla.Supervisor.start_link(
+                 connection: conn_name(),
+                 endpoints: endpoints(),
+                 producer: [config: ["max.in.flight.requests.per.connection": 10]]
+               )
+
+      assert message =~ "idempotence"
+
+      name = conn_name()
+
+      start_supervised!(
+        {Ottla.Supervisor,
+         connection: name,
+         endpoints: endpoints(),
+         producer: [
+           config: ["enable.idempotence": false, "max.in.flight.requests.per.connection": 10]
+         ]}
+      )
+
+      topic = create_topic!()
+      assert :ok = Ottla.produce(name, topic, "x")
     end
   end
 end

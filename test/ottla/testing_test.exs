@@ -69,6 +69,37 @@ defmodule Ottla.TestingTest do
       )
     end
 
+    test "a member that stops does not hold its partitions from the next member for long" do
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster()
+      :ok = Ottla.create_topic(endpoints, "handover", partitions: 1)
+      :ok = Ottla.produce(endpoints, "handover", "before")
+
+      member = fn id ->
+        {Ottla.Supervisor,
+         connection: id,
+         endpoints: endpoints,
+         group_consumer: [
+           group: "handover",
+           topics: ["handover"],
+           handler: Ottla.TestHandler,
+           handler_init_args: %{pid: self()},
+           begin_offset: :earliest
+         ]}
+      end
+
+      start_supervised!(member.(:mock_first), id: :first)
+      assert_receive {:batch, _, _, 0, [%{value: "before"}]}, 15_000
+      stop_supervised!(:first)
+
+      :ok = Ottla.produce(endpoints, "handover", "after")
+      started = System.monotonic_time(:millisecond)
+      start_supervised!(member.(:mock_second), id: :second)
+      assert_receive {:batch, _, _, 0, [%{value: "after"}]}, 15_000
+      waited = System.monotonic_time(:millisecond) - started
+      # librdkafka's own session timeout default (45 s) would make this ~44 s.
+      assert waited < 15_000
+    end
+
     test "rejects a bad :brokers option" do
       assert_raise ArgumentError, ~r/:brokers/, fn ->
         Ottla.Testing.start_mock_cluster(brokers: 0)

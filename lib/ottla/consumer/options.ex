@@ -132,6 +132,15 @@ defmodule Ottla.Consumer.Options do
     })
   end
 
+  # librdkafka's mock cluster (Ottla.Testing) does not act on a member's LeaveGroup: the next
+  # member waits for the old one's session to time out (45 s by librdkafka's default). On the
+  # mock, sessions are short unless the user's config says otherwise.
+  defp mock_cluster_tunables(bootstrap) do
+    if Ottla.Testing.lookup(bootstrap),
+      do: [{"session.timeout.ms", "6000"}, {"heartbeat.interval.ms", "500"}],
+      else: []
+  end
+
   defp common!(opts, conn, defaults) do
     handler = opts[:handler]
 
@@ -143,20 +152,25 @@ defmodule Ottla.Consumer.Options do
               "`use Ottla.Consumer.MessageHandler`"
     end
 
-    # Ottla commits itself (acked offsets only); librdkafka's fetch queue backoff is shortened
-    # because its 1 s default stalls a busy consumer.
-    ottla = [
-      {"enable.auto.commit", "false"},
-      {"enable.auto.offset.store", "false"},
-      {"fetch.queue.backoff.ms", "10"},
-      {"queued.max.messages.kbytes", "16384"}
-    ]
+    # Tunables a user may override: librdkafka's fetch queue backoff is shortened because its
+    # 1 s default stalls a busy consumer.
+    tunables =
+      [
+        {"fetch.queue.backoff.ms", "10"},
+        {"queued.max.messages.kbytes", "16384"}
+      ] ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
+
+    # What the guarantees rest on comes last (and is refused in user config): Ottla commits
+    # acked offsets only.
+    ottla = [{"enable.auto.commit", "false"}, {"enable.auto.offset.store", "false"} | defaults]
 
     %{
       connection: Keyword.fetch!(conn, :connection),
       bootstrap: Keyword.fetch!(conn, :bootstrap),
       connection_config: Keyword.fetch!(conn, :config),
-      props: ottla ++ defaults ++ Keyword.fetch!(conn, :config) ++ Options.config!(opts[:config]),
+      props:
+        tunables ++
+          Keyword.fetch!(conn, :config) ++ Options.client_config!(opts[:config]) ++ ottla,
       handler: handler,
       handler_init_args: opts[:handler_init_args],
       max_batch: Options.integer!(opts[:max_batch], :max_batch, 1, 1_000_000),

@@ -12,7 +12,9 @@ defmodule Ottla.Consumer.Worker do
       id: {__MODULE__, args.topic, args.partition},
       start: {__MODULE__, :start_link, [args]},
       restart: :temporary,
-      shutdown: args.shutdown
+      # The manager stops workers itself, within the drain timeout; this only bounds a stop
+      # by the supervisor when the manager is gone.
+      shutdown: 5_000
     }
   end
 
@@ -20,7 +22,7 @@ defmodule Ottla.Consumer.Worker do
 
   @impl true
   def init(args) do
-    # Trap exits so a shutdown lets the current batch finish (bounded by the child's shutdown).
+    # Trap exits so a shutdown lets the current batch finish (the manager bounds the wait).
     Process.flag(:trap_exit, true)
     Process.put(:ottla_topic, args.topic)
     Process.put(:ottla_partition, args.partition)
@@ -33,17 +35,60 @@ defmodule Ottla.Consumer.Worker do
       generation: args.public_generation
     )
 
-    {:ok, handler_state} = args.handler.init(args.handler_init_args)
+    # User code runs after init returns, so starting a worker never blocks the manager.
+    {:ok, args, {:continue, :start}}
+  end
 
-    case Native.consumer_attach(
-           args.resource,
-           args.topic,
-           args.partition,
-           args.generation,
-           self()
-         ) do
-      :ok -> {:ok, Map.put(args, :handler_state, handler_state)}
-      {:error, _} -> :ignore
+  @impl true
+  def handle_continue(:start, state) do
+    tp = {state.topic, state.partition}
+
+    with :ok <- announce(state, tp),
+         :ok <-
+           Native.consumer_attach(
+             state.resource,
+             state.topic,
+             state.partition,
+             state.generation,
+             self()
+           ) do
+      # init/1 runs only once the partition is ours; if it fails, the worker exits and the
+      # manager restarts it (the NIF keeps the messages).
+      case state.handler.init(state.handler_init_args) do
+        {:ok, handler_state} ->
+          {:noreply, Map.put(state, :handler_state, handler_state)}
+
+        other ->
+          {:stop, {:bad_init, state.handler, other}, state}
+      end
+    else
+      {:error, %Ottla.Error{code: :not_assigned}} ->
+        # Revoked before this worker could start: the manager is about to hear of it.
+        {:stop, {:shutdown, :not_assigned}, state}
+
+      {:assignment_failed, result} ->
+        send(state.manager, {:ottla_assignment_failed, tp, result})
+        {:stop, {:shutdown, :assignment_received_handler}, state}
+    end
+  end
+
+  defp announce(%{assignment_received_handler: nil}, _tp), do: :ok
+
+  defp announce(%{assignment_received_handler: {fun, group}} = state, tp) do
+    result =
+      try do
+        fun.(group, state.topic, state.partition, state.public_generation)
+      catch
+        kind, reason -> {:error, {kind, reason, __STACKTRACE__}}
+      end
+
+    case result do
+      :ok ->
+        send(state.manager, {:ottla_worker_started, tp, state.generation})
+        :ok
+
+      other ->
+        {:assignment_failed, other}
     end
   end
 
@@ -99,15 +144,22 @@ defmodule Ottla.Consumer.Worker do
       offset >= last ->
         ack(state, last)
 
-      true ->
-        if offset >= first, do: ack(state, offset)
+      offset >= first ->
+        ack(state, offset)
 
         Native.consumer_redeliver(
           state.resource,
           state.topic,
           state.partition,
           state.generation,
-          max(offset + 1, first)
+          offset + 1
+        )
+
+      true ->
+        # Redelivering from below the batch would hand the same batch back forever.
+        Logger.warning(
+          "#{inspect(state.handler)} returned {:ack, #{offset}, state} for a batch of offsets " <>
+            "#{first}..#{last}: below the batch, so nothing is acked and nothing redelivered"
         )
     end
   end

@@ -1,14 +1,19 @@
 defmodule Ottla.Group.Manager do
   @moduledoc false
-  # Owns a connection's native consumer. Reacts to what the NIF reports: assignments (start
-  # a worker per partition), revocations (stop them, call the user's handler, answer so the
-  # rebalance proceeds) and worker deaths (rewind, restart with backoff).
+  # Owns a connection's native consumer and the lifecycle of its workers, in one place. Reacts
+  # to what the NIF reports: assignments (start a worker per partition), revocations (stop
+  # the workers within the budget the NIF gives, call the user's handler, answer so the
+  # rebalance proceeds) and worker deaths (the NIF keeps the unacked messages; restart with
+  # backoff). It runs no user code that could block it without a bound: the handlers'
+  # `init/1` and `assignment_received_handler` run in the workers.
   use GenServer
   require Logger
 
   alias Ottla.Native
 
   @max_backoff 30_000
+  # How long the consumer's close (final commit, leaving the group) may take.
+  @close_timeout 10_000
 
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
 
@@ -18,7 +23,11 @@ defmodule Ottla.Group.Manager do
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
-    connection = opts.connection
+    # Workers left by an earlier incarnation of this manager belong to a consumer that is
+    # gone: stop them before a new one starts.
+    for {_, pid, _, _} <- DynamicSupervisor.which_children(opts.worker_sup), is_pid(pid) do
+      DynamicSupervisor.terminate_child(opts.worker_sup, pid)
+    end
 
     with {:ok, assignment} <- assignment(opts),
          {:ok, resource} <-
@@ -30,7 +39,7 @@ defmodule Ottla.Group.Manager do
              assignment,
              {opts.max_batch, opts.max_backlog, opts.drain_timeout, opts.commit_interval}
            ) do
-      :persistent_term.put({__MODULE__, connection}, resource)
+      :persistent_term.put({__MODULE__, opts.connection}, resource)
       {:ok, Map.merge(opts, %{resource: resource, partitions: %{}})}
     else
       {:error, error} -> {:stop, error}
@@ -44,23 +53,32 @@ defmodule Ottla.Group.Manager do
     partitions =
       case opts.partition do
         :all ->
-          with {:ok, topics} <-
-                 Native.admin_list_topics(opts.bootstrap, opts.connection_config, 10_000) do
-            case List.keyfind(topics, topic, 0) do
-              {^topic, count} ->
-                {:ok, Enum.to_list(0..(count - 1))}
-
-              nil ->
-                {:error,
-                 Ottla.Error.new(
-                   :unknown_topic_or_partition,
-                   "topic #{inspect(topic)} does not exist"
-                 )}
-            end
-          end
+          with {:ok, count} <-
+                 Ottla.Admin.partition_count(
+                   opts.bootstrap,
+                   opts.connection_config,
+                   topic,
+                   10_000
+                 ),
+               do: {:ok, Enum.to_list(0..(count - 1))}
 
         p ->
-          {:ok, [p]}
+          with {:ok, count} <-
+                 Ottla.Admin.partition_count(
+                   opts.bootstrap,
+                   opts.connection_config,
+                   topic,
+                   10_000
+                 ) do
+            if p < count,
+              do: {:ok, [p]},
+              else:
+                {:error,
+                 Ottla.Error.new(
+                   :unknown_partition,
+                   "partition #{p} does not exist: topic #{inspect(topic)} has #{count}"
+                 )}
+          end
       end
 
     offset =
@@ -74,34 +92,20 @@ defmodule Ottla.Group.Manager do
   end
 
   @impl true
-  def handle_info({:ottla_assigned, _id, generation, tps}, state) do
-    Logger.info("assigned #{inspect(tps)} at generation #{inspect(generation)}",
-      connection: state.connection
-    )
-
-    internal = internal_generation(state, generation)
+  def handle_info({:ottla_assigned, generation, tps}, state) do
+    public = if state.mode == :group, do: generation
+    Logger.info("assigned #{inspect(tps)} at generation #{inspect(public)}")
 
     state =
-      Enum.reduce(tps, state, fn {topic, partition} = tp, acc ->
-        if acc.mode == :group do
-          case call_assignment_handler(acc, topic, partition, generation) do
-            :ok ->
-              :ok
-
-            other ->
-              # As in Elsa: a failed assignment handler stops the consumer; its supervisor
-              # restarts it, and it joins the group again.
-              exit({:assignment_received_handler, topic, partition, other})
-          end
-        end
-
+      Enum.reduce(tps, state, fn tp, acc ->
         entry = %{
           pid: nil,
           ref: nil,
-          generation: internal,
-          public: generation,
+          generation: generation,
+          public: public,
           failures: 0,
-          acked: nil
+          acked: nil,
+          announced: false
         }
 
         start_worker(put_in(acc.partitions[tp], entry), tp)
@@ -110,24 +114,16 @@ defmodule Ottla.Group.Manager do
     {:noreply, state}
   end
 
-  def handle_info({:ottla_revoked, id, _generation, tps}, state) do
-    Logger.info("revoking #{inspect(tps)}", connection: state.connection)
-
+  def handle_info({:ottla_revoked, id, budget_ms, tps}, state) do
+    Logger.info("revoking #{inspect(tps)}")
+    deadline = System.monotonic_time(:millisecond) + budget_ms
     {revoked, kept} = Map.split(state.partitions, tps)
-    stop_workers(Map.values(revoked), state.drain_timeout)
-    state = %{state | partitions: kept}
-
-    try do
-      state.assignments_revoked_handler.()
-    catch
-      kind, reason ->
-        Logger.error(
-          "assignments_revoked_handler failed: " <> Exception.format(kind, reason, __STACKTRACE__)
-        )
-    end
-
+    # Workers get the budget less a little for the user's handler; busy ones are killed, so
+    # no revoked partition's handler runs on once librdkafka proceeds.
+    stop_workers(Map.values(revoked), deadline - min(div(budget_ms, 4), 100))
+    run_bounded(state.assignments_revoked_handler, deadline + 100, "assignments_revoked_handler")
     Native.consumer_revoke_done(state.resource, id)
-    {:noreply, state}
+    {:noreply, %{state | partitions: kept}}
   end
 
   def handle_info({:DOWN, ref, :process, _pid, reason}, state) do
@@ -135,14 +131,9 @@ defmodule Ottla.Group.Manager do
       nil ->
         {:noreply, state}
 
-      {{topic, partition} = tp, entry}
-      when reason == :shutdown or (is_tuple(reason) and elem(reason, 0) == :shutdown) ->
-        # Stopped by the workers' supervisor, which is shutting down with the connection
-        # (stops the manager makes itself are demonitored first): no restart.
-        Native.consumer_worker_down(state.resource, topic, partition, entry.generation)
-        {:noreply, put_in(state.partitions[tp], %{entry | pid: nil, ref: nil})}
-
       {{topic, partition} = tp, entry} ->
+        # Every stop the manager makes itself is demonitored first: this one is unexpected,
+        # whatever its reason.
         {:ok, acked} =
           Native.consumer_worker_down(state.resource, topic, partition, entry.generation)
 
@@ -150,7 +141,7 @@ defmodule Ottla.Group.Manager do
         delay = backoff(failures)
 
         Logger.warning(
-          "worker for #{topic}/#{partition} stopped (#{inspect(reason, limit: 5)}); " <>
+          "worker for #{topic}/#{partition} exited: #{inspect(reason, limit: 8, printable_limit: 200)}; " <>
             "restarting in #{delay} ms from the offset after #{inspect(acked)}",
           topic: topic,
           partition: partition
@@ -169,6 +160,22 @@ defmodule Ottla.Group.Manager do
     end
   end
 
+  def handle_info({:ottla_worker_started, tp, generation}, state) do
+    case state.partitions do
+      %{^tp => %{generation: ^generation} = entry} ->
+        {:noreply, put_in(state.partitions[tp], %{entry | announced: true})}
+
+      _ ->
+        {:noreply, state}
+    end
+  end
+
+  def handle_info({:ottla_assignment_failed, {topic, partition}, result}, state) do
+    # As in Elsa: a failed assignment handler stops the consumer; its supervisor restarts
+    # it, and it joins the group again.
+    {:stop, {:assignment_received_handler, topic, partition, result}, state}
+  end
+
   def handle_info({:ottla_consumer_down, thread}, state) do
     Logger.error("the consumer's #{thread} thread failed; restarting the consumer")
     {:stop, {:consumer_down, thread}, state}
@@ -182,30 +189,34 @@ defmodule Ottla.Group.Manager do
 
   @impl true
   def terminate(_reason, state) do
-    # Workers have been stopped by the supervisor (they come after us). Forget the resource
-    # first, so late acks are dropped cleanly; then commit what was acked, leave the group
-    # and free the client.
+    # Forget the resource first, so late acks are dropped cleanly; stop the workers (each
+    # finishes its batch within the drain timeout), then commit what was acked, leave the
+    # group and free the client, with a bound.
     :persistent_term.erase({__MODULE__, state.connection})
-    Native.consumer_close(state.resource)
+    deadline = System.monotonic_time(:millisecond) + state.drain_timeout
+    stop_workers(Map.values(state.partitions), deadline)
+    tag = System.unique_integer([:positive])
+
+    if Native.consumer_close(state.resource, self(), tag) == :ok do
+      receive do
+        {:ottla_closed, ^tag} -> :ok
+      after
+        @close_timeout ->
+          Logger.warning("the consumer did not close within #{@close_timeout} ms")
+      end
+    end
+
     :ok
   end
 
-  defp internal_generation(%{mode: :group}, generation), do: generation
-  defp internal_generation(_state, nil), do: 1
-
   defp backoff(0), do: 0
   defp backoff(failures), do: min(100 * Integer.pow(2, min(failures - 1, 20)), @max_backoff)
-
-  defp call_assignment_handler(state, topic, partition, generation) do
-    state.assignment_received_handler.(state.group, topic, partition, generation)
-  catch
-    kind, reason -> {:error, {kind, reason, __STACKTRACE__}}
-  end
 
   defp start_worker(state, {topic, partition} = tp) do
     entry = state.partitions[tp]
 
     args = %{
+      manager: self(),
       topic: topic,
       partition: partition,
       generation: entry.generation,
@@ -214,37 +225,29 @@ defmodule Ottla.Group.Manager do
       resource: state.resource,
       handler: state.handler,
       handler_init_args: state.handler_init_args,
-      shutdown: max(state.drain_timeout, 100)
+      # The assignment handler runs once per assignment, in the first worker.
+      assignment_received_handler:
+        if(state.mode == :group and not entry.announced,
+          do: {state.assignment_received_handler, state.group}
+        )
     }
 
     result =
-      if GenServer.whereis(state.worker_sup) do
-        try do
-          DynamicSupervisor.start_child(state.worker_sup, {Ottla.Consumer.Worker, args})
-        catch
-          :exit, reason -> {:error, {:exit, reason}}
-        end
-      else
-        # The workers' supervisor starts right after the manager: try again in a moment.
-        :not_ready
+      try do
+        DynamicSupervisor.start_child(state.worker_sup, {Ottla.Consumer.Worker, args})
+      catch
+        :exit, reason -> {:error, {:exit, reason}}
       end
 
     case result do
-      :not_ready ->
-        Process.send_after(self(), {:restart, tp, entry.generation}, 20)
-        state
-
       {:ok, pid} ->
         put_in(state.partitions[tp], %{entry | pid: pid, ref: Process.monitor(pid)})
 
-      :ignore ->
-        state
-
-      {:error, reason} ->
+      other ->
         failures = entry.failures + 1
 
         Logger.error(
-          "could not start the worker for #{topic}/#{partition}: #{inspect(reason, limit: 5)}"
+          "could not start the worker for #{topic}/#{partition}: #{inspect(other, limit: 5)}"
         )
 
         Process.send_after(self(), {:restart, tp, entry.generation}, backoff(failures))
@@ -252,11 +255,9 @@ defmodule Ottla.Group.Manager do
     end
   end
 
-  # Stops the workers of revoked partitions together. Their in-flight batches already had
-  # the drain timeout to be acked, so each gets a short grace to finish, then is killed: a
-  # revoked partition's handler must not run on once the rebalance goes on.
-  @stop_grace 2_000
-  defp stop_workers(entries, drain_timeout) do
+  # Stops workers together: each gets a :shutdown exit (it finishes its current batch) until
+  # `deadline` (monotonic ms), then is killed.
+  defp stop_workers(entries, deadline) do
     running =
       for %{pid: pid, ref: ref} <- entries, is_pid(pid) do
         Process.demonitor(ref, [:flush])
@@ -265,8 +266,6 @@ defmodule Ottla.Group.Manager do
         {pid, ref}
       end
 
-    deadline = System.monotonic_time(:millisecond) + min(drain_timeout, @stop_grace)
-
     Enum.each(running, fn {pid, ref} ->
       left = max(deadline - System.monotonic_time(:millisecond), 0)
 
@@ -274,6 +273,7 @@ defmodule Ottla.Group.Manager do
         {:DOWN, ^ref, :process, ^pid, _} -> :ok
       after
         left ->
+          Logger.warning("a worker did not finish its batch in time and was killed")
           Process.exit(pid, :kill)
 
           receive do
@@ -281,5 +281,32 @@ defmodule Ottla.Group.Manager do
           end
       end
     end)
+  end
+
+  # Runs a user callback in a process of its own, killed if it runs past `deadline`.
+  defp run_bounded(fun, deadline, name) do
+    {pid, ref} =
+      spawn_monitor(fn ->
+        try do
+          fun.()
+        catch
+          kind, reason ->
+            Logger.error("#{name} failed: " <> Exception.format(kind, reason, __STACKTRACE__))
+        end
+      end)
+
+    left = max(deadline - System.monotonic_time(:millisecond), 0)
+
+    receive do
+      {:DOWN, ^ref, :process, ^pid, _} -> :ok
+    after
+      left ->
+        Process.exit(pid, :kill)
+        Logger.error("#{name} did not return within the drain timeout and was stopped")
+
+        receive do
+          {:DOWN, ^ref, :process, ^pid, _} -> :ok
+        end
+    end
   end
 end

@@ -2,5 +2,6 @@
 //! a plain crate so `cargo test` can run them (a NIF's test binary cannot load without the
 //! BEAM's `enif_*` symbols).
 
+pub mod cell;
 pub mod errors;
 pub mod partition;

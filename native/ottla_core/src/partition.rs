@@ -1,181 +1,377 @@
-//! The state of one assigned partition: its bounded backlog, the worker's demand, the
-//! generation it was assigned in, and the delivered / acked / committed offsets.
+//! [`Partition`]: the state machine of one assigned partition, the single source of truth
+//! for its backlog, the worker's demand, what was delivered, acked and committed, and whether
+//! librdkafka should pause, resume or seek it.
 //!
-//! Everything here is plain bookkeeping; the NIF holds these behind one mutex and acts on
-//! what the methods return (pause, resume, seek, commit, send a batch).
+//! It takes [`Event`]s and returns [`Effect`]s; the NIF's glue applies the effects (sends a
+//! batch, calls librdkafka) and reports back what happened (a seek or commit done). Acks and
+//! demand arrive through the partition's [`AckCell`] (lock-free, see its module), which the
+//! partition reads back at every event: nothing else keeps a copy of them.
+//!
+//! Memory: a partition holds at most `2 × max_backlog` messages. The backlog (fetched, not
+//! delivered) is paused at `max_backlog` and resumed at half of it; delivered messages are
+//! kept until acked (at most `max_backlog` of them) so that a partial ack or a worker's
+//! death redelivers from memory instead of fetching again. Only when a redelivery needs
+//! messages that are no longer kept does the partition seek back.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
-/// A message in a backlog only needs its offset for the bookkeeping.
+use crate::cell::AckCell;
+
+/// A message only needs its offset for the bookkeeping.
 pub trait Offset {
     fn offset(&self) -> i64;
 }
 
-/// What became of a message pushed into the backlog.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Pushed {
-    /// Added; `pause` is true when the backlog just reached its bound.
-    Added { pause: bool },
-    /// Already seen (librdkafka re-fetched it after a pause): dropped.
-    Duplicate,
-    /// A rewind is pending or the partition is being revoked: dropped, it will be fetched again.
-    Discarded,
-    /// The backlog is full: dropped, and a seek back to `seek` is pending so it is fetched
-    /// again once the partition resumes. The backlog never exceeds its bound.
-    Overflow { seek: i64 },
+#[derive(Debug)]
+pub enum Event<M> {
+    /// A message read from Kafka.
+    Fetched(M),
+    /// A worker process took the partition over and wants its first batch.
+    WorkerAttached,
+    /// The worker is gone: what it did not ack goes to the next worker.
+    WorkerDown,
+    /// The worker acked part of its batch and wants the rest again, from `from`.
+    Redeliver { from: i64 },
+    /// The partition is being revoked: nothing more is delivered or kept.
+    Revoke,
+    /// librdkafka sought to `offset`.
+    SeekDone { offset: i64 },
+    /// The seek to `offset` failed: it is asked for again.
+    SeekFailed { offset: i64 },
+    /// A commit of `offset` (the next offset to read) ended.
+    Committed { offset: i64, ok: bool },
+    /// The partition's high watermark as librdkafka last saw it.
+    Watermark(i64),
+    /// Acks or demand may have arrived through the cell.
+    Tick,
 }
 
-/// What an ack did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Acked {
-    /// The acked offset moved forward to this offset.
-    Advanced(i64),
-    /// Not beyond the current ack: nothing changes (acks are cumulative).
-    Behind,
-    /// Acked under another generation than the one this partition was assigned in: dropped.
-    StaleGeneration { current: i32 },
+pub enum Effect<M> {
+    /// Send this batch to the worker.
+    Deliver(Vec<M>),
+    /// Stop fetching this partition.
+    Pause,
+    /// Fetch it again.
+    Resume,
+    /// Fetch from this offset next; what librdkafka fetched before is dropped until
+    /// [`Event::SeekDone`].
+    Seek(i64),
+}
+
+/// What became of a fetched message (for counters and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    Added,
+    /// Below the next expected offset (fetched again after a seek or a pause), or already
+    /// acked.
+    Duplicate,
+    /// Fetched before a pending seek, or while revoking: dropped.
+    Discarded,
+    /// The backlog was full: dropped, and a seek back to it was asked for.
+    Overflow,
 }
 
 #[derive(Debug)]
-pub struct PartitionState<M> {
-    pub generation: i32,
+pub struct Partition<M> {
+    cell: Arc<AckCell>,
     max_backlog: usize,
+    max_batch: usize,
+    /// Fetched, not delivered yet, in offset order.
     backlog: VecDeque<M>,
-    /// Offset of the next message expected from librdkafka (duplicates are below it).
+    /// Delivered, not acked yet, in offset order; the oldest are dropped past `max_backlog`.
+    in_flight: VecDeque<M>,
+    /// Every unacked delivered message from this offset on is in `in_flight`.
+    kept_from: Option<i64>,
+    acked: Option<i64>,
+    /// The first offset seen in this assignment: acks below it are not ours to commit.
+    first: Option<i64>,
+    /// The next offset expected from librdkafka; lower ones are duplicates.
     next_fetch: Option<i64>,
-    /// Offset of the first message seen in this generation: where delivery resumes when
-    /// nothing was acked yet.
-    first_seen: Option<i64>,
-    /// Whether this partition should be paused (applied to librdkafka by the poll thread).
-    pub want_paused: bool,
-    /// Whether librdkafka has it paused right now.
-    pub paused: bool,
-    /// A seek to this offset is waiting for the poll thread.
-    pub rewind_to: Option<i64>,
-    /// The worker asked for a batch and has none outstanding.
-    pub demand: bool,
-    pub has_worker: bool,
-    /// Stop delivering: the partition is being revoked.
-    pub revoking: bool,
-    pub last_delivered: Option<i64>,
-    pub acked: Option<i64>,
-    /// The last offset committed to Kafka (the *next* offset to read, Kafka's convention).
-    pub committed: Option<i64>,
-    pub high_watermark: Option<i64>,
+    last_delivered: Option<i64>,
+    worker: bool,
+    demand: bool,
+    revoking: bool,
+    /// Whether a `Pause` is in effect (emitted and not followed by a `Resume`).
+    paused: bool,
+    /// A `Seek` emitted and not done yet.
+    seeking: Option<i64>,
+    committed: Option<i64>,
+    committing: Option<i64>,
+    high_watermark: Option<i64>,
+    overflows: u64,
 }
 
-impl<M: Offset> PartitionState<M> {
-    pub fn new(generation: i32, max_backlog: usize) -> Self {
-        PartitionState {
-            generation,
+impl<M: Offset + Clone> Partition<M> {
+    pub fn new(cell: Arc<AckCell>, max_backlog: usize, max_batch: usize) -> Self {
+        Partition {
+            cell,
             max_backlog: max_backlog.max(1),
+            max_batch: max_batch.max(1),
             backlog: VecDeque::new(),
-            next_fetch: None,
-            first_seen: None,
-            want_paused: false,
-            paused: false,
-            rewind_to: None,
-            demand: false,
-            has_worker: false,
-            revoking: false,
-            last_delivered: None,
+            in_flight: VecDeque::new(),
+            kept_from: None,
             acked: None,
+            first: None,
+            next_fetch: None,
+            last_delivered: None,
+            worker: false,
+            demand: false,
+            revoking: false,
+            paused: false,
+            seeking: None,
             committed: None,
+            committing: None,
             high_watermark: None,
+            overflows: 0,
         }
+    }
+
+    /// Handles one event, appending what must be done to `effects`. Returns what became of a
+    /// fetched message (`Intake::Added` for other events).
+    ///
+    /// A fetched message is only queued: messages come in runs, and the batch goes out on the
+    /// next other event (the glue sends a [`Event::Tick`] after each run).
+    pub fn handle(&mut self, event: Event<M>, effects: &mut Vec<Effect<M>>) -> Intake {
+        if let Event::Fetched(message) = event {
+            return self.fetched(message, effects);
+        }
+        self.absorb();
+        match event {
+            Event::Fetched(_) => {}
+            Event::WorkerAttached => {
+                self.worker = true;
+                self.demand = true;
+                self.cell.clear_demand();
+            }
+            Event::WorkerDown => {
+                self.worker = false;
+                self.demand = false;
+                self.cell.clear_demand();
+                if let Some(from) = self.acked.map(|a| a + 1).or(self.first) {
+                    self.redeliver_from(from, effects);
+                }
+            }
+            Event::Redeliver { from } => {
+                let from = self.acked.map_or(from, |a| from.max(a + 1));
+                self.redeliver_from(from, effects);
+            }
+            Event::Revoke => {
+                self.revoking = true;
+                self.backlog.clear();
+                self.in_flight.clear();
+            }
+            Event::SeekDone { offset } => {
+                if self.seeking == Some(offset) {
+                    self.seeking = None;
+                }
+            }
+            Event::SeekFailed { offset } => {
+                if self.seeking == Some(offset) && !self.revoking {
+                    effects.push(Effect::Seek(offset));
+                }
+            }
+            Event::Committed { offset, ok } => {
+                if ok && self.committed.is_none_or(|c| offset > c) {
+                    self.committed = Some(offset);
+                }
+                if self.committing == Some(offset) {
+                    self.committing = None;
+                }
+            }
+            Event::Watermark(high) => self.high_watermark = Some(high),
+            Event::Tick => {}
+        }
+        self.deliver(effects);
+        self.maybe_resume(effects);
+        Intake::Added
+    }
+
+    /// The offset to commit now (the next offset to read, Kafka's convention), when acks went
+    /// beyond what is committed or being committed. Marks it as being committed.
+    pub fn commit_due(&mut self) -> Option<i64> {
+        self.absorb();
+        let next = self.acked? + 1;
+        let ahead = |o: Option<i64>| o.is_none_or(|o| next > o);
+        if ahead(self.committed) && ahead(self.committing) {
+            self.committing = Some(next);
+            Some(next)
+        } else {
+            None
+        }
+    }
+
+    /// Reads acks and demand from the cell. Acked messages are forgotten.
+    fn absorb(&mut self) {
+        if let Some(acked) = self.cell.acked() {
+            if self.acked.is_none_or(|a| acked > a) {
+                self.acked = Some(acked);
+                while self.in_flight.front().is_some_and(|m| m.offset() <= acked) {
+                    self.in_flight.pop_front();
+                }
+                // Acked by a process that outlived its worker, after a redelivery: done.
+                while self.backlog.front().is_some_and(|m| m.offset() <= acked) {
+                    self.backlog.pop_front();
+                }
+                self.kept_from = Some(self.kept_from.map_or(acked + 1, |k| k.max(acked + 1)));
+            }
+        }
+        if self.cell.take_demand() && self.worker {
+            self.demand = true;
+        }
+    }
+
+    fn fetched(&mut self, message: M, effects: &mut Vec<Effect<M>>) -> Intake {
+        let offset = message.offset();
+        if self.revoking || self.seeking.is_some() {
+            return Intake::Discarded;
+        }
+        // Already acked (by a task that outlived its worker while a seek back was pending):
+        // done, like the ones `absorb` drops from the backlog.
+        if self.next_fetch.is_some_and(|next| offset < next)
+            || self.acked.is_some_and(|acked| offset <= acked)
+        {
+            return Intake::Duplicate;
+        }
+        if self.backlog.len() >= self.max_backlog {
+            // Polled before the pause took effect: hand it back to librdkafka.
+            self.overflows += 1;
+            self.next_fetch = Some(offset);
+            self.seek(offset, effects);
+            self.pause(effects);
+            return Intake::Overflow;
+        }
+        if self.first.is_none() {
+            self.first = Some(offset);
+            self.kept_from = Some(offset);
+            self.cell.set_low(offset);
+        }
+        self.next_fetch = Some(offset + 1);
+        self.backlog.push_back(message);
+        if self.backlog.len() >= self.max_backlog {
+            self.pause(effects);
+        }
+        Intake::Added
+    }
+
+    fn deliver(&mut self, effects: &mut Vec<Effect<M>>) {
+        if !(self.worker && self.demand && !self.revoking) || self.backlog.is_empty() {
+            return;
+        }
+        let n = self.max_batch.min(self.backlog.len());
+        let batch: Vec<M> = self.backlog.drain(..n).collect();
+        let last = batch[batch.len() - 1].offset();
+        self.in_flight.extend(batch.iter().cloned());
+        while self.in_flight.len() > self.max_backlog {
+            if let Some(dropped) = self.in_flight.pop_front() {
+                self.kept_from = Some(dropped.offset() + 1);
+            }
+        }
+        self.last_delivered = Some(self.last_delivered.map_or(last, |l| l.max(last)));
+        self.cell.raise_high(last);
+        self.demand = false;
+        effects.push(Effect::Deliver(batch));
+    }
+
+    /// Puts every unacked message from `from` on back in front of the backlog, from memory
+    /// when it still holds them, otherwise by seeking back.
+    fn redeliver_from(&mut self, from: i64, effects: &mut Vec<Effect<M>>) {
+        if self.revoking || self.last_delivered.is_none_or(|l| from > l) {
+            return;
+        }
+        if self.kept_from.is_some_and(|k| from >= k) {
+            let mut requeued: VecDeque<M> = self
+                .in_flight
+                .drain(..)
+                .filter(|m| m.offset() >= from)
+                .collect();
+            requeued.append(&mut self.backlog);
+            self.backlog = requeued;
+            // Unacked messages below `from` (a worker that skipped them) were just dropped:
+            // a later redelivery below `from` must seek back for them.
+            self.kept_from = Some(from);
+            if self.backlog.len() >= self.max_backlog {
+                self.pause(effects);
+            }
+        } else {
+            self.in_flight.clear();
+            self.backlog.clear();
+            self.kept_from = Some(from);
+            self.next_fetch = Some(from);
+            self.seek(from, effects);
+        }
+    }
+
+    fn seek(&mut self, offset: i64, effects: &mut Vec<Effect<M>>) {
+        self.seeking = Some(offset);
+        effects.push(Effect::Seek(offset));
+    }
+
+    fn pause(&mut self, effects: &mut Vec<Effect<M>>) {
+        if !self.paused {
+            self.paused = true;
+            effects.push(Effect::Pause);
+        }
+    }
+
+    fn maybe_resume(&mut self, effects: &mut Vec<Effect<M>>) {
+        if self.paused && !self.revoking && self.backlog.len() <= self.max_backlog / 2 {
+            self.paused = false;
+            effects.push(Effect::Resume);
+        }
+    }
+
+    // Read-only views, for stats, commits and the revoke wait.
+
+    pub fn cell(&self) -> &Arc<AckCell> {
+        &self.cell
+    }
+
+    pub fn generation(&self) -> i32 {
+        self.cell.generation()
     }
 
     pub fn backlog_len(&self) -> usize {
         self.backlog.len()
     }
 
-    /// Adds a message read from Kafka.
-    pub fn push(&mut self, message: M) -> Pushed {
-        let offset = message.offset();
-        if self.rewind_to.is_some() || self.revoking {
-            return Pushed::Discarded;
-        }
-        if let Some(next) = self.next_fetch {
-            if offset < next {
-                return Pushed::Duplicate;
-            }
-        }
-        if self.backlog.len() >= self.max_backlog {
-            // Polled before the pause took effect: hand it back to librdkafka.
-            self.want_paused = true;
-            self.next_fetch = Some(offset);
-            self.rewind_to = Some(offset);
-            return Pushed::Overflow { seek: offset };
-        }
-        self.first_seen.get_or_insert(offset);
-        self.next_fetch = Some(offset + 1);
-        self.backlog.push_back(message);
-        let pause = !self.want_paused && self.backlog.len() >= self.max_backlog;
-        if pause {
-            self.want_paused = true;
-        }
-        Pushed::Added { pause }
+    /// Messages held in memory: the backlog and the delivered ones kept until acked.
+    pub fn held(&self) -> usize {
+        self.backlog.len() + self.in_flight.len()
     }
 
-    /// Whether a batch can go to the worker now.
-    pub fn ready(&self) -> bool {
-        self.demand && self.has_worker && !self.revoking && !self.backlog.is_empty()
+    pub fn paused(&self) -> bool {
+        self.paused
     }
 
-    /// Takes up to `max` messages for the worker, if it asked for them. Sets `want_paused`
-    /// to false when the backlog has drained to half its bound (hysteresis).
-    pub fn take_batch(&mut self, max: usize) -> Option<Vec<M>> {
-        if !self.ready() {
-            return None;
-        }
-        let n = max.max(1).min(self.backlog.len());
-        let batch: Vec<M> = self.backlog.drain(..n).collect();
-        self.demand = false;
-        self.last_delivered = batch.last().map(Offset::offset);
-        if self.want_paused && self.backlog.len() <= self.max_backlog / 2 {
-            self.want_paused = false;
-        }
-        Some(batch)
+    pub fn has_worker(&self) -> bool {
+        self.worker
     }
 
-    /// Records an ack of every offset up to and including `offset`.
-    pub fn ack(&mut self, generation: i32, offset: i64) -> Acked {
-        if generation != self.generation {
-            return Acked::StaleGeneration {
-                current: self.generation,
-            };
-        }
-        match self.acked {
-            Some(acked) if offset <= acked => Acked::Behind,
-            // Before the first message of this assignment: committing it would move the
-            // group's offset backwards.
-            _ if self.first_seen.is_none_or(|first| offset < first) => Acked::Behind,
-            _ => {
-                self.acked = Some(offset);
-                Acked::Advanced(offset)
-            }
-        }
+    pub fn last_delivered(&self) -> Option<i64> {
+        self.last_delivered
     }
 
-    /// `acked + 1`, Elsa's "latest offset", or `None` when nothing was acked.
-    pub fn latest_offset(&self) -> Option<i64> {
-        self.acked.map(|a| a.saturating_add(1))
+    pub fn acked(&self) -> Option<i64> {
+        self.acked
     }
 
-    /// The offset to commit, when acks went beyond what is committed.
-    pub fn commit_candidate(&self) -> Option<i64> {
-        let next = self.latest_offset()?;
-        match self.committed {
-            Some(committed) if next <= committed => None,
-            _ => Some(next),
-        }
+    /// The last offset Kafka confirmed as committed (the next offset to read).
+    pub fn committed(&self) -> Option<i64> {
+        self.committed
     }
 
-    /// Records a successful commit; a committed offset never moves backwards.
-    pub fn mark_committed(&mut self, offset: i64) {
-        if self.committed.is_none_or(|c| offset > c) {
-            self.committed = Some(offset);
-        }
+    pub fn committing(&self) -> Option<i64> {
+        self.committing
+    }
+
+    pub fn high_watermark(&self) -> Option<i64> {
+        self.high_watermark
+    }
+
+    pub fn overflows(&self) -> u64 {
+        self.overflows
     }
 
     /// Every delivered message has been acked.
@@ -187,37 +383,14 @@ impl<M: Offset> PartitionState<M> {
         }
     }
 
-    /// The worker is gone (or asked to redeliver): forget what was fetched but not acked and
-    /// return the offset to seek to, so unacked messages are delivered again. `None` when no
-    /// message was seen in this generation (nothing to redeliver).
-    pub fn rewind(&mut self) -> Option<i64> {
-        self.demand = false;
-        let resume = self.latest_offset().or(self.first_seen)?;
-        self.rewind_from(resume)
-    }
-
-    /// Redeliver from `offset` (e.g. a handler acked only part of its batch).
-    pub fn rewind_from(&mut self, offset: i64) -> Option<i64> {
-        self.backlog.clear();
-        self.want_paused = false;
-        self.last_delivered = self.acked;
-        self.next_fetch = Some(offset);
-        self.rewind_to = Some(offset);
-        Some(offset)
-    }
-
-    /// The poll thread sought to `rewind_to`: messages flow again.
-    pub fn rewound(&mut self) {
-        self.rewind_to = None;
-    }
-
     /// Messages between the next offset to process and the high watermark.
     pub fn lag(&self) -> Option<i64> {
         let hw = self.high_watermark?;
         let next = self
-            .latest_offset()
+            .acked
+            .map(|a| a + 1)
             .or(self.committed)
-            .or(self.first_seen)?;
+            .or(self.first)?;
         Some((hw - next).max(0))
     }
 }
@@ -226,7 +399,7 @@ impl<M: Offset> PartitionState<M> {
 mod tests {
     use super::*;
 
-    #[derive(Debug, PartialEq)]
+    #[derive(Debug, Clone, PartialEq)]
     struct M(i64);
     impl Offset for M {
         fn offset(&self) -> i64 {
@@ -234,183 +407,279 @@ mod tests {
         }
     }
 
-    fn ready(max_backlog: usize) -> PartitionState<M> {
-        let mut p = PartitionState::new(1, max_backlog);
-        p.has_worker = true;
-        p
+    struct Rig {
+        p: Partition<M>,
+        effects: Vec<Effect<M>>,
     }
 
-    fn offsets(batch: Option<Vec<M>>) -> Vec<i64> {
-        batch.unwrap_or_default().into_iter().map(|m| m.0).collect()
+    impl Rig {
+        fn new(max_backlog: usize, max_batch: usize) -> Self {
+            let cell = Arc::new(AckCell::new(1, false));
+            Rig {
+                p: Partition::new(cell, max_backlog, max_batch),
+                effects: Vec::new(),
+            }
+        }
+
+        fn on(&mut self, event: Event<M>) -> Intake {
+            self.p.handle(event, &mut self.effects)
+        }
+
+        fn fetch(&mut self, offsets: impl IntoIterator<Item = i64>) {
+            for o in offsets {
+                self.on(Event::Fetched(M(o)));
+            }
+            self.on(Event::Tick);
+        }
+
+        fn take(&mut self) -> Vec<Effect<M>> {
+            std::mem::take(&mut self.effects)
+        }
+
+        /// Offsets of the batches delivered since the last call.
+        fn delivered(&mut self) -> Vec<Vec<i64>> {
+            self.take()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Deliver(b) => Some(b.into_iter().map(|m| m.0).collect()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn demand(&mut self) {
+            assert!(self.p.cell().demand(1));
+            self.on(Event::Tick);
+        }
+
+        fn ack(&mut self, offset: i64) {
+            self.p.cell().ack(Some(1), offset);
+            self.on(Event::Tick);
+        }
     }
 
     #[test]
     fn pauses_at_the_bound_and_resumes_at_half() {
-        let mut p = ready(4);
-        assert_eq!(p.push(M(0)), Pushed::Added { pause: false });
-        assert_eq!(p.push(M(1)), Pushed::Added { pause: false });
-        assert_eq!(p.push(M(2)), Pushed::Added { pause: false });
-        assert_eq!(p.push(M(3)), Pushed::Added { pause: true });
-        assert!(p.want_paused);
-        p.demand = true;
-        assert_eq!(offsets(p.take_batch(1)), vec![0]);
-        assert!(p.want_paused, "3 left of a bound of 4: still above half");
-        p.demand = true;
-        assert_eq!(offsets(p.take_batch(1)), vec![1]);
-        assert!(!p.want_paused, "2 left of a bound of 4: resume");
+        let mut r = Rig::new(4, 1);
+        r.fetch(0..4);
+        assert_eq!(r.take(), vec![Effect::Pause]);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0]]);
+        r.ack(0);
+        r.demand();
+        assert_eq!(r.take(), vec![Effect::Deliver(vec![M(1)]), Effect::Resume]);
     }
 
     #[test]
     fn overflow_past_the_bound_is_sought_back_not_kept() {
-        let mut p = ready(2);
-        p.push(M(0));
-        assert_eq!(p.push(M(1)), Pushed::Added { pause: true });
-        assert_eq!(p.push(M(2)), Pushed::Overflow { seek: 2 });
-        assert_eq!(p.push(M(3)), Pushed::Discarded);
-        assert_eq!(p.backlog_len(), 2);
-        assert_eq!(p.rewind_to, Some(2));
-        p.rewound();
-        p.demand = true;
-        assert_eq!(offsets(p.take_batch(10)), vec![0, 1]);
-        assert_eq!(p.push(M(2)), Pushed::Added { pause: false });
+        let mut r = Rig::new(2, 10);
+        r.fetch(0..2);
+        assert_eq!(r.take(), vec![Effect::Pause]);
+        assert_eq!(r.on(Event::Fetched(M(2))), Intake::Overflow);
+        assert_eq!(r.take(), vec![Effect::Seek(2)]);
+        assert_eq!(r.on(Event::Fetched(M(3))), Intake::Discarded);
+        assert_eq!(r.p.backlog_len(), 2);
+        r.on(Event::SeekDone { offset: 2 });
+        r.on(Event::WorkerAttached);
+        assert_eq!(
+            r.take(),
+            vec![Effect::Deliver(vec![M(0), M(1)]), Effect::Resume]
+        );
+        assert_eq!(r.on(Event::Fetched(M(2))), Intake::Added);
     }
 
     #[test]
     fn delivers_only_on_demand_in_offset_order() {
-        let mut p = ready(100);
-        for o in 10..15 {
-            p.push(M(o));
-        }
-        assert!(p.take_batch(10).is_none(), "no demand yet");
-        p.demand = true;
-        assert_eq!(offsets(p.take_batch(3)), vec![10, 11, 12]);
-        assert!(p.take_batch(3).is_none(), "one batch per demand");
-        p.demand = true;
-        assert_eq!(offsets(p.take_batch(3)), vec![13, 14]);
-        assert_eq!(p.last_delivered, Some(14));
+        let mut r = Rig::new(100, 3);
+        r.fetch(10..15);
+        assert!(r.delivered().is_empty(), "no worker yet");
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![10, 11, 12]]);
+        r.on(Event::Tick);
+        assert!(r.delivered().is_empty(), "one batch per demand");
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![13, 14]]);
+        assert_eq!(r.p.last_delivered(), Some(14));
     }
 
     #[test]
     fn refetched_duplicates_are_dropped() {
-        let mut p = ready(100);
-        p.push(M(0));
-        p.push(M(1));
-        assert_eq!(p.push(M(1)), Pushed::Duplicate);
-        assert_eq!(p.push(M(0)), Pushed::Duplicate);
-        assert_eq!(p.backlog_len(), 2);
+        let mut r = Rig::new(100, 10);
+        r.fetch(0..2);
+        assert_eq!(r.on(Event::Fetched(M(1))), Intake::Duplicate);
+        assert_eq!(r.on(Event::Fetched(M(0))), Intake::Duplicate);
+        assert_eq!(r.p.backlog_len(), 2);
     }
 
     #[test]
-    fn acks_are_cumulative_and_never_go_back() {
-        let mut p = ready(10);
-        p.push(M(0));
-        assert_eq!(p.latest_offset(), None);
-        assert_eq!(p.ack(1, 5), Acked::Advanced(5));
-        assert_eq!(p.ack(1, 3), Acked::Behind);
-        assert_eq!(p.ack(1, 5), Acked::Behind);
-        assert_eq!(p.latest_offset(), Some(6));
+    fn a_partial_ack_redelivers_the_rest_from_memory() {
+        let mut r = Rig::new(100, 5);
+        r.fetch(0..8);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2, 3, 4]]);
+        r.p.cell().ack(Some(1), 1);
+        r.on(Event::Redeliver { from: 2 });
+        r.demand();
+        assert_eq!(
+            r.delivered(),
+            vec![vec![2, 3, 4, 5, 6]],
+            "no seek, from memory"
+        );
     }
 
     #[test]
-    fn acks_from_another_generation_are_dropped() {
-        let mut p: PartitionState<M> = PartitionState::new(7, 10);
-        assert_eq!(p.ack(6, 100), Acked::StaleGeneration { current: 7 });
-        assert_eq!(p.acked, None);
-        assert_eq!(p.commit_candidate(), None);
+    fn a_dead_worker_rewinds_to_after_the_last_ack() {
+        let mut r = Rig::new(100, 3);
+        r.fetch(20..25);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![20, 21, 22]]);
+        r.ack(20);
+        r.on(Event::WorkerDown);
+        assert!(r.take().is_empty(), "no seek: the messages are still held");
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![21, 22, 23]]);
     }
 
     #[test]
-    fn commits_only_forward() {
-        let mut p = ready(10);
-        p.push(M(0));
-        p.ack(1, 9);
-        assert_eq!(p.commit_candidate(), Some(10));
-        p.mark_committed(10);
-        assert_eq!(p.commit_candidate(), None);
-        p.mark_committed(4);
-        assert_eq!(p.committed, Some(10), "a commit never moves backwards");
-        p.ack(1, 12);
-        assert_eq!(p.commit_candidate(), Some(13));
+    fn redelivery_beyond_what_is_kept_seeks_back() {
+        // max_backlog 2: at most two delivered messages are kept.
+        let mut r = Rig::new(2, 2);
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.demand();
+        r.fetch(2..4);
+        assert_eq!(r.delivered(), vec![vec![2, 3]]);
+        r.on(Event::WorkerDown);
+        assert_eq!(r.take(), vec![Effect::Seek(0)]);
+        assert_eq!(r.on(Event::Fetched(M(4))), Intake::Discarded);
+        r.on(Event::SeekDone { offset: 0 });
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1]]);
+    }
+
+    #[test]
+    fn messages_acked_during_a_seek_back_are_not_delivered_again() {
+        // max_backlog 2: the first batch is no longer held when the worker dies.
+        let mut r = Rig::new(2, 2);
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.demand();
+        r.fetch(2..4);
+        assert_eq!(r.delivered(), vec![vec![2, 3]]);
+        r.on(Event::WorkerDown);
+        assert_eq!(r.take(), vec![Effect::Seek(0)]);
+        // A task that outlived the worker acks its batch while the seek is pending.
+        r.ack(3);
+        r.on(Event::SeekDone { offset: 0 });
+        for o in 0..4 {
+            assert_eq!(
+                r.on(Event::Fetched(M(o))),
+                Intake::Duplicate,
+                "{o} is acked"
+            );
+        }
+        r.fetch(4..5);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![4]]);
+    }
+
+    #[test]
+    fn what_a_redelivery_skipped_goes_to_the_next_worker() {
+        let mut r = Rig::new(100, 2);
+        r.fetch(0..6);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1]]);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![2, 3]]);
+        // 0 and 1 are not acked, yet the worker wants only 2.. again.
+        r.on(Event::Redeliver { from: 2 });
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![2, 3]]);
+        r.on(Event::WorkerDown);
+        assert_eq!(
+            r.take(),
+            vec![Effect::Seek(0)],
+            "0 and 1 are no longer held"
+        );
+        r.on(Event::SeekDone { offset: 0 });
+        r.fetch(0..6);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1]]);
+    }
+
+    #[test]
+    fn acks_are_cumulative_and_commits_only_move_forward() {
+        let mut r = Rig::new(10, 10);
+        r.fetch(0..10);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.ack(9);
+        r.ack(3);
+        assert_eq!(r.p.cell().latest_offset(), Some(10));
+        assert_eq!(r.p.commit_due(), Some(10));
+        assert_eq!(r.p.commit_due(), None, "already being committed");
+        r.on(Event::Committed {
+            offset: 10,
+            ok: true,
+        });
+        r.on(Event::Committed {
+            offset: 4,
+            ok: true,
+        });
+        assert_eq!(r.p.committed(), Some(10), "a commit never moves backwards");
+        assert_eq!(r.p.commit_due(), None);
+    }
+
+    #[test]
+    fn a_failed_commit_is_tried_again() {
+        let mut r = Rig::new(10, 10);
+        r.fetch(0..3);
+        r.on(Event::WorkerAttached);
+        r.ack(2);
+        assert_eq!(r.p.commit_due(), Some(3));
+        r.on(Event::Committed {
+            offset: 3,
+            ok: false,
+        });
+        assert_eq!(r.p.committed(), None);
+        assert_eq!(r.p.commit_due(), Some(3));
     }
 
     #[test]
     fn drained_when_every_delivered_offset_is_acked() {
-        let mut p = ready(10);
-        assert!(p.drained());
-        p.push(M(0));
-        p.push(M(1));
-        p.demand = true;
-        p.take_batch(10);
-        assert!(!p.drained());
-        p.ack(1, 0);
-        assert!(!p.drained());
-        p.ack(1, 1);
-        assert!(p.drained());
-    }
-
-    #[test]
-    fn rewind_resumes_after_the_last_ack_and_discards_until_sought() {
-        let mut p = ready(10);
-        for o in 20..25 {
-            p.push(M(o));
-        }
-        p.demand = true;
-        p.take_batch(3); // 20, 21, 22 delivered
-        p.ack(1, 20);
-        assert_eq!(p.rewind(), Some(21));
-        assert_eq!(p.backlog_len(), 0);
-        assert_eq!(
-            p.push(M(25)),
-            Pushed::Discarded,
-            "prefetched before the seek"
-        );
-        p.rewound();
-        assert_eq!(p.push(M(20)), Pushed::Duplicate);
-        assert_eq!(p.push(M(21)), Pushed::Added { pause: false });
-        p.demand = true;
-        assert_eq!(offsets(p.take_batch(10)), vec![21]);
-    }
-
-    #[test]
-    fn rewind_without_acks_goes_back_to_the_first_message_seen() {
-        let mut p = ready(10);
-        assert_eq!(p.rewind(), None, "nothing seen: nothing to redeliver");
-        p.push(M(40));
-        p.push(M(41));
-        p.demand = true;
-        p.take_batch(10);
-        assert_eq!(p.rewind(), Some(40));
+        let mut r = Rig::new(10, 10);
+        assert!(r.p.drained());
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        assert!(!r.p.drained());
+        r.ack(0);
+        assert!(!r.p.drained());
+        r.ack(1);
+        assert!(r.p.drained());
     }
 
     #[test]
     fn revoking_stops_delivery_and_intake() {
-        let mut p = ready(10);
-        p.push(M(0));
-        p.demand = true;
-        p.revoking = true;
-        assert!(p.take_batch(10).is_none());
-        assert_eq!(p.push(M(1)), Pushed::Discarded);
-    }
-
-    #[test]
-    fn acks_before_the_first_message_of_the_assignment_are_ignored() {
-        let mut p = ready(10);
-        assert_eq!(p.ack(1, 3), Acked::Behind, "nothing seen yet");
-        p.push(M(50));
-        assert_eq!(p.ack(1, 49), Acked::Behind);
-        assert_eq!(p.commit_candidate(), None);
-        assert_eq!(p.ack(1, 50), Acked::Advanced(50));
-        assert_eq!(p.commit_candidate(), Some(51));
+        let mut r = Rig::new(10, 10);
+        r.fetch(0..1);
+        r.on(Event::Revoke);
+        r.on(Event::WorkerAttached);
+        assert!(r.delivered().is_empty());
+        assert_eq!(r.on(Event::Fetched(M(1))), Intake::Discarded);
     }
 
     #[test]
     fn lag_counts_from_the_next_offset_to_process() {
-        let mut p = ready(10);
-        p.high_watermark = Some(100);
-        assert_eq!(p.lag(), None);
-        p.push(M(50));
-        assert_eq!(p.lag(), Some(50));
-        p.ack(1, 89);
-        assert_eq!(p.lag(), Some(10));
+        let mut r = Rig::new(100, 100);
+        r.on(Event::Watermark(100));
+        assert_eq!(r.p.lag(), None);
+        r.fetch(50..90);
+        assert_eq!(r.p.lag(), Some(50));
+        r.on(Event::WorkerAttached);
+        r.ack(89);
+        assert_eq!(r.p.lag(), Some(10));
     }
 }

@@ -1,6 +1,7 @@
 //! Topic administration and cluster metadata, each call with a short-lived admin client on a
-//! dirty I/O scheduler. Create and delete wait until the cluster's metadata shows the change,
-//! so a produce right after `create_topic` finds the topic.
+//! Rust thread of its own that answers by message (`reply.rs`). Create waits until every
+//! partition's leader answers for the topic, and delete until the metadata no longer shows
+//! it, so a produce or fetch right after `create_topic` finds the topic.
 
 use std::time::{Duration, Instant};
 
@@ -8,12 +9,16 @@ use futures_executor::block_on;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::metadata::Metadata;
-use rustler::{Atom, NifResult};
+use std::ffi::CString;
+
+use rdkafka::bindings as rd;
+use rustler::{Atom, LocalPid};
 
 use crate::atoms;
 use crate::config::client_config;
 use crate::context::OttlaContext;
 use crate::error::{Error, Result};
+use crate::reply;
 
 fn admin(bootstrap: &str, props: &[(String, String)]) -> Result<AdminClient<OttlaContext>> {
     Ok(client_config(bootstrap, props).create_with_context(OttlaContext)?)
@@ -75,9 +80,80 @@ fn wait_for_metadata(
     }
 }
 
-#[rustler::nif(schedule = "DirtyIo")]
+/// Whether the leader of every partition of `topic` answers for it (a ListOffsets request
+/// goes to the partition's leader): metadata alone can show a topic before its leaders serve it.
+fn leaders_serve(client: &AdminClient<OttlaContext>, topic: &str, partitions: i32) -> bool {
+    let Ok(name) = CString::new(topic) else {
+        return false;
+    };
+    (0..partitions).all(|p| {
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client is live; the out-parameters are valid.
+        let err = unsafe {
+            rd::rd_kafka_query_watermark_offsets(
+                client.inner().native_ptr(),
+                name.as_ptr(),
+                p,
+                &mut low,
+                &mut high,
+                2_000,
+            )
+        };
+        err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+    })
+}
+
+fn create_topic(
+    bootstrap: &str,
+    props: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+    replicas: i32,
+    topic_config: &[(String, String)],
+    timeout: Duration,
+) -> Result<Atom> {
+    let deadline = Instant::now() + timeout;
+    let client = admin(bootstrap, props)?;
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
+    for (key, value) in topic_config {
+        new_topic = new_topic.set(key, value);
+    }
+    let results = block_on(client.create_topics([&new_topic], &options(timeout)))?;
+    for result in results {
+        if let Err((name, code)) = result {
+            return Err(Error::from_code(
+                code,
+                format!("could not create topic {name:?}: {code}"),
+            ));
+        }
+    }
+    let expected = partitions as usize;
+    wait_for_metadata(
+        &client,
+        topic,
+        deadline,
+        |state| matches!(state, Some((n, true)) if n == expected),
+    )?;
+    while !leaders_serve(&client, topic, partitions) {
+        if Instant::now() >= deadline {
+            return Err(Error::from_code(
+                RDKafkaErrorCode::OperationTimedOut,
+                format!(
+                    "topic {topic:?} was created, but not every partition's leader serves it yet"
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(atoms::ok())
+}
+
+/// Creates a topic; answers `:ok` once every partition's leader serves it.
+#[rustler::nif]
 #[allow(clippy::too_many_arguments)]
 fn admin_create_topic(
+    pid: LocalPid,
+    tag: u64,
     bootstrap: String,
     props: Vec<(String, String)>,
     topic: String,
@@ -85,65 +161,66 @@ fn admin_create_topic(
     replicas: i32,
     topic_config: Vec<(String, String)>,
     timeout_ms: u64,
-) -> NifResult<Atom> {
-    let timeout = Duration::from_millis(timeout_ms);
+) -> Atom {
+    reply::spawn("ottla-admin", pid, tag, move |env| {
+        let timeout = Duration::from_millis(timeout_ms);
+        let result = create_topic(
+            &bootstrap,
+            &props,
+            &topic,
+            partitions,
+            replicas,
+            &topic_config,
+            timeout,
+        );
+        reply::answer(env, result)
+    })
+}
+
+fn delete_topic(
+    bootstrap: &str,
+    props: &[(String, String)],
+    topic: &str,
+    timeout: Duration,
+) -> Result<Atom> {
     let deadline = Instant::now() + timeout;
-    let client = admin(&bootstrap, &props)?;
-    let mut new_topic = NewTopic::new(&topic, partitions, TopicReplication::Fixed(replicas));
-    for (key, value) in &topic_config {
-        new_topic = new_topic.set(key, value);
-    }
-    let results =
-        block_on(client.create_topics([&new_topic], &options(timeout))).map_err(Error::from)?;
+    let client = admin(bootstrap, props)?;
+    let results = block_on(client.delete_topics(&[topic], &options(timeout)))?;
     for result in results {
         if let Err((name, code)) = result {
-            return Err(
-                Error::from_code(code, format!("could not create topic {name:?}: {code}")).into(),
-            );
+            return Err(Error::from_code(
+                code,
+                format!("could not delete topic {name:?}: {code}"),
+            ));
         }
     }
-    let expected = partitions as usize;
-    wait_for_metadata(
-        &client,
-        &topic,
-        deadline,
-        |state| matches!(state, Some((n, true)) if n == expected),
-    )?;
+    wait_for_metadata(&client, topic, deadline, |state| state.is_none())?;
     Ok(atoms::ok())
 }
 
-#[rustler::nif(schedule = "DirtyIo")]
+/// Deletes a topic; answers `:ok` once the metadata no longer shows it.
+#[rustler::nif]
 fn admin_delete_topic(
+    pid: LocalPid,
+    tag: u64,
     bootstrap: String,
     props: Vec<(String, String)>,
     topic: String,
     timeout_ms: u64,
-) -> NifResult<Atom> {
-    let timeout = Duration::from_millis(timeout_ms);
-    let deadline = Instant::now() + timeout;
-    let client = admin(&bootstrap, &props)?;
-    let results = block_on(client.delete_topics(&[topic.as_str()], &options(timeout)))
-        .map_err(Error::from)?;
-    for result in results {
-        if let Err((name, code)) = result {
-            return Err(
-                Error::from_code(code, format!("could not delete topic {name:?}: {code}")).into(),
-            );
-        }
-    }
-    wait_for_metadata(&client, &topic, deadline, |state| state.is_none())?;
-    Ok(atoms::ok())
+) -> Atom {
+    reply::spawn("ottla-admin", pid, tag, move |env| {
+        let timeout = Duration::from_millis(timeout_ms);
+        reply::answer(env, delete_topic(&bootstrap, &props, &topic, timeout))
+    })
 }
 
-/// `{:ok, [{topic, partition_count}]}`, internal topics (`__*`) left out, sorted by name.
-#[rustler::nif(schedule = "DirtyIo")]
-fn admin_list_topics(
-    bootstrap: String,
-    props: Vec<(String, String)>,
-    timeout_ms: u64,
-) -> NifResult<(Atom, Vec<(String, usize)>)> {
-    let client = admin(&bootstrap, &props)?;
-    let md = metadata(&client, None, Duration::from_millis(timeout_ms))?;
+fn list_topics(
+    bootstrap: &str,
+    props: &[(String, String)],
+    timeout: Duration,
+) -> Result<(Atom, Vec<(String, usize)>)> {
+    let client = admin(bootstrap, props)?;
+    let md = metadata(&client, None, timeout)?;
     let mut topics: Vec<(String, usize)> = md
         .topics()
         .iter()
@@ -154,37 +231,65 @@ fn admin_list_topics(
     Ok((atoms::ok(), topics))
 }
 
+/// Answers `{:ok, [{topic, partition_count}]}`, internal topics (`__*`) left out, sorted.
+#[rustler::nif]
+fn admin_list_topics(
+    pid: LocalPid,
+    tag: u64,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    timeout_ms: u64,
+) -> Atom {
+    reply::spawn("ottla-admin", pid, tag, move |env| {
+        let timeout = Duration::from_millis(timeout_ms);
+        reply::answer(env, list_topics(&bootstrap, &props, timeout))
+    })
+}
+
+/// Answers `{:ok, partition_count}` of `topic`, or the error saying why it is not available.
+#[rustler::nif]
+fn admin_partition_count(
+    pid: LocalPid,
+    tag: u64,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    topic: String,
+    timeout_ms: u64,
+) -> Atom {
+    reply::spawn("ottla-admin", pid, tag, move |env| {
+        let timeout = Duration::from_millis(timeout_ms);
+        let result = admin(&bootstrap, &props).and_then(|client| {
+            crate::metadata::partition_count(client.inner(), &topic, timeout)
+                .map(|count| (atoms::ok(), count))
+        });
+        reply::answer(env, result)
+    })
+}
+
 /// A partition and what its group committed, if anything.
 type Committed = (i32, Option<i64>);
 
-/// `{:ok, [{partition, committed_offset | nil}]}`: what consumer group `group` committed for
-/// each partition of `topic` (Kafka's convention: the next offset to read).
-#[rustler::nif(schedule = "DirtyIo")]
-fn admin_committed_offsets(
-    bootstrap: String,
-    props: Vec<(String, String)>,
+fn committed_offsets(
+    bootstrap: &str,
+    props: &[(String, String)],
     group: String,
-    topic: String,
-    timeout_ms: u64,
-) -> NifResult<(Atom, Vec<Committed>)> {
+    topic: &str,
+    timeout: Duration,
+) -> Result<(Atom, Vec<Committed>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
 
-    let timeout = Duration::from_millis(timeout_ms);
-    let mut props = props;
+    let mut props = props.to_vec();
     props.push(("group.id".into(), group));
     props.push(("enable.auto.commit".into(), "false".into()));
-    let consumer: BaseConsumer<OttlaContext> = client_config(&bootstrap, &props)
-        .create_with_context(OttlaContext)
-        .map_err(Error::from)?;
-    let count = crate::metadata::partition_count(consumer.client(), &topic, timeout)?;
+    let consumer: BaseConsumer<OttlaContext> =
+        client_config(bootstrap, &props).create_with_context(OttlaContext)?;
+    let count = crate::metadata::partition_count(consumer.client(), topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..count {
-        tpl.add_partition(&topic, p);
+        tpl.add_partition(topic, p);
     }
-    let committed = consumer
-        .committed_offsets(tpl, timeout)
-        .map_err(Error::from)?;
+    let committed = consumer.committed_offsets(tpl, timeout)?;
     let mut out: Vec<Committed> = committed
         .elements()
         .iter()
@@ -195,4 +300,23 @@ fn admin_committed_offsets(
         .collect();
     out.sort();
     Ok((atoms::ok(), out))
+}
+
+/// Answers `{:ok, [{partition, committed_offset | nil}]}`: what consumer group `group`
+/// committed for each partition of `topic` (Kafka's convention: the next offset to read).
+#[rustler::nif]
+fn admin_committed_offsets(
+    pid: LocalPid,
+    tag: u64,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    group: String,
+    topic: String,
+    timeout_ms: u64,
+) -> Atom {
+    reply::spawn("ottla-admin", pid, tag, move |env| {
+        let timeout = Duration::from_millis(timeout_ms);
+        let result = committed_offsets(&bootstrap, &props, group, &topic, timeout);
+        reply::answer(env, result)
+    })
 }

@@ -13,6 +13,8 @@ pub struct Error {
     pub code: String,
     pub message: String,
     pub retriable: bool,
+    /// For a message that failed: whether it may have been written all the same.
+    pub possibly_persisted: bool,
 }
 
 impl Error {
@@ -21,7 +23,13 @@ impl Error {
             code: code.to_string(),
             message: message.into(),
             retriable: is_retriable(code),
+            possibly_persisted: false,
         }
+    }
+
+    pub fn possibly_persisted(mut self, possibly: bool) -> Self {
+        self.possibly_persisted = possibly;
+        self
     }
 
     /// An error carrying a librdkafka error code.
@@ -54,6 +62,7 @@ impl Encoder for Error {
             atoms::code().encode(env),
             atoms::message().encode(env),
             atoms::retriable().encode(env),
+            atoms::possibly_persisted().encode(env),
         ];
         let values = [
             atoms::ottla_error().encode(env),
@@ -61,6 +70,7 @@ impl Encoder for Error {
             code.encode(env),
             self.message.encode(env),
             self.retriable.encode(env),
+            self.possibly_persisted.encode(env),
         ];
         // Keys are distinct atoms, so building the map cannot fail; fall back to a tuple anyway.
         Term::map_from_arrays(env, &keys, &values)

@@ -1,27 +1,29 @@
 //! `fetch`: read a range of one partition with a short-lived consumer that joins no group
-//! and commits nothing, on a dirty I/O scheduler.
+//! and commits nothing, on a Rust thread of its own that answers by message (`reply.rs`).
 
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use rustler::{Encoder, Env, NifResult, Term};
+use rustler::{Atom, Encoder, Env, LocalPid, Term};
 
 use crate::atoms;
 use crate::config::client_config;
 use crate::context::OttlaContext;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::message;
 use crate::metadata::partition_count;
+use crate::reply;
 
-/// Returns `{:ok, high_watermark, [%Ottla.Message{}]}` with the messages from `offset` (or
+/// Answers `{:ok, high_watermark, [%Ottla.Message{}]}` with the messages from `offset` (or
 /// the log start, if `offset` is older) up to the high watermark, at most `max_messages`.
 /// `offset` -1 means the log start, -2 the high watermark (nothing to read).
-#[rustler::nif(schedule = "DirtyIo")]
+#[rustler::nif]
 #[allow(clippy::too_many_arguments)]
-fn fetch_messages<'a>(
-    env: Env<'a>,
+fn fetch_messages(
+    pid: LocalPid,
+    tag: u64,
     bootstrap: String,
     props: Vec<(String, String)>,
     topic: String,
@@ -29,34 +31,55 @@ fn fetch_messages<'a>(
     offset: i64,
     max_messages: usize,
     timeout_ms: u64,
-) -> NifResult<Term<'a>> {
-    let timeout = Duration::from_millis(timeout_ms);
+) -> Atom {
+    reply::spawn("ottla-fetch", pid, tag, move |env| {
+        let result = fetch(
+            env,
+            bootstrap,
+            props,
+            &topic,
+            partition,
+            offset,
+            max_messages,
+            Duration::from_millis(timeout_ms),
+        );
+        reply::answer(env, result)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fetch<'a>(
+    env: Env<'a>,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    max_messages: usize,
+    timeout: Duration,
+) -> Result<Term<'a>> {
     let deadline = Instant::now() + timeout;
     let mut props = props;
     props.push(("group.id".into(), "ottla-fetch".into()));
     props.push(("enable.auto.commit".into(), "false".into()));
     props.push(("enable.auto.offset.store".into(), "false".into()));
     props.push(("auto.offset.reset".into(), "earliest".into()));
-    let consumer: BaseConsumer<OttlaContext> = client_config(&bootstrap, &props)
-        .create_with_context(OttlaContext)
-        .map_err(Error::from)?;
+    let consumer: BaseConsumer<OttlaContext> =
+        client_config(&bootstrap, &props).create_with_context(OttlaContext)?;
 
-    let partitions = partition_count(consumer.client(), &topic, timeout)?;
+    let partitions = partition_count(consumer.client(), topic, timeout)?;
     if partition >= partitions {
         return Err(Error::from_code(
             RDKafkaErrorCode::UnknownPartition,
             format!("partition {partition} does not exist: topic {topic:?} has {partitions}"),
-        )
-        .into());
+        ));
     }
 
-    let (low, high) = consumer
-        .fetch_watermarks(
-            &topic,
-            partition,
-            deadline.saturating_duration_since(Instant::now()),
-        )
-        .map_err(Error::from)?;
+    let (low, high) = consumer.fetch_watermarks(
+        topic,
+        partition,
+        deadline.saturating_duration_since(Instant::now()),
+    )?;
     let start = match offset {
         -1 => low,
         -2 => high,
@@ -66,9 +89,8 @@ fn fetch_messages<'a>(
     let mut out: Vec<Term<'a>> = Vec::new();
     if start < high && max_messages > 0 {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition, Offset::Offset(start))
-            .map_err(Error::from)?;
-        consumer.assign(&tpl).map_err(Error::from)?;
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        consumer.assign(&tpl)?;
         let last_wanted = high - 1;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -79,8 +101,7 @@ fn fetch_messages<'a>(
                         "fetch of {topic:?}/{partition} timed out after {} of the messages up to offset {last_wanted}",
                         out.len()
                     ),
-                )
-                .into());
+                ));
             }
             match consumer.poll(left.min(Duration::from_millis(100))) {
                 // Control records or compaction can leave no message at `last_wanted`: stop once
@@ -90,7 +111,7 @@ fn fetch_messages<'a>(
                         .position()
                         .ok()
                         .and_then(|tpl| {
-                            tpl.find_partition(&topic, partition)
+                            tpl.find_partition(topic, partition)
                                 .and_then(|p| p.offset().to_raw())
                         })
                         .is_some_and(|pos| pos >= high);
@@ -98,7 +119,7 @@ fn fetch_messages<'a>(
                         break;
                     }
                 }
-                Some(Err(err)) => return Err(Error::from(err).into()),
+                Some(Err(err)) => return Err(Error::from(err)),
                 Some(Ok(msg)) => {
                     let at = rdkafka::message::Message::offset(&msg);
                     out.push(message::encode(env, &msg, topic_term, None));

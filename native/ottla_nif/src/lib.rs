@@ -15,6 +15,7 @@ mod message;
 mod metadata;
 mod mock;
 mod producer;
+mod reply;
 mod timing;
 
 rustler::init!("Elixir.Ottla.Native");

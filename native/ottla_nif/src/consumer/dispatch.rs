@@ -7,22 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustler::types::binary::OwnedBinary;
-use rustler::{Binary, Encoder, Env, LocalPid, OwnedEnv, Term};
+use rustler::{Binary, Encoder, Env, OwnedEnv, Term};
 
-use super::{Msg, Shared};
+use ottla_core::partition::Event;
+
+use super::{Outgoing, Shared, Tp};
 use crate::atoms;
 
 /// Demand from the NIFs wakes this thread when the state lock is free; otherwise this wait
 /// bounds how late it notices.
 const IDLE_WAIT: Duration = Duration::from_millis(2);
-
-struct Outgoing {
-    pid: LocalPid,
-    topic: String,
-    partition: i32,
-    generation: i32,
-    messages: Vec<Msg>,
-}
 
 pub fn run(shared: Arc<Shared>) {
     let mut env = OwnedEnv::new();
@@ -34,34 +28,13 @@ pub fn run(shared: Arc<Shared>) {
                 if shared.stop.load(Ordering::SeqCst) {
                     return;
                 }
-                let mut out = Vec::new();
-                let mut resumed = false;
-                let max = shared.settings.max_batch;
-                for (tp, slot) in st.partitions.iter_mut() {
-                    slot.sync();
-                    let was_paused = slot.state.want_paused;
-                    if let Some(messages) = slot.state.take_batch(max) {
-                        resumed |= was_paused && !slot.state.want_paused;
-                        if let Some(last) = messages.last() {
-                            slot.cell.high.fetch_max(last.offset, Ordering::AcqRel);
-                        }
-                        // take_batch only gives a batch to a partition with a worker.
-                        if let Some(pid) = slot.worker {
-                            out.push(Outgoing {
-                                pid,
-                                topic: tp.0.clone(),
-                                partition: tp.1,
-                                generation: slot.state.generation,
-                                messages,
-                            });
-                        }
-                    }
+                // Demand and acks arrive through the cells: let every partition look.
+                let keys: Vec<Tp> = st.partitions.keys().cloned().collect();
+                for tp in &keys {
+                    st.handle(tp, Event::Tick);
                 }
-                if resumed {
-                    st.dirty = true;
-                }
-                if !out.is_empty() {
-                    break out;
+                if !st.outbox.is_empty() {
+                    break std::mem::take(&mut st.outbox);
                 }
                 st = shared
                     .work

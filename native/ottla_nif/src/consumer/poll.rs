@@ -1,22 +1,23 @@
-//! The poll thread and the consumer context: librdkafka's callbacks (rebalance, commit)
-//! run here, inside `poll`.
+//! The poll thread and the consumer context: the only code that calls librdkafka's consumer.
+//! librdkafka's rebalance callbacks run here, inside `poll`. It feeds fetched messages to the
+//! partitions' state machines and applies the pause, resume and seek effects they return.
 
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ottla_core::partition::Pushed;
+use ottla_core::partition::{Effect, Event};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use rustler::Encoder;
 
-use super::{Msg, Shared, Tp};
+use super::commit::{Commits, Outcome};
+use super::{now_ms, Msg, MsgData, Shared, State, Tp};
 use crate::atoms;
 use crate::context::{log, send_reliably, OttlaContext};
 
@@ -24,14 +25,20 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Messages taken from librdkafka per lock of the state.
 const INTAKE_BATCH: usize = 500;
 const WATERMARK_INTERVAL: Duration = Duration::from_millis(500);
-/// Beyond the drain timeout, how long a revocation waits for the manager's reply.
-const REPLY_MARGIN: Duration = Duration::from_secs(5);
+/// How long a revocation waits for the manager's reply past the drain timeout: the manager
+/// has the whole drain timeout to stop the workers, this only covers its reply's trip.
+const REPLY_MARGIN: Duration = Duration::from_millis(300);
+/// How long a revocation waits for its commit.
+const REVOKE_COMMIT_WAIT: Duration = Duration::from_millis(500);
+/// How long shutdown waits for its final commit.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How often a bounded wait re-reads the ack cells.
 const RECHECK: Duration = Duration::from_millis(5);
 
 pub struct GroupCtx {
     base: OttlaContext,
     shared: Arc<Shared>,
+    commits: Mutex<Commits>,
 }
 
 impl GroupCtx {
@@ -39,7 +46,12 @@ impl GroupCtx {
         GroupCtx {
             base: OttlaContext,
             shared,
+            commits: Mutex::new(Commits::default()),
         }
+    }
+
+    fn commits(&self) -> MutexGuard<'_, Commits> {
+        self.commits.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -60,39 +72,29 @@ fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
-fn notify_manager(
-    shared: &Shared,
-    kind: rustler::Atom,
-    id: u64,
-    generation: Option<i32>,
-    list: Vec<Tp>,
-) {
-    send_reliably(
-        &shared.settings.manager,
-        Box::new(move |env| (kind, id, generation, list).encode(env)),
-    );
-}
-
-/// Records newly assigned partitions under a new generation and tells the manager.
+/// Records newly assigned partitions under a new generation and tells the manager:
+/// `{:ottla_assigned, generation, [{topic, partition}]}`.
 pub fn assigned(shared: &Shared, tpl: &TopicPartitionList) {
     let list = tps(tpl);
     if list.is_empty() {
         // Cooperative rebalances often assign nothing new: no new generation then.
-        shared.lock().last_rebalance_ms = Some(super::now_ms());
+        shared.lock().last_rebalance_ms = Some(now_ms());
         return;
     }
-    let epoch = shared.insert_partitions(&list);
-    let generation = shared.settings.group.then_some(epoch);
-    notify_manager(shared, atoms::ottla_assigned(), 0, generation, list);
+    let generation = shared.insert_partitions(&list);
+    send_reliably(
+        &shared.settings.manager,
+        Box::new(move |env| (atoms::ottla_assigned(), generation, list).encode(env)),
+    );
 }
 
-/// Waits until `done` holds for the state or `timeout` passes, re-reading the ack cells.
-fn wait_for(shared: &Shared, timeout: Duration, done: impl Fn(&mut super::State) -> bool) {
-    let deadline = Instant::now() + timeout;
+/// Waits until `done` holds or `deadline` passes, re-reading the ack cells.
+fn wait_until(shared: &Shared, deadline: Instant, done: impl Fn(&mut State) -> bool) {
     let mut st = shared.lock();
     loop {
-        for slot in st.partitions.values_mut() {
-            slot.sync();
+        let keys: Vec<Tp> = st.partitions.keys().cloned().collect();
+        for tp in &keys {
+            st.handle(tp, Event::Tick);
         }
         if done(&mut st) || shared.stop.load(Ordering::SeqCst) {
             return;
@@ -109,58 +111,70 @@ fn wait_for(shared: &Shared, timeout: Duration, done: impl Fn(&mut super::State)
     }
 }
 
-/// Stops delivery to the revoked partitions, waits (bounded) for their in-flight batches to
-/// be acked, commits, has the manager stop their workers (bounded), and forgets them.
-fn revoking(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
+/// Revocation, all within the drain timeout: stop delivering; give in-flight batches the
+/// drain timeout (less a share for stopping) to be acked; have the manager stop the workers
+/// (killing those still busy) and run the user's handler within what is left; commit the
+/// acks; forget the partitions. Only then does librdkafka go on.
+fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
+    let shared = &ctx.shared;
+    let started = Instant::now();
     let list = tps(tpl);
     if list.is_empty() {
         return;
     }
     let lost = consumer.assignment_lost();
     let drain = shared.settings.drain_timeout;
+    let deadline = started + drain;
     let closing = {
         let mut st = shared.lock();
         for tp in &list {
-            if let Some(slot) = st.partitions.get_mut(tp) {
-                slot.state.revoking = true;
-            }
+            st.handle(tp, Event::Revoke);
         }
         st.closing
     };
 
-    if !lost && !closing {
-        wait_for(shared, drain, |st| {
-            list.iter()
-                .all(|tp| st.partitions.get(tp).is_none_or(|s| s.state.drained()))
-        });
-    }
-
-    if !lost && shared.settings.group {
-        commit(shared, consumer, Some(&list));
-    }
-
     if !closing {
+        if !lost {
+            let grace = (drain / 5).min(Duration::from_millis(500));
+            wait_until(shared, deadline - grace, |st| {
+                list.iter()
+                    .all(|tp| st.partitions.get(tp).is_none_or(|s| s.part.drained()))
+            });
+        }
         let id = {
             let mut st = shared.lock();
             st.revoke_seq += 1;
             st.revoke_seq
         };
-        notify_manager(shared, atoms::ottla_revoked(), id, None, list.clone());
-        // The manager gives stopping workers a short grace, then runs the user's handler.
-        wait_for(shared, drain + REPLY_MARGIN, |st| st.revoke_done >= id);
-        // Workers that finished a batch while stopping acked it after the first commit.
-        if !lost && shared.settings.group {
-            commit(shared, consumer, Some(&list));
-        }
+        let budget_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        let revoked = list.clone();
+        send_reliably(
+            &shared.settings.manager,
+            Box::new(move |env| (atoms::ottla_revoked(), id, budget_ms, revoked).encode(env)),
+        );
+        wait_until(shared, deadline + REPLY_MARGIN, |st| st.revoke_done >= id);
+    }
+
+    if !lost && !closing && shared.settings.group {
+        let outcomes = {
+            let mut commits = ctx.commits();
+            let mut outcomes = start_commit(shared, consumer, &mut commits, Some(&list));
+            outcomes.extend(commits.collect(REVOKE_COMMIT_WAIT));
+            outcomes
+        };
+        apply_commits(shared, outcomes);
     }
 
     shared.remove_partitions(&list);
+    shared.lock().last_revoke_ms = Some(started.elapsed().as_millis() as i64);
 }
 
 impl ConsumerContext for GroupCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(tpl) => revoking(&self.shared, consumer, tpl),
+            Rebalance::Revoke(tpl) => revoking(self, consumer, tpl),
             Rebalance::Assign(_) => {}
             Rebalance::Error(err) => log(atoms::error(), "REBALANCE", &err.to_string()),
         }
@@ -184,150 +198,119 @@ impl ConsumerContext for GroupCtx {
     }
 }
 
-/// Synchronously commits acked offsets (of `only`, or of every partition) that are ahead of
-/// the committed ones, and records them as committed.
-fn commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>, only: Option<&[Tp]>) {
-    let mut tpl = TopicPartitionList::new();
-    {
+/// Sends a commit of what was acked beyond the committed offsets (of `only`, or of every
+/// partition). Returns the outcomes of a commit that failed at once.
+fn start_commit(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupCtx>,
+    commits: &mut Commits,
+    only: Option<&[Tp]>,
+) -> Vec<Outcome> {
+    let due: Vec<(Tp, i64)> = {
         let mut st = shared.lock();
-        for (tp, slot) in st.partitions.iter_mut() {
-            if only.is_some_and(|list| !list.contains(tp)) {
-                continue;
-            }
-            slot.sync();
-            if let Some(next) = slot.state.commit_candidate() {
-                let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
-            }
-        }
-    }
-    if tpl.count() == 0 {
+        st.partitions
+            .iter_mut()
+            .filter(|(tp, _)| only.is_none_or(|list| list.contains(tp)))
+            .filter_map(|(tp, slot)| slot.part.commit_due().map(|o| (tp.clone(), o)))
+            .collect()
+    };
+    commits.start(consumer, due)
+}
+
+/// Hands commit results to their partitions; logs failures.
+fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
+    if outcomes.is_empty() {
         return;
     }
-    match consumer.commit(&tpl, CommitMode::Sync) {
-        Ok(()) => {
-            let mut st = shared.lock();
-            for e in tpl.elements() {
-                if let (Offset::Offset(o), Some(slot)) = (
-                    e.offset(),
-                    st.partitions
-                        .get_mut(&(e.topic().to_string(), e.partition())),
-                ) {
-                    slot.state.mark_committed(o);
-                }
-            }
+    let mut failures = Vec::new();
+    let mut st = shared.lock();
+    for o in outcomes {
+        if let Some(error) = &o.error {
+            failures.push(format!("{}/{} at {}: {error}", o.tp.0, o.tp.1, o.offset));
         }
-        Err(err) => log(atoms::warning(), "COMMIT", &format!("commit failed: {err}")),
+        st.handle(
+            &o.tp,
+            Event::Committed {
+                offset: o.offset,
+                ok: o.ok,
+            },
+        );
+    }
+    drop(st);
+    if !failures.is_empty() {
+        log(
+            atoms::warning(),
+            "COMMIT",
+            &format!("commit failed (retried later): {}", failures.join(", ")),
+        );
     }
 }
 
 fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
-    let headers = crate::message::headers(m);
-    let msg = Msg {
+    let data = MsgData {
         offset: m.offset(),
         timestamp: m.timestamp().to_millis(),
         key: m.key().map(<[u8]>::to_vec),
         value: m.payload().map(<[u8]>::to_vec),
-        headers,
+        headers: crate::message::headers(m),
     };
-    ((m.topic().to_string(), m.partition()), msg)
+    ((m.topic().to_string(), m.partition()), Msg(Arc::new(data)))
 }
 
-/// Adds polled messages to their partitions' backlogs, under one lock.
+/// Feeds polled messages to their partitions, under one lock, then lets each deliver.
 fn intake(shared: &Shared, messages: Vec<(Tp, Msg)>) {
     let mut st = shared.lock();
-    let mut wake = false;
-    let mut dirty = false;
+    let mut touched: Vec<Tp> = Vec::new();
     for (tp, msg) in messages {
-        let Some(slot) = st.partitions.get_mut(&tp) else {
-            continue; // revoked meanwhile: it will be fetched by whoever owns it now
-        };
-        let offset = msg.offset;
-        let pushed = slot.state.push(msg);
-        if matches!(pushed, Pushed::Added { .. }) {
-            let _ = slot
-                .cell
-                .low
-                .compare_exchange(-1, offset, Ordering::AcqRel, Ordering::Relaxed);
-        }
-        match pushed {
-            Pushed::Added { pause } => {
-                dirty |= pause;
-                slot.sync();
-                wake |= slot.state.ready();
-            }
-            Pushed::Overflow { .. } => dirty = true,
-            Pushed::Duplicate | Pushed::Discarded => {}
+        // A partition no longer held was revoked meanwhile: its new owner fetches it.
+        if st.handle(&tp, Event::Fetched(msg)) && !touched.contains(&tp) {
+            touched.push(tp);
         }
     }
-    st.dirty |= dirty;
-    if wake {
+    for tp in &touched {
+        st.handle(tp, Event::Tick);
+    }
+    if !st.outbox.is_empty() {
         shared.work.notify_one();
     }
 }
 
-/// Applies what the bookkeeping asked for: pause, resume and seeks.
-fn apply_pending(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
-    let (pause, resume, seeks) = {
-        let mut st = shared.lock();
-        if !st.dirty {
-            return;
-        }
-        st.dirty = false;
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
-        let mut seeks: Vec<(Tp, i64)> = Vec::new();
-        for (tp, slot) in st.partitions.iter_mut() {
-            let p = &mut slot.state;
-            if let Some(offset) = p.rewind_to {
-                seeks.push((tp.clone(), offset));
+/// Applies the pause, resume and seek effects, in the order the partitions asked for them.
+fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
+    let ops = std::mem::take(&mut shared.lock().ops);
+    for ((topic, partition), effect) in ops {
+        let mut one = TopicPartitionList::new();
+        one.add_partition(&topic, partition);
+        let result = match effect {
+            Effect::Pause => consumer.pause(&one).map_err(|e| ("pause", e)),
+            Effect::Resume => consumer.resume(&one).map_err(|e| ("resume", e)),
+            Effect::Seek(offset) => {
+                // Timeout 0: asynchronous; librdkafka drops what it fetched before the seek.
+                let result =
+                    consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO);
+                let event = match result {
+                    Ok(()) => Event::SeekDone { offset },
+                    Err(_) => Event::SeekFailed { offset },
+                };
+                shared.lock().handle(&(topic.clone(), partition), event);
+                result.map_err(|e| ("seek", e))
             }
-            if p.want_paused && !p.paused {
-                pause.add_partition(&tp.0, tp.1);
-                p.paused = true;
-            } else if !p.want_paused && p.paused {
-                resume.add_partition(&tp.0, tp.1);
-                p.paused = false;
-            }
-        }
-        (pause, resume, seeks)
-    };
-    if pause.count() > 0 {
-        if let Err(err) = consumer.pause(&pause) {
-            log(atoms::warning(), "PAUSE", &format!("pause failed: {err}"));
-        }
-    }
-    for ((topic, partition), offset) in seeks {
-        // Timeout 0: asynchronous; librdkafka discards what it fetched before the seek.
-        match consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
-            Ok(()) => {
-                let mut st = shared.lock();
-                if let Some(slot) = st.partitions.get_mut(&(topic, partition)) {
-                    if slot.state.rewind_to == Some(offset) {
-                        slot.state.rewound();
-                    }
-                }
-            }
-            Err(err) => {
-                log(
-                    atoms::warning(),
-                    "SEEK",
-                    &format!("seek of {topic}/{partition} to {offset} failed, retrying: {err}"),
-                );
-                shared.lock().dirty = true;
-            }
-        }
-    }
-    if resume.count() > 0 {
-        if let Err(err) = consumer.resume(&resume) {
-            log(atoms::warning(), "RESUME", &format!("resume failed: {err}"));
+            Effect::Deliver(_) => Ok(()),
+        };
+        if let Err((what, err)) = result {
+            log(
+                atoms::debug(),
+                "CONSUMER",
+                &format!("{what} of {topic}/{partition} failed (tried again): {err}"),
+            );
         }
     }
 }
 
-/// Refreshes each partition's high watermark from librdkafka's cache (no request).
+/// Reads each partition's high watermark from librdkafka's cache (no request).
 fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     let list: Vec<Tp> = shared.lock().partitions.keys().cloned().collect();
-    let mut marks: HashMap<Tp, i64> = HashMap::new();
+    let mut marks: Vec<(Tp, i64)> = Vec::new();
     for tp in list {
         let Ok(topic) = CString::new(tp.0.as_str()) else {
             continue;
@@ -345,14 +328,12 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
             )
         };
         if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 {
-            marks.insert(tp, high);
+            marks.push((tp, high));
         }
     }
     let mut st = shared.lock();
     for (tp, high) in marks {
-        if let Some(slot) = st.partitions.get_mut(&tp) {
-            slot.state.high_watermark = Some(high);
-        }
+        st.handle(&tp, Event::Watermark(high));
     }
 }
 
@@ -360,6 +341,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut last_commit = Instant::now();
     let mut last_marks = Instant::now();
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
+    let group = shared.settings.group;
     while !shared.stop.load(Ordering::SeqCst) {
         // Wait for one message, then take what is already there without waiting.
         let mut timeout = POLL_TIMEOUT;
@@ -377,23 +359,36 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         if !polled.is_empty() {
             intake(&shared, std::mem::take(&mut polled));
         }
-        apply_pending(&shared, &consumer);
-        // Sync: a round trip a second on this thread, and the committed offsets in the
-        // stats are known rather than assumed.
-        if shared.settings.group && last_commit.elapsed() >= shared.settings.commit_interval {
-            commit(&shared, &consumer, None);
-            last_commit = Instant::now();
+        apply_ops(&shared, &consumer);
+        if group {
+            let ctx = consumer.context();
+            let mut outcomes = ctx.commits().collect(Duration::ZERO);
+            if last_commit.elapsed() >= shared.settings.commit_interval {
+                outcomes.extend(start_commit(&shared, &consumer, &mut ctx.commits(), None));
+                last_commit = Instant::now();
+            }
+            apply_commits(&shared, outcomes);
         }
         if last_marks.elapsed() >= WATERMARK_INTERVAL {
             refresh_watermarks(&shared, &consumer);
             last_marks = Instant::now();
         }
     }
-    // Shutdown: commit every ack, then close (leave the group, so others rebalance at once).
-    if shared.settings.group {
-        commit(&shared, &consumer, None);
+    // Shutdown: commit every ack (bounded), then close: leave the group, so the others
+    // rebalance at once.
+    if group {
+        let ctx = consumer.context();
+        let outcomes = {
+            let mut commits = ctx.commits();
+            let mut outcomes = start_commit(&shared, &consumer, &mut commits, None);
+            outcomes.extend(commits.collect(FINAL_COMMIT_WAIT));
+            outcomes
+        };
+        apply_commits(&shared, outcomes);
     }
     shared.lock().closing = true;
+    // The reply queues must go before the client they belong to.
+    *consumer.context().commits() = Commits::default();
     drop(consumer);
     shared.work.notify_all();
 }

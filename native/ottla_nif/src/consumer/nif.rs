@@ -1,0 +1,368 @@
+//! The consumer's NIF entry points. None of them calls librdkafka or waits on Kafka. The hot
+//! ones (ack, demand, latest offset) run on normal schedulers and touch only a partition's
+//! [`AckCell`](ottla_core::cell::AckCell) (found through a read lock on the map of cells,
+//! written only at assignment and revocation). The rare ones take the state mutex for a few
+//! microseconds; they run on dirty schedulers so that a mutex holder preempted by the OS
+//! cannot stall a normal scheduler.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use ottla_core::cell::AckOutcome;
+use ottla_core::partition::Event;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset as KOffset, TopicPartitionList};
+use rustler::{Atom, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
+
+use super::{poll, spawn_guarded, AckCounters, ConsumerResource, Settings, Shared, State, Tp};
+use crate::atoms;
+use crate::config::client_config;
+use crate::error::Error;
+use crate::timing::Timed;
+
+/// `{topic, partition, offset}` for assign mode; offset -1 earliest, -2 latest.
+type Assignment = (String, i32, i64);
+
+/// `{max_batch, max_backlog, drain_timeout_ms, commit_interval_ms}`
+type Tuning = (usize, usize, u64, u64);
+
+/// Creates the consumer and starts its threads. Creating the client and subscribing do not
+/// wait on Kafka; it runs on a dirty scheduler because client creation allocates and spawns
+/// librdkafka's threads.
+#[rustler::nif(schedule = "DirtyIo")]
+#[allow(clippy::too_many_arguments)]
+fn consumer_new<'a>(
+    env: Env<'a>,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    manager: LocalPid,
+    topics: Vec<String>,
+    assignment: Vec<Assignment>,
+    tuning: Tuning,
+) -> NifResult<Term<'a>> {
+    let (max_batch, max_backlog, drain_ms, commit_ms) = tuning;
+    let group = assignment.is_empty();
+    let shared = Arc::new(Shared {
+        settings: Settings {
+            manager,
+            group,
+            max_batch: max_batch.max(1),
+            max_backlog: max_backlog.max(1),
+            drain_timeout: Duration::from_millis(drain_ms),
+            commit_interval: Duration::from_millis(commit_ms.max(10)),
+        },
+        state: Mutex::new(State::default()),
+        cells: RwLock::new(HashMap::new()),
+        acks: AckCounters::default(),
+        work: Condvar::new(),
+        progress: Condvar::new(),
+        stop: Default::default(),
+    });
+    let consumer: BaseConsumer<poll::GroupCtx> = client_config(&bootstrap, &props)
+        .create_with_context(poll::GroupCtx::new(shared.clone()))
+        .map_err(Error::from)?;
+
+    if group {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(Error::from)?;
+    } else {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in &assignment {
+            let offset = match offset {
+                -1 => KOffset::Beginning,
+                -2 => KOffset::End,
+                o => KOffset::Offset(*o),
+            };
+            tpl.add_partition_offset(topic, *partition, offset)
+                .map_err(Error::from)?;
+        }
+        consumer.assign(&tpl).map_err(Error::from)?;
+        poll::assigned(&shared, &tpl);
+    }
+
+    let poll_thread = spawn_guarded("ottla-poll", &shared, {
+        let shared = shared.clone();
+        move || poll::run(consumer, shared)
+    })?;
+    let dispatch_thread = match spawn_guarded("ottla-dispatch", &shared, {
+        let shared = shared.clone();
+        move || super::dispatch::run(shared)
+    }) {
+        Ok(thread) => thread,
+        Err(err) => {
+            // The poll thread is running: stop it, or it stays in the group for good.
+            shared.signal_stop();
+            let _ = poll_thread.join();
+            return Err(err.into());
+        }
+    };
+
+    let resource = ResourceArc::new(ConsumerResource {
+        shared,
+        threads: Mutex::new(vec![poll_thread, dispatch_thread]),
+    });
+    Ok((atoms::ok(), resource).encode(env))
+}
+
+/// A worker process takes over a partition: batches go to `pid` from now on.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_attach(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    pid: LocalPid,
+) -> NifResult<Atom> {
+    let shared = &resource.shared;
+    let tp = (topic, partition);
+    let mut st = shared.lock();
+    match st.partitions.get_mut(&tp) {
+        Some(slot) if slot.part.generation() == generation => slot.worker = Some(pid),
+        _ => return Err(Error::new("not_assigned", "this partition is not assigned here").into()),
+    }
+    st.handle(&tp, Event::WorkerAttached);
+    shared.work.notify_one();
+    Ok(atoms::ok())
+}
+
+/// The worker is done with its batch and wants the next one. Lock-free.
+#[rustler::nif]
+fn consumer_demand(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+) -> Atom {
+    let _timed = Timed::start();
+    let shared = &resource.shared;
+    if let Some(cell) = shared.cell(&(topic, partition)) {
+        if cell.demand(generation) {
+            shared.poke();
+        }
+    }
+    atoms::ok()
+}
+
+/// Acks every offset of the partition up to `offset`. Acks from another generation, for a
+/// partition this member does not hold, or beyond what was delivered are dropped with a
+/// warning and counted. Lock-free.
+#[rustler::nif]
+fn consumer_ack(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: Option<i32>,
+    offset: i64,
+) -> Atom {
+    let _timed = Timed::start();
+    let shared = &resource.shared;
+    let acks = &shared.acks;
+    let tp = (topic, partition);
+    let shown = || generation.map_or("nil".to_string(), |g| g.to_string());
+    match shared.cell(&tp).map(|cell| cell.ack(generation, offset)) {
+        Some(AckOutcome::Advanced | AckOutcome::Behind) => {}
+        Some(AckOutcome::Undelivered { last_delivered }) => {
+            acks.undelivered.fetch_add(1, Ordering::Relaxed);
+            acks.warn(|| {
+                format!(
+                    "dropped ack of {}/{} offset {offset}: the last delivered offset is {last_delivered:?}",
+                    tp.0, tp.1
+                )
+            });
+        }
+        Some(AckOutcome::StaleGeneration { current }) => {
+            acks.stale.fetch_add(1, Ordering::Relaxed);
+            acks.warn(|| {
+                format!(
+                    "dropped ack of {}/{} offset {offset}: generation {}, the partition is at generation {current}",
+                    tp.0, tp.1, shown()
+                )
+            });
+        }
+        None => {
+            acks.unheld.fetch_add(1, Ordering::Relaxed);
+            acks.warn(|| {
+                format!(
+                    "dropped ack of {}/{} offset {offset} (generation {}): the partition is not assigned to this member",
+                    tp.0, tp.1, shown()
+                )
+            });
+        }
+    }
+    atoms::ok()
+}
+
+/// Redeliver the partition from `offset` (a handler acked only part of its batch).
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_redeliver(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    offset: i64,
+) -> Atom {
+    let shared = &resource.shared;
+    let tp = (topic, partition);
+    let mut st = shared.lock();
+    if st
+        .partitions
+        .get(&tp)
+        .is_some_and(|s| s.part.generation() == generation)
+    {
+        st.handle(&tp, Event::Redeliver { from: offset });
+    }
+    atoms::ok()
+}
+
+/// The partition's worker died: forget it; what it did not ack goes to the next worker.
+/// Returns `{:ok, last_acked | nil}`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_worker_down(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+) -> (Atom, Option<i64>) {
+    let shared = &resource.shared;
+    let tp = (topic, partition);
+    let mut st = shared.lock();
+    let mut acked = None;
+    if let Some(slot) = st.partitions.get_mut(&tp) {
+        if slot.part.generation() == generation {
+            slot.worker = None;
+            st.handle(&tp, Event::WorkerDown);
+            acked = st.partitions.get(&tp).and_then(|s| s.part.acked());
+        }
+    }
+    (atoms::ok(), acked)
+}
+
+/// Elsa's `get_latest_offset`: last acked offset + 1, or nil if nothing was acked since the
+/// partition was assigned. Lock-free.
+#[rustler::nif]
+fn consumer_latest_offset(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+) -> Option<i64> {
+    let _timed = Timed::start();
+    resource
+        .shared
+        .cell(&(topic, partition))
+        .and_then(|cell| cell.latest_offset())
+}
+
+/// The manager finished handling revocation `id` (workers stopped, handler called).
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_revoke_done(resource: ResourceArc<ConsumerResource>, id: u64) -> Atom {
+    let shared = &resource.shared;
+    let mut st = shared.lock();
+    if id > st.revoke_done {
+        st.revoke_done = id;
+    }
+    shared.progress.notify_all();
+    atoms::ok()
+}
+
+/// `{:ok, %{partitions: [%{...}], last_rebalance: ms | nil, last_revoke_duration: ms | nil,
+/// stale_acks: n, unheld_acks: n, undelivered_acks: n}}`
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_stats<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<ConsumerResource>,
+) -> NifResult<Term<'a>> {
+    let shared = &resource.shared;
+    let group = shared.settings.group;
+    let mut st = shared.lock();
+    let mut keys: Vec<Tp> = st.partitions.keys().cloned().collect();
+    keys.sort();
+    let mut rows: Vec<Term<'a>> = Vec::with_capacity(keys.len());
+    for tp in keys {
+        st.handle(&tp, Event::Tick);
+        let Some(slot) = st.partitions.get(&tp) else {
+            continue;
+        };
+        let p = &slot.part;
+        let generation = if group { Some(p.generation()) } else { None };
+        let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
+            (atoms::topic().encode(env), tp.0.encode(env)),
+            (atoms::partition().encode(env), tp.1.encode(env)),
+            (atoms::generation_id().encode(env), generation.encode(env)),
+            (atoms::backlog().encode(env), p.backlog_len().encode(env)),
+            (atoms::held().encode(env), p.held().encode(env)),
+            (atoms::paused().encode(env), p.paused().encode(env)),
+            (
+                atoms::last_delivered().encode(env),
+                p.last_delivered().encode(env),
+            ),
+            (atoms::last_acked().encode(env), p.acked().encode(env)),
+            (atoms::committed().encode(env), p.committed().encode(env)),
+            (
+                atoms::high_watermark().encode(env),
+                p.high_watermark().encode(env),
+            ),
+            (atoms::lag().encode(env), p.lag().encode(env)),
+            (atoms::worker().encode(env), slot.worker.encode(env)),
+        ];
+        rows.push(Term::map_from_pairs(env, &pairs)?);
+    }
+    if !st.outbox.is_empty() {
+        shared.work.notify_one();
+    }
+    let acks = &shared.acks;
+    let pairs: Vec<(Term<'a>, Term<'a>)> = vec![
+        (atoms::partitions().encode(env), rows.encode(env)),
+        (
+            atoms::last_rebalance().encode(env),
+            st.last_rebalance_ms.encode(env),
+        ),
+        (
+            atoms::last_revoke_duration().encode(env),
+            st.last_revoke_ms.encode(env),
+        ),
+        (
+            atoms::stale_acks().encode(env),
+            acks.stale.load(Ordering::Relaxed).encode(env),
+        ),
+        (
+            atoms::unheld_acks().encode(env),
+            acks.unheld.load(Ordering::Relaxed).encode(env),
+        ),
+        (
+            atoms::undelivered_acks().encode(env),
+            acks.undelivered.load(Ordering::Relaxed).encode(env),
+        ),
+    ];
+    Ok((atoms::ok(), Term::map_from_pairs(env, &pairs)?).encode(env))
+}
+
+/// Starts closing: the poll thread commits what was acked (bounded), leaves the group and
+/// stops. A plain thread joins the consumer's threads and then sends `{:ottla_closed, tag}` to
+/// `pid`, so no scheduler waits for the close.
+#[rustler::nif]
+fn consumer_close(resource: ResourceArc<ConsumerResource>, pid: LocalPid, tag: u64) -> Atom {
+    resource.shared.signal_stop();
+    let threads: Vec<_> = match resource.threads.lock() {
+        Ok(mut threads) => threads.drain(..).collect(),
+        Err(_) => Vec::new(),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("ottla-close".into())
+        .spawn(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+            crate::context::send_reliably(
+                &pid,
+                Box::new(move |env| (atoms::ottla_closed(), tag).encode(env)),
+            );
+        });
+    if spawned.is_err() {
+        // The threads stop on their own; only the reply is lost, and the caller's wait is
+        // bounded.
+        return atoms::error();
+    }
+    atoms::ok()
+}
