@@ -44,8 +44,14 @@ defmodule Ottla do
   acknowledged every one of them (`acks=all` by default).
 
   Returns `:ok`, or `{:error, %Ottla.Error{}, failed}` where `failed` is
-  `[{message, %Ottla.Error{}}]`: each message that was not delivered, with why. Retrying
-  is `Ottla.produce(target, topic, Enum.map(failed, &elem(&1, 0)), opts)`.
+  `[{message, %Ottla.Error{}}]`: each message that was not delivered, with why. That shape
+  holds for every failure, also when the whole call failed (unknown topic, unreachable
+  cluster, a connection without a producer): then every message is named. An error's
+  `possibly_persisted?` is `true` when its message may have been written all the same;
+  retrying only the others cannot write a message twice:
+
+      {:error, _, failed} = Ottla.produce(target, topic, messages)
+      retry = for {message, %{possibly_persisted?: false}} <- failed, do: message
 
   ## Options
 
@@ -55,11 +61,12 @@ defmodule Ottla do
       partition as it would from a Java producer; keyless messages are spread), `:random`,
       `:md5` (Elsa's md5 partitioner), or a function `(partition_count, key) -> partition`.
       Defaults to `:default`.
-    * `:timeout` - milliseconds to wait for all delivery reports. With endpoints it is also
-      librdkafka's `message.timeout.ms`. With a connection, the producer's own
-      `message.timeout.ms` (30 s unless configured) bounds delivery: a shorter `:timeout` can
-      return `:timed_out` while delivery goes on, and the late report then arrives in the
-      caller's mailbox as `{:ottla_produced, tag, failures}`. Defaults to `30000`.
+    * `:timeout` - milliseconds the call may take; it returns by then. With endpoints it also
+      bounds delivery (librdkafka's `message.timeout.ms` is set a little below it). With a
+      connection, the producer's own `message.timeout.ms` (30 s unless configured) bounds
+      delivery: a message still queued when `:timeout` passes is reported as
+      `:timed_out` with `possibly_persisted?: true`, since it may yet be delivered. Nothing
+      arrives in the caller's mailbox after the call returns. Defaults to `30000`.
     * `:config` - extra librdkafka producer properties for the short-lived client (ignored
       with a connection, whose producer is configured once). Defaults to `[]`.
     * `:connection` - accepted for Elsa compatibility and ignored.
@@ -266,8 +273,8 @@ defmodule Ottla do
         Ottla.stats(:shop)
   """
   @spec stats(atom) :: {:ok, map} | {:error, Ottla.Error.t()}
-  def stats(connection) when is_atom(connection) do
-    case Ottla.Group.Manager.resource(connection) do
+  def stats(connection) do
+    case Ottla.Group.Manager.resource(Options.connection!(connection)) do
       nil ->
         {:error,
          Ottla.Error.new(
@@ -279,7 +286,4 @@ defmodule Ottla do
         Native.consumer_stats(resource)
     end
   end
-
-  def stats(other),
-    do: raise(ArgumentError, "invalid connection #{inspect(other)}: expected an atom")
 end

@@ -277,7 +277,6 @@ defmodule OttlaTest do
       )
 
       topic = create_topic!()
-      assert :ok = Ottla.produce(name, topic, "warm-up the partition count", timeout: 100_000)
 
       {micros, result} = :timer.tc(fn -> Ottla.produce(name, topic, ["a", "b"], timeout: 500) end)
 

@@ -145,6 +145,18 @@ defmodule Ottla.Options do
     config
   end
 
+  @doc """
+  Raises unless `name` is a connection name (an atom other than `nil`, `true` and `false`),
+  calling it `label` in the message.
+  """
+  @spec connection!(term, String.t()) :: atom
+  def connection!(name, label \\ "connection")
+
+  def connection!(name, _label) when is_atom(name) and name not in [nil, true, false], do: name
+
+  def connection!(other, label),
+    do: raise(ArgumentError, "invalid #{label} #{inspect(other)}: expected an atom")
+
   @doc "Raises unless `topic` is a non-empty binary."
   @spec topic!(term) :: String.t()
   def topic!(topic) when is_binary(topic) and byte_size(topic) > 0 and byte_size(topic) <= 249,

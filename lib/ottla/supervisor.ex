@@ -93,11 +93,7 @@ defmodule Ottla.Supervisor do
         "Ottla.Supervisor options"
       )
 
-    name = opts[:connection]
-
-    unless is_atom(name) and name not in [nil, true, false] do
-      raise ArgumentError, "invalid :connection #{inspect(name)}: expected an atom"
-    end
+    name = Ottla.Options.connection!(opts[:connection], ":connection")
 
     unless Keyword.has_key?(opts, :endpoints), do: raise(ArgumentError, "missing :endpoints")
 

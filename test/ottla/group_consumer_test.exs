@@ -564,6 +564,8 @@ defmodule Ottla.GroupConsumerTest do
              "backlog of the blocked partition is #{stats.backlog}, bound 100"
 
       assert stats.backlog >= 50
+      # The README's bound: at most 2 × max_backlog messages held per partition.
+      assert stats.held <= 200, "partition 0 holds #{stats.held} messages, bound 200"
       assert stats.last_delivered == blocked_at
       {:message_queue_len, queued} = Process.info(worker, :message_queue_len)
       assert queued <= 1, "the blocked worker's mailbox holds #{queued} messages"

@@ -136,7 +136,7 @@ defmodule Ottla.SupervisorTest do
       assert {:error,
               {:shutdown,
                {:failed_to_start_child, Ottla.Connection,
-                %Ottla.Error{code: :invalid_config, message: message}}}} =
+                %Ottla.Error{code: :client_creation, message: message}}}} =
                Ottla.Supervisor.start_link(
                  connection: conn_name(),
                  endpoints: endpoints(),

@@ -96,7 +96,7 @@ defmodule Ottla.Group.Acknowledger do
   """
   @spec update_generation_id(atom, integer) :: :ok
   def update_generation_id(connection, generation_id) when is_integer(generation_id) do
-    connection!(connection)
+    Options.connection!(connection)
     :ok
   end
 
@@ -119,11 +119,5 @@ defmodule Ottla.Group.Acknowledger do
     end
   end
 
-  defp resource(connection), do: Manager.resource(connection!(connection))
-
-  defp connection!(connection) when is_atom(connection) and connection not in [nil, true, false],
-    do: connection
-
-  defp connection!(other),
-    do: raise(ArgumentError, "invalid connection #{inspect(other)}: expected an atom")
+  defp resource(connection), do: Manager.resource(Options.connection!(connection))
 end

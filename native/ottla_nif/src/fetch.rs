@@ -86,7 +86,7 @@ fn fetch<'a>(
         o => o.max(low),
     };
     let topic_term = topic.encode(env);
-    let mut out: Vec<Term<'a>> = Vec::new();
+    let mut out: Vec<message::Msg> = Vec::new();
     if start < high && max_messages > 0 {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
@@ -122,7 +122,7 @@ fn fetch<'a>(
                 Some(Err(err)) => return Err(Error::from(err)),
                 Some(Ok(msg)) => {
                     let at = rdkafka::message::Message::offset(&msg);
-                    out.push(message::encode(env, &msg, topic_term, None));
+                    out.push(message::Msg::from_borrowed(&msg));
                     if at >= last_wanted || out.len() >= max_messages {
                         break;
                     }
@@ -130,5 +130,6 @@ fn fetch<'a>(
             }
         }
     }
-    Ok((atoms::ok(), high, out).encode(env))
+    let list = message::encode_list(env, topic_term, partition, None, &out);
+    Ok((atoms::ok(), high, list).encode(env))
 }

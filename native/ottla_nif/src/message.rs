@@ -1,13 +1,55 @@
-//! Encoding Kafka messages as `%Ottla.Message{}` terms.
+//! Kafka messages as Ottla holds them ([`Msg`]) and their one encoding as `%Ottla.Message{}`
+//! terms, shared by the consumer's batches and `fetch`.
 
 use std::ffi::CStr;
+use std::sync::Arc;
 
+use ottla_core::partition::Offset;
 use rdkafka::bindings as rd;
 use rdkafka::message::{BorrowedMessage, Message};
-use rustler::types::binary::NewBinary;
-use rustler::{Encoder, Env, Term};
+use rustler::types::binary::{NewBinary, OwnedBinary};
+use rustler::{Binary, Encoder, Env, Term};
 
 use crate::atoms;
+
+/// A message read from Kafka, copied out of librdkafka. Cheap to clone: a consumer's
+/// partition keeps delivered messages until they are acked, and the batch being encoded
+/// shares them.
+#[derive(Clone)]
+pub struct Msg(Arc<MsgData>);
+
+pub struct MsgData {
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl std::ops::Deref for Msg {
+    type Target = MsgData;
+    fn deref(&self) -> &MsgData {
+        &self.0
+    }
+}
+
+impl Offset for Msg {
+    fn offset(&self) -> i64 {
+        self.0.offset
+    }
+}
+
+impl Msg {
+    pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
+        Msg(Arc::new(MsgData {
+            offset: m.offset(),
+            timestamp: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: headers(m),
+        }))
+    }
+}
 
 /// A message's headers as `(name, value)` bytes. Read through librdkafka's C API because
 /// the `rdkafka` crate panics on a header name that is not UTF-8, which any producer can send.
@@ -69,30 +111,80 @@ pub fn keys(env: Env<'_>) -> [Term<'_>; 9] {
     ]
 }
 
-/// `%Ottla.Message{}` for a message read from Kafka. `topic` is passed in so a batch shares
-/// one binary for it.
-pub fn encode<'a>(
+/// `[%Ottla.Message{}]` for messages of one partition. Keys and values are sub-binaries of
+/// one binary, so a batch costs one allocation on the BEAM side.
+pub fn encode_list<'a>(
     env: Env<'a>,
-    msg: &BorrowedMessage<'_>,
     topic: Term<'a>,
-    generation_id: Option<i32>,
-) -> Term<'a> {
-    let headers: Vec<Term<'a>> = headers(msg)
+    partition: i32,
+    generation: Option<i32>,
+    messages: &[Msg],
+) -> Vec<Term<'a>> {
+    let total: usize = messages
         .iter()
-        .map(|(k, v)| (binary(env, Some(k)), binary(env, v.as_deref())).encode(env))
-        .collect();
+        .map(|m| m.key.as_ref().map_or(0, Vec::len) + m.value.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut owned = OwnedBinary::new(total);
+    {
+        let buf = owned.as_mut_slice();
+        let mut at = 0;
+        for m in messages {
+            for part in [&m.key, &m.value].into_iter().flatten() {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+        }
+    }
+    let whole = Binary::from_owned(owned, env);
+    let nil = atoms::nil().encode(env);
+    let generation = generation.encode(env);
     let keys = keys(env);
-    let values = [
-        atoms::ottla_message().encode(env),
-        topic,
-        msg.partition().encode(env),
-        msg.offset().encode(env),
-        binary(env, msg.key()),
-        binary(env, msg.payload()),
-        msg.timestamp().to_millis().encode(env),
-        headers.encode(env),
-        generation_id.encode(env),
-    ];
-    // The keys are distinct atoms: map_from_arrays only fails on duplicate keys.
-    Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::error().encode(env))
+    let struct_name = atoms::ottla_message().encode(env);
+    let partition = partition.encode(env);
+    let empty: Vec<Term<'a>> = Vec::new();
+    let empty = empty.encode(env);
+    let mut at = 0;
+    let mut slice = |part: &Option<Vec<u8>>| -> Term<'a> {
+        match part {
+            Some(bytes) => {
+                let t = whole
+                    .make_subbinary(at, bytes.len())
+                    .map(|b| b.to_term(env))
+                    .unwrap_or(nil);
+                at += bytes.len();
+                t
+            }
+            None => nil,
+        }
+    };
+    let mut list: Vec<Term<'a>> = Vec::with_capacity(messages.len());
+    for m in messages {
+        let key = slice(&m.key);
+        let value = slice(&m.value);
+        let headers = if m.headers.is_empty() {
+            empty
+        } else {
+            m.headers
+                .iter()
+                .map(|(k, v)| {
+                    let k = binary(env, Some(k));
+                    (k, binary(env, v.as_deref())).encode(env)
+                })
+                .collect::<Vec<Term<'a>>>()
+                .encode(env)
+        };
+        let values = [
+            struct_name,
+            topic,
+            partition,
+            m.offset.encode(env),
+            key,
+            value,
+            m.timestamp.encode(env),
+            headers,
+            generation,
+        ];
+        list.push(Term::map_from_arrays(env, &keys, &values).unwrap_or(nil));
+    }
+    list
 }

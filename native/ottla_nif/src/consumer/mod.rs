@@ -20,12 +20,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ottla_core::cell::AckCell;
-use ottla_core::partition::{Effect, Event, Offset, Partition};
+use ottla_core::partition::{Effect, Event, Partition};
 use rustler::{Encoder, LocalPid};
 
 use crate::atoms;
 use crate::context::log;
 use crate::error::Error;
+pub use crate::message::Msg;
 
 pub type Tp = (String, i32);
 
@@ -35,32 +36,6 @@ static NEXT_GENERATION: AtomicI32 = AtomicI32::new(1);
 
 fn next_generation() -> i32 {
     NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A message read from Kafka. Cheap to clone: a partition keeps delivered messages until they
-/// are acked, and the batch being encoded shares them.
-#[derive(Clone)]
-pub struct Msg(Arc<MsgData>);
-
-pub struct MsgData {
-    pub offset: i64,
-    pub timestamp: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-}
-
-impl std::ops::Deref for Msg {
-    type Target = MsgData;
-    fn deref(&self) -> &MsgData {
-        &self.0
-    }
-}
-
-impl Offset for Msg {
-    fn offset(&self) -> i64 {
-        self.0.offset
-    }
 }
 
 /// Fixed at start.

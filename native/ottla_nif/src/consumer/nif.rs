@@ -127,7 +127,7 @@ fn consumer_attach(
     Ok(atoms::ok())
 }
 
-/// The worker is done with its batch and wants the next one. Lock-free.
+/// The worker is done with its batch and wants the next one. Touches only the cell.
 #[rustler::nif]
 fn consumer_demand(
     resource: ResourceArc<ConsumerResource>,
@@ -147,7 +147,7 @@ fn consumer_demand(
 
 /// Acks every offset of the partition up to `offset`. Acks from another generation, for a
 /// partition this member does not hold, or beyond what was delivered are dropped with a
-/// warning and counted. Lock-free.
+/// warning and counted. Touches only the cell.
 #[rustler::nif]
 fn consumer_ack(
     resource: ResourceArc<ConsumerResource>,
@@ -240,7 +240,7 @@ fn consumer_worker_down(
 }
 
 /// Elsa's `get_latest_offset`: last acked offset + 1, or nil if nothing was acked since the
-/// partition was assigned. Lock-free.
+/// partition was assigned. Touches only the cell.
 #[rustler::nif]
 fn consumer_latest_offset(
     resource: ResourceArc<ConsumerResource>,

@@ -17,7 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use rustler::Encoder;
 
 use super::commit::{Commits, Outcome};
-use super::{now_ms, Msg, MsgData, Shared, State, Tp};
+use super::{now_ms, Msg, Shared, State, Tp};
 use crate::atoms;
 use crate::context::{log, send_reliably, OttlaContext};
 
@@ -247,14 +247,10 @@ fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
 }
 
 fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
-    let data = MsgData {
-        offset: m.offset(),
-        timestamp: m.timestamp().to_millis(),
-        key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
-        headers: crate::message::headers(m),
-    };
-    ((m.topic().to_string(), m.partition()), Msg(Arc::new(data)))
+    (
+        (m.topic().to_string(), m.partition()),
+        Msg::from_borrowed(m),
+    )
 }
 
 /// Feeds polled messages to their partitions, under one lock, then lets each deliver.

@@ -1,0 +1,1428 @@
+//! Seeded, model-based test of [`Partition`] and its [`AckCell`].
+//!
+//! Each case simulates librdkafka (a log with optional compaction gaps, a fetcher with a
+//! prefetch queue, delayed pause/resume/seek), a worker (acks, partial acks + redelivery,
+//! stray acks, death, re-attach), tasks that outlive their worker, out-of-order commits,
+//! watermarks, revokes and reassigns around one partition, and checks the invariants of the
+//! state machine after every step against a small reference model. Every case ends with a
+//! drain (the worker acks everything, the fetcher runs to the end of the log) after which
+//! every log offset must have been delivered and acked.
+//!
+//! Checked after every step:
+//! - commits (`committed()`, `committing()`, each `commit_due()`) never beyond the highest
+//!   valid ack + 1 nor the last delivered + 1; `commit_due()` is exactly that ack + 1;
+//!   `committed()` is the highest successful commit and never moves backwards;
+//! - delivery order: every delivered message is the first log offset at or after
+//!   max(next expected, highest ack + 1), where "next expected" follows the last delivered
+//!   message and is reset by `WorkerDown` (to ack + 1, or the first offset) and by
+//!   `Redeliver { from }` (to max(from, ack + 1), as the worker asked); so batches are
+//!   strictly increasing, first deliveries skip no log offset, a redelivery never skips an
+//!   unacked delivered offset and never hands back an acked one;
+//! - every ack's outcome (Advanced / Behind / StaleGeneration / Undelivered) is the model's,
+//!   and an ack never covers an offset that was not delivered;
+//! - memory: `held()` and `backlog_len()` at most 2 x max_backlog; not paused means a backlog
+//!   below max_backlog; `Resume` only at half of it;
+//! - one batch per attach or demand, none after a revoke, none without a worker;
+//! - fetched messages are Discarded exactly while a seek is pending or after a revoke; a
+//!   failed seek is asked again.
+//!
+//! Environment:
+//! - `OTTLA_MODEL_SEED`: the run's seed (decimal or 0x-hex), default [`DEFAULT_SEED`].
+//! - `OTTLA_MODEL_CASES`: how many cases (default [`DEFAULT_CASES`]).
+//! - `OTTLA_MODEL_CASE`: run only this case (to replay a failure).
+//!
+//! On failure the seed, the case and every step of the case are printed.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ottla_core::cell::{AckCell, AckOutcome};
+use ottla_core::partition::{Effect, Event, Intake, Offset, Partition};
+
+const DEFAULT_SEED: u64 = 0x0771_a5ee_d5ee_d001;
+const DEFAULT_CASES: u64 = 3000;
+const MAX_STEPS: i64 = 300;
+const MAX_LOG: i64 = 400;
+
+type R<T = ()> = Result<T, String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(format!($($arg)+));
+        }
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Msg(i64);
+
+impl Offset for Msg {
+    fn offset(&self) -> i64 {
+        self.0
+    }
+}
+
+/// splitmix64: tiny, fast, good enough to drive a simulation.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn int(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+
+    fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+fn case_seed(seed: u64, case: u64) -> u64 {
+    let mut r = Rng(seed ^ case.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    r.next_u64()
+}
+
+/// The partition's log: the offsets present (sorted), the others were compacted away.
+struct Log {
+    offs: Vec<i64>,
+}
+
+impl Log {
+    /// The first offset present at or after `o`.
+    fn ceil(&self, o: i64) -> Option<i64> {
+        let i = self.offs.partition_point(|&x| x < o);
+        self.offs.get(i).copied()
+    }
+
+    fn contains(&self, o: i64) -> bool {
+        self.offs.binary_search(&o).is_ok()
+    }
+
+    fn range(&self, lo: i64, hi: i64) -> &[i64] {
+        let a = self.offs.partition_point(|&x| x < lo);
+        let b = self.offs.partition_point(|&x| x <= hi);
+        &self.offs[a..b.max(a)]
+    }
+}
+
+/// A command the glue gave librdkafka, applied after a random delay, in order.
+#[derive(Debug, Clone, Copy)]
+enum Ctrl {
+    Pause,
+    Resume,
+    Seek(i64),
+}
+
+/// librdkafka's side: a position, a queue of prefetched messages, and pending commands.
+struct Fetcher {
+    pos: i64,
+    queue: VecDeque<i64>,
+    paused: bool,
+    ctrl: VecDeque<Ctrl>,
+}
+
+impl Fetcher {
+    fn new(pos: i64) -> Self {
+        Fetcher {
+            pos,
+            queue: VecDeque::new(),
+            paused: false,
+            ctrl: VecDeque::new(),
+        }
+    }
+}
+
+struct Worker {
+    gen: i32,
+    /// The last batch delivered, not handled yet.
+    current: Option<Vec<i64>>,
+    /// Offsets delivered to this worker and not handed back (by a redelivery).
+    held: Vec<i64>,
+}
+
+/// One assignment of the partition (one generation) and its reference model.
+struct Assignment {
+    gen: i32,
+    accepts_none: bool,
+    /// Where Kafka told this owner to start (the committed offset).
+    start: i64,
+    cell: Arc<AckCell>,
+    p: Partition<Msg>,
+    /// The first offset the partition took in (the cell's `low`).
+    first: Option<i64>,
+    /// The highest ack that counted.
+    acked: Option<i64>,
+    max_delivered: Option<i64>,
+    max_added: Option<i64>,
+    /// Where the next delivered message must start (before skipping acked offsets).
+    next_exp: i64,
+    /// The worker is owed one batch (after an attach or a demand).
+    credit: bool,
+    /// Whether the last Pause/Resume effect was a Pause.
+    paused: bool,
+    /// The last Seek emitted, until its SeekDone.
+    seek_pending: Option<i64>,
+    revoked: bool,
+    /// The highest commit reported ok.
+    committed: Option<i64>,
+    seen_committed: Option<i64>,
+    pending_commits: Vec<i64>,
+}
+
+impl Assignment {
+    fn new(gen: i32, accepts_none: bool, start: i64, max_backlog: usize, max_batch: usize) -> Self {
+        let cell = Arc::new(AckCell::new(gen, accepts_none));
+        let p = Partition::new(Arc::clone(&cell), max_backlog, max_batch);
+        Assignment {
+            gen,
+            accepts_none,
+            start,
+            cell,
+            p,
+            first: None,
+            acked: None,
+            max_delivered: None,
+            max_added: None,
+            next_exp: start,
+            credit: false,
+            paused: false,
+            seek_pending: None,
+            revoked: false,
+            committed: None,
+            seen_committed: None,
+            pending_commits: Vec::new(),
+        }
+    }
+}
+
+/// Per-case biases, so that some cases have a sloppy worker, others flaky seeks, etc.
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    down: u64,
+    stray: u64,
+    full_ack: u64,
+    seek_fail: u64,
+    commit_fail: u64,
+    poll_max: i64,
+    ctrl: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    cases: u64,
+    steps: u64,
+    events: u64,
+    batches: u64,
+    delivered: u64,
+    redelivered: u64,
+    overflows: u64,
+    discarded: u64,
+    duplicates: u64,
+    seeks: u64,
+    seek_failures: u64,
+    worker_downs: u64,
+    redeliver_requests: u64,
+    acks_advanced: u64,
+    acks_behind: u64,
+    acks_stale: u64,
+    acks_undelivered: u64,
+    orphan_acks: u64,
+    commits_ok: u64,
+    commits_failed: u64,
+    revokes: u64,
+    reassigns: u64,
+    max_held: usize,
+}
+
+struct Sim<'l> {
+    rng: Rng,
+    log: Log,
+    max_backlog: usize,
+    max_batch: usize,
+    /// The offset the first owner started at: everything from there on must be processed.
+    s0: i64,
+    a: Assignment,
+    fetch: Fetcher,
+    worker: Option<Worker>,
+    /// Batches of workers that died (or of earlier assignments): their tasks may still ack.
+    orphans: Vec<(i32, Vec<i64>)>,
+    /// How many times each offset was delivered, over all assignments.
+    delivered: Vec<u32>,
+    /// What Kafka holds as committed (the highest successful commit).
+    kafka_committed: i64,
+    knobs: Knobs,
+    lines: &'l mut Vec<String>,
+    stats: &'l mut Stats,
+    /// Seek effects of the last event.
+    last_seeks: Vec<i64>,
+}
+
+fn fmt_gen(g: Option<i32>) -> String {
+    g.map_or_else(|| "none".to_string(), |g| g.to_string())
+}
+
+fn fmt_outcome(o: AckOutcome) -> &'static str {
+    match o {
+        AckOutcome::Advanced => "Advanced",
+        AckOutcome::Behind => "Behind",
+        AckOutcome::StaleGeneration { .. } => "Stale",
+        AckOutcome::Undelivered { .. } => "Undelivered",
+    }
+}
+
+fn fmt_offsets(offs: &[i64]) -> String {
+    let mut s = String::from("[");
+    for (i, o) in offs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{o}");
+    }
+    s.push(']');
+    s
+}
+
+impl Sim<'_> {
+    fn begin(&mut self, s: String) {
+        self.lines.push(s);
+        self.stats.steps += 1;
+    }
+
+    fn note(&mut self, s: &str) {
+        if let Some(l) = self.lines.last_mut() {
+            l.push_str(s);
+        }
+    }
+
+    // ----- events and effects -----
+
+    fn ev(&mut self, event: Event<Msg>) -> R<Intake> {
+        self.stats.events += 1;
+        let fetched = match &event {
+            Event::Fetched(m) => Some(m.0),
+            _ => None,
+        };
+        let desc = match &event {
+            Event::Fetched(m) => format!(" F{}", m.0),
+            Event::Tick => " Tick".to_string(),
+            other => format!(" {other:?}"),
+        };
+        self.note(&desc);
+        let acked_before = self.a.cell.acked();
+        let backlog_before = self.a.p.backlog_len();
+        let overflows_before = self.a.p.overflows();
+        let expect_discard = self.a.revoked || self.a.seek_pending.is_some();
+        let mut effects = Vec::new();
+        let intake = self.a.p.handle(event, &mut effects);
+        if fetched.is_some() {
+            let s = match intake {
+                Intake::Added => "",
+                Intake::Duplicate => "=dup",
+                Intake::Discarded => "=disc",
+                Intake::Overflow => "=OVERFLOW",
+            };
+            self.note(s);
+        }
+        for e in &effects {
+            let s = match e {
+                Effect::Deliver(b) => {
+                    let offs: Vec<i64> = b.iter().map(|m| m.0).collect();
+                    format!(" ->Deliver{}", fmt_offsets(&offs))
+                }
+                Effect::Pause => " ->Pause".to_string(),
+                Effect::Resume => " ->Resume".to_string(),
+                Effect::Seek(o) => format!(" ->Seek({o})"),
+            };
+            self.note(&s);
+        }
+        if let Some(o) = fetched {
+            self.check_intake(
+                o,
+                intake,
+                backlog_before,
+                overflows_before,
+                expect_discard,
+                &effects,
+            )?;
+        } else {
+            ensure!(
+                self.a.p.acked() == self.a.cell.acked(),
+                "after an event the partition's ack {:?} differs from the cell's {:?}",
+                self.a.p.acked(),
+                self.a.cell.acked()
+            );
+        }
+        self.apply_effects(effects, acked_before)?;
+        self.check()?;
+        Ok(intake)
+    }
+
+    fn check_intake(
+        &mut self,
+        o: i64,
+        intake: Intake,
+        backlog_before: usize,
+        overflows_before: u64,
+        expect_discard: bool,
+        effects: &[Effect<Msg>],
+    ) -> R {
+        let p = &self.a.p;
+        if expect_discard {
+            ensure!(
+                intake == Intake::Discarded,
+                "fetched {o} while a seek is pending ({:?}) or revoked ({}): {intake:?}, not Discarded",
+                self.a.seek_pending,
+                self.a.revoked
+            );
+        } else {
+            ensure!(
+                intake != Intake::Discarded,
+                "fetched {o} discarded with no seek pending and no revoke"
+            );
+        }
+        match intake {
+            Intake::Added => {
+                ensure!(
+                    p.backlog_len() == backlog_before + 1,
+                    "fetched {o} Added but the backlog went {backlog_before} -> {}",
+                    p.backlog_len()
+                );
+                if self.a.first.is_none() {
+                    ensure!(
+                        self.log.ceil(self.a.start) == Some(o),
+                        "the first message taken is {o}, not the first of the log from {}",
+                        self.a.start
+                    );
+                    self.a.first = Some(o);
+                }
+                self.a.max_added = Some(self.a.max_added.map_or(o, |m| m.max(o)));
+            }
+            Intake::Duplicate => {
+                self.stats.duplicates += 1;
+                ensure!(
+                    p.backlog_len() == backlog_before,
+                    "a duplicate changed the backlog"
+                );
+                ensure!(
+                    self.a.max_added.is_some_and(|m| o <= m)
+                        || self.a.acked.is_some_and(|a| o <= a),
+                    "fetched {o} called a duplicate but never taken before (max taken {:?})",
+                    self.a.max_added
+                );
+            }
+            Intake::Discarded => {
+                self.stats.discarded += 1;
+                ensure!(
+                    p.backlog_len() == backlog_before,
+                    "a discarded message changed the backlog"
+                );
+            }
+            Intake::Overflow => {
+                self.stats.overflows += 1;
+                ensure!(
+                    backlog_before >= self.max_backlog,
+                    "overflow of {o} with a backlog of {backlog_before} < {}",
+                    self.max_backlog
+                );
+                ensure!(
+                    p.backlog_len() == backlog_before,
+                    "an overflow changed the backlog"
+                );
+                ensure!(
+                    effects.contains(&Effect::Seek(o)),
+                    "overflow of {o} without a seek back to it"
+                );
+                ensure!(
+                    p.overflows() == overflows_before + 1,
+                    "overflow not counted"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_effects(&mut self, effects: Vec<Effect<Msg>>, acked_before: Option<i64>) -> R {
+        self.last_seeks.clear();
+        for e in effects {
+            match e {
+                Effect::Deliver(batch) => {
+                    let offs: Vec<i64> = batch.iter().map(|m| m.0).collect();
+                    self.on_deliver(offs, acked_before)?;
+                }
+                Effect::Pause => {
+                    ensure!(!self.a.paused, "Pause while already paused");
+                    self.a.paused = true;
+                    self.fetch.ctrl.push_back(Ctrl::Pause);
+                }
+                Effect::Resume => {
+                    ensure!(self.a.paused, "Resume while not paused");
+                    ensure!(!self.a.revoked, "Resume after revoke");
+                    ensure!(
+                        self.a.p.backlog_len() <= self.max_backlog / 2,
+                        "Resume with a backlog of {} > max_backlog / 2 = {}",
+                        self.a.p.backlog_len(),
+                        self.max_backlog / 2
+                    );
+                    self.a.paused = false;
+                    self.fetch.ctrl.push_back(Ctrl::Resume);
+                }
+                Effect::Seek(o) => {
+                    ensure!(!self.a.revoked, "Seek({o}) after revoke");
+                    ensure!(
+                        o >= self.a.start,
+                        "Seek({o}) before the assignment's start {}",
+                        self.a.start
+                    );
+                    self.stats.seeks += 1;
+                    self.a.seek_pending = Some(o);
+                    self.last_seeks.push(o);
+                    self.fetch.ctrl.push_back(Ctrl::Seek(o));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_deliver(&mut self, batch: Vec<i64>, acked_before: Option<i64>) -> R {
+        ensure!(!self.a.revoked, "delivered {batch:?} after revoke");
+        ensure!(
+            self.worker.is_some(),
+            "delivered {batch:?} without a worker"
+        );
+        ensure!(
+            self.a.credit,
+            "delivered {batch:?} without an attach or demand since the last batch"
+        );
+        self.a.credit = false;
+        ensure!(!batch.is_empty(), "empty batch");
+        ensure!(
+            batch.len() <= self.max_batch,
+            "batch of {} > max_batch {}",
+            batch.len(),
+            self.max_batch
+        );
+        self.stats.batches += 1;
+        for &m in &batch {
+            ensure!(self.log.contains(m), "delivered {m}, not in the log");
+            let from = acked_before.map_or(self.a.next_exp, |a| self.a.next_exp.max(a + 1));
+            let want = self.log.ceil(from);
+            if want != Some(m) {
+                if acked_before.is_some_and(|a| m <= a) {
+                    return Err(format!(
+                        "delivered {m}, already acked (ack {acked_before:?}); expected {want:?}"
+                    ));
+                }
+                if want.is_some_and(|w| m > w) {
+                    return Err(format!(
+                        "delivered {m} skipping unacked {want:?} (next expected from {}, ack {acked_before:?})",
+                        self.a.next_exp
+                    ));
+                }
+                return Err(format!(
+                    "delivered {m} out of order: expected {want:?} (next from {}, ack {acked_before:?})",
+                    self.a.next_exp
+                ));
+            }
+            if self.a.max_delivered.is_none_or(|d| m > d) {
+                let next_new = self
+                    .log
+                    .ceil(self.a.max_delivered.map_or(self.a.start, |d| d + 1));
+                ensure!(
+                    next_new == Some(m),
+                    "first delivery of {m} skips {next_new:?}"
+                );
+                self.a.max_delivered = Some(m);
+            } else {
+                self.stats.redelivered += 1;
+            }
+            self.a.next_exp = m + 1;
+            self.delivered[m as usize] += 1;
+            self.stats.delivered += 1;
+        }
+        let w = self.worker.as_mut().expect("checked above");
+        w.held.extend_from_slice(&batch);
+        w.current = Some(batch);
+        Ok(())
+    }
+
+    /// The invariants that hold after every step.
+    fn check(&mut self) -> R {
+        let mb2 = 2 * self.max_backlog;
+        let a = &mut self.a;
+        let p = &a.p;
+        self.stats.max_held = self.stats.max_held.max(p.held());
+        ensure!(
+            p.held() <= mb2,
+            "holds {} messages > 2 x max_backlog = {mb2}",
+            p.held()
+        );
+        ensure!(
+            p.backlog_len() <= mb2,
+            "backlog of {} > 2 x max_backlog = {mb2}",
+            p.backlog_len()
+        );
+        ensure!(
+            a.cell.acked() == a.acked,
+            "cell ack {:?}, model {:?}",
+            a.cell.acked(),
+            a.acked
+        );
+        ensure!(
+            p.last_delivered() == a.max_delivered,
+            "last_delivered {:?}, model {:?}",
+            p.last_delivered(),
+            a.max_delivered
+        );
+        ensure!(
+            p.paused() == a.paused,
+            "paused() {} but the effects say {}",
+            p.paused(),
+            a.paused
+        );
+        ensure!(
+            p.has_worker() == self.worker.is_some(),
+            "has_worker() {}",
+            p.has_worker()
+        );
+        let c = p.committed();
+        ensure!(
+            c == a.committed,
+            "committed() {c:?}, but the highest successful commit is {:?}",
+            a.committed
+        );
+        ensure!(
+            c >= a.seen_committed,
+            "committed() went backwards: {:?} -> {c:?}",
+            a.seen_committed
+        );
+        a.seen_committed = c;
+        for (what, v) in [("committed", c), ("committing", p.committing())] {
+            if let Some(v) = v {
+                ensure!(
+                    a.acked.is_some_and(|x| v <= x + 1),
+                    "{what} {v} beyond the highest valid ack {:?} + 1",
+                    a.acked
+                );
+                ensure!(
+                    a.max_delivered.is_some_and(|d| v <= d + 1),
+                    "{what} {v} beyond the last delivered {:?} + 1",
+                    a.max_delivered
+                );
+            }
+        }
+        if let (Some(x), Some(d)) = (a.acked, a.max_delivered) {
+            ensure!(x <= d, "ack {x} beyond the last delivered {d}");
+        }
+        ensure!(
+            a.paused || p.backlog_len() < self.max_backlog,
+            "not paused with a backlog of {} >= max_backlog {}",
+            p.backlog_len(),
+            self.max_backlog
+        );
+        // Against the partition's own ack: it reads the cell only when it handles an event.
+        let drained = match (a.max_delivered, p.acked()) {
+            (None, _) => true,
+            (Some(d), x) => x.is_some_and(|x| x >= d),
+        };
+        ensure!(p.drained() == drained, "drained() is {}", p.drained());
+        if a.revoked {
+            ensure!(p.held() == 0, "holds {} messages after revoke", p.held());
+        }
+        Ok(())
+    }
+
+    // ----- acks -----
+
+    fn expect_ack(&self, gen: Option<i32>, off: i64) -> AckOutcome {
+        let a = &self.a;
+        let matches = match gen {
+            Some(g) => g == a.gen,
+            None => a.accepts_none,
+        };
+        if !matches {
+            return AckOutcome::StaleGeneration { current: a.gen };
+        }
+        match a.max_delivered {
+            None => {
+                return AckOutcome::Undelivered {
+                    last_delivered: None,
+                }
+            }
+            Some(d) if off > d => {
+                return AckOutcome::Undelivered {
+                    last_delivered: Some(d),
+                }
+            }
+            _ => {}
+        }
+        if a.first.is_none_or(|f| off < f) || a.acked.is_some_and(|x| off <= x) {
+            AckOutcome::Behind
+        } else {
+            AckOutcome::Advanced
+        }
+    }
+
+    fn ack(&mut self, who: &str, gen: Option<i32>, off: i64) -> R<AckOutcome> {
+        let want = self.expect_ack(gen, off);
+        let got = self.a.cell.ack(gen, off);
+        self.note(&format!(
+            " {who}:ack({},{off})={}",
+            fmt_gen(gen),
+            fmt_outcome(got)
+        ));
+        ensure!(
+            got == want,
+            "ack({gen:?}, {off}) gave {got:?}, the model expects {want:?}"
+        );
+        match got {
+            AckOutcome::Advanced => {
+                self.stats.acks_advanced += 1;
+                self.a.acked = Some(off);
+                for &o in self.log.range(self.a.start, off) {
+                    ensure!(
+                        self.delivered[o as usize] > 0,
+                        "ack of {off} covers {o}, never delivered"
+                    );
+                }
+            }
+            AckOutcome::Behind => self.stats.acks_behind += 1,
+            AckOutcome::StaleGeneration { .. } => self.stats.acks_stale += 1,
+            AckOutcome::Undelivered { .. } => self.stats.acks_undelivered += 1,
+        }
+        self.check()?;
+        Ok(got)
+    }
+
+    // ----- the fetcher -----
+
+    fn fetch_one(&mut self) -> Option<i64> {
+        if let Some(o) = self.fetch.queue.pop_front() {
+            return Some(o);
+        }
+        if self.fetch.paused {
+            return None;
+        }
+        let o = self.log.ceil(self.fetch.pos)?;
+        self.fetch.pos = o + 1;
+        Some(o)
+    }
+
+    fn poll(&mut self, n: i64) -> R {
+        self.begin(format!("poll {n}:"));
+        for _ in 0..n {
+            let Some(o) = self.fetch_one() else { break };
+            self.ev(Event::Fetched(Msg(o)))?;
+        }
+        self.ev(Event::Tick)?;
+        Ok(())
+    }
+
+    fn prefetch(&mut self) {
+        let n = self.rng.int(1, 12);
+        self.begin(format!("prefetch {n}"));
+        if self.fetch.paused {
+            self.note(" (paused)");
+            return;
+        }
+        for _ in 0..n {
+            if self.fetch.queue.len() >= 48 {
+                break;
+            }
+            let Some(o) = self.log.ceil(self.fetch.pos) else {
+                break;
+            };
+            self.fetch.pos = o + 1;
+            self.fetch.queue.push_back(o);
+        }
+    }
+
+    /// librdkafka acts on the oldest pending command.
+    fn apply_ctrl(&mut self, always_ok: bool) -> R {
+        let Some(c) = self.fetch.ctrl.pop_front() else {
+            return Ok(());
+        };
+        self.begin(format!("librdkafka {c:?}:"));
+        match c {
+            Ctrl::Pause => {
+                self.fetch.paused = true;
+                // librdkafka may purge what it prefetched and fetch it again on resume.
+                if self.rng.pct(40) {
+                    if let Some(&o) = self.fetch.queue.front() {
+                        self.fetch.pos = o;
+                        self.fetch.queue.clear();
+                        self.note(&format!(" purged back to {o}"));
+                    }
+                }
+            }
+            Ctrl::Resume => {
+                self.fetch.paused = false;
+                // Or resume from an older position: what comes again must be dropped.
+                if self.rng.pct(25) {
+                    let at = self.fetch.queue.front().copied().unwrap_or(self.fetch.pos);
+                    let o = (at - self.rng.int(1, 12)).max(self.a.start);
+                    self.fetch.pos = o;
+                    self.fetch.queue.clear();
+                    self.note(&format!(" rewound to {o}"));
+                }
+            }
+            Ctrl::Seek(o) => {
+                // Messages prefetched (or fetched) from the old position still arrive.
+                let stale = self.rng.int(0, 3);
+                for _ in 0..stale {
+                    let Some(s) = self.fetch_one() else { break };
+                    self.ev(Event::Fetched(Msg(s)))?;
+                }
+                if always_ok || !self.rng.pct(self.knobs.seek_fail) {
+                    self.fetch.queue.clear();
+                    self.fetch.pos = o;
+                    if self.a.seek_pending == Some(o) {
+                        self.a.seek_pending = None;
+                    }
+                    self.ev(Event::SeekDone { offset: o })?;
+                } else {
+                    self.stats.seek_failures += 1;
+                    let retry = self.a.seek_pending == Some(o) && !self.a.revoked;
+                    self.ev(Event::SeekFailed { offset: o })?;
+                    ensure!(
+                        self.last_seeks.contains(&o) == retry,
+                        "after SeekFailed({o}) the seek was asked again: {}, expected {retry}",
+                        !retry
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- the worker -----
+
+    fn attach(&mut self) -> R {
+        self.begin("attach:".to_string());
+        self.worker = Some(Worker {
+            gen: self.a.gen,
+            current: None,
+            held: Vec::new(),
+        });
+        self.a.credit = true;
+        self.ev(Event::WorkerAttached)?;
+        Ok(())
+    }
+
+    fn demand(&mut self) -> R {
+        let gen = self.worker.as_ref().map_or(self.a.gen, |w| w.gen);
+        let ok = self.a.cell.demand(gen);
+        self.note(&format!(" demand({gen})={ok}"));
+        ensure!(ok, "demand of the current generation {gen} refused");
+        self.a.credit = true;
+        self.ev(Event::Tick)?;
+        Ok(())
+    }
+
+    fn worker_down(&mut self) -> R {
+        self.begin("worker down:".to_string());
+        self.stats.worker_downs += 1;
+        let w = self.worker.take().expect("a worker");
+        if !w.held.is_empty() {
+            self.orphans.push((w.gen, w.held));
+        }
+        self.a.credit = false;
+        if !self.a.revoked {
+            let from = self.a.acked.map(|x| x + 1).or(self.a.first);
+            if let (Some(f), Some(d)) = (from, self.a.max_delivered) {
+                if f <= d {
+                    self.a.next_exp = f;
+                }
+            }
+        }
+        self.ev(Event::WorkerDown)?;
+        Ok(())
+    }
+
+    fn redeliver(&mut self, from: i64) -> R {
+        self.stats.redeliver_requests += 1;
+        if !self.a.revoked {
+            let f = self.a.acked.map_or(from, |x| from.max(x + 1));
+            if self.a.max_delivered.is_some_and(|d| f <= d) {
+                self.a.next_exp = f;
+            }
+        }
+        if let Some(w) = self.worker.as_mut() {
+            w.held.retain(|&o| o < from);
+        }
+        self.ev(Event::Redeliver { from })?;
+        Ok(())
+    }
+
+    fn maybe_demand(&mut self, p: u64) -> R {
+        if !self.a.credit && self.rng.pct(p) {
+            self.demand()?;
+        }
+        Ok(())
+    }
+
+    /// The worker handles the batch it was given last.
+    fn handle_batch(&mut self) -> R {
+        let (gen, batch) = {
+            let w = self.worker.as_mut().expect("a worker");
+            (w.gen, w.current.take().expect("a batch"))
+        };
+        let last = *batch.last().expect("non-empty");
+        let roll = self.rng.below(100);
+        let full = self.knobs.full_ack;
+        let rest = 100 - full;
+        if roll < full {
+            self.begin(format!("worker acks all of {}:", fmt_offsets(&batch)));
+            self.ack("worker", Some(gen), last)?;
+            self.maybe_demand(85)?;
+        } else if roll < full + rest * 35 / 100 {
+            // Acks the first k messages (maybe none) and wants the rest again.
+            let k = self.rng.below(batch.len() as u64) as usize;
+            self.begin(format!(
+                "worker acks {k} of {} and redelivers:",
+                fmt_offsets(&batch)
+            ));
+            let from = if k > 0 {
+                self.ack("worker", Some(gen), batch[k - 1])?;
+                batch[k - 1] + 1
+            } else {
+                batch[0]
+            };
+            self.redeliver(from)?;
+            self.maybe_demand(85)?;
+        } else if roll < full + rest * 60 / 100 {
+            self.begin(format!("worker keeps {} unacked:", fmt_offsets(&batch)));
+            self.maybe_demand(70)?;
+        } else if roll < full + rest * 85 / 100 {
+            let o = batch[self.rng.below(batch.len() as u64) as usize];
+            self.begin(format!("worker acks up to {o} of {}:", fmt_offsets(&batch)));
+            self.ack("worker", Some(gen), o)?;
+            self.maybe_demand(70)?;
+        } else {
+            self.begin(format!("worker strays on {}:", fmt_offsets(&batch)));
+            self.worker.as_mut().expect("a worker").current = Some(batch);
+            self.stray_acks()?;
+        }
+        Ok(())
+    }
+
+    /// Acks that must not count.
+    fn stray_acks(&mut self) -> R {
+        let gen = self.a.gen;
+        let n = self.rng.int(1, 3);
+        for _ in 0..n {
+            let any = self.rng.int(0, MAX_LOG + 5);
+            match self.rng.below(6) {
+                0 => {
+                    let g = if self.rng.pct(50) {
+                        gen + self.rng.int(1, 3) as i32
+                    } else {
+                        gen - self.rng.int(1, 3) as i32
+                    };
+                    let got = self.ack("stray", Some(g), any)?;
+                    ensure!(
+                        matches!(got, AckOutcome::StaleGeneration { .. }),
+                        "ack of generation {g} (not {gen}) counted: {got:?}"
+                    );
+                }
+                1 => {
+                    let off = self.worker_offset().unwrap_or(any);
+                    self.ack("stray", None, off)?;
+                }
+                2 => {
+                    let off = self.a.max_delivered.map_or(0, |d| d + 1) + self.rng.int(0, 5);
+                    let got = self.ack("stray", Some(gen), off)?;
+                    ensure!(
+                        matches!(got, AckOutcome::Undelivered { .. }),
+                        "ack of {off} beyond the last delivered {:?} counted: {got:?}",
+                        self.a.max_delivered
+                    );
+                }
+                3 => {
+                    let first = self.a.first.filter(|&f| f > 0);
+                    if let Some(first) = first.filter(|_| self.a.max_delivered.is_some()) {
+                        let off = self.rng.int(0, first - 1);
+                        let got = self.ack("stray", Some(gen), off)?;
+                        ensure!(
+                            got == AckOutcome::Behind,
+                            "ack of {off} below the first offset {first}: {got:?}"
+                        );
+                    }
+                }
+                4 => {
+                    if let Some(x) = self.a.acked {
+                        let off = self.rng.int(self.a.first.unwrap_or(0), x);
+                        let got = self.ack("stray", Some(gen), off)?;
+                        ensure!(
+                            got == AckOutcome::Behind,
+                            "ack of {off} at or below the ack {x}: {got:?}"
+                        );
+                    }
+                }
+                _ => {
+                    let g = gen - self.rng.int(1, 3) as i32;
+                    let ok = self.a.cell.demand(g);
+                    self.note(&format!(" stray:demand({g})={ok}"));
+                    ensure!(!ok, "demand of generation {g} accepted by generation {gen}");
+                    self.ev(Event::Tick)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn worker_offset(&mut self) -> Option<i64> {
+        let w = self.worker.as_ref()?;
+        if w.held.is_empty() {
+            return None;
+        }
+        let i = self.rng.below(w.held.len() as u64) as usize;
+        Some(w.held[i])
+    }
+
+    /// A task of a dead worker (or of an earlier assignment) acks what it was given.
+    fn orphan_ack(&mut self) -> R {
+        let i = self.rng.below(self.orphans.len() as u64) as usize;
+        let (gen, ref offs) = self.orphans[i];
+        let off = offs[self.rng.below(offs.len() as u64) as usize];
+        self.begin("outlived task:".to_string());
+        self.stats.orphan_acks += 1;
+        let got = self.ack("task", Some(gen), off)?;
+        if gen != self.a.gen {
+            ensure!(
+                matches!(got, AckOutcome::StaleGeneration { .. }),
+                "ack of generation {gen} counted in generation {}",
+                self.a.gen
+            );
+        }
+        if self.rng.pct(30) {
+            self.orphans.swap_remove(i);
+        }
+        Ok(())
+    }
+
+    // ----- commits -----
+
+    fn commit_due(&mut self) -> R {
+        let due = self.a.p.commit_due();
+        self.begin(format!("commit_due: {due:?}"));
+        if let Some(o) = due {
+            ensure!(
+                self.a.acked.is_some_and(|x| o == x + 1),
+                "commit_due {o} is not the highest valid ack {:?} + 1",
+                self.a.acked
+            );
+            ensure!(
+                self.a.max_delivered.is_some_and(|d| o <= d + 1),
+                "commit_due {o} beyond the last delivered {:?} + 1",
+                self.a.max_delivered
+            );
+            ensure!(
+                self.a.committed.is_none_or(|c| o > c),
+                "commit_due {o} not beyond the committed {:?}",
+                self.a.committed
+            );
+            self.a.pending_commits.push(o);
+        }
+        self.check()
+    }
+
+    fn complete_commit(&mut self, i: usize, ok: bool) -> R {
+        let o = self.a.pending_commits.swap_remove(i);
+        if ok {
+            self.stats.commits_ok += 1;
+            self.a.committed = Some(self.a.committed.map_or(o, |c| c.max(o)));
+            self.kafka_committed = self.kafka_committed.max(o);
+        } else {
+            self.stats.commits_failed += 1;
+        }
+        self.ev(Event::Committed { offset: o, ok })?;
+        Ok(())
+    }
+
+    // ----- revoke and reassign -----
+
+    fn revoke(&mut self) -> R {
+        self.begin("revoke:".to_string());
+        self.stats.revokes += 1;
+        self.a.revoked = true;
+        self.a.credit = false;
+        self.ev(Event::Revoke)?;
+        Ok(())
+    }
+
+    /// Kafka hands the partition to its next owner (a new generation) at the committed offset.
+    fn reassign(&mut self) -> R {
+        self.begin("reassign: old commits end:".to_string());
+        while !self.a.pending_commits.is_empty() {
+            let i = self.rng.below(self.a.pending_commits.len() as u64) as usize;
+            let ok = !self.rng.pct(self.knobs.commit_fail);
+            self.complete_commit(i, ok)?;
+        }
+        self.stats.reassigns += 1;
+        if let Some(w) = self.worker.take() {
+            if !w.held.is_empty() {
+                self.orphans.push((w.gen, w.held));
+            }
+        }
+        let gen = self.a.gen + self.rng.int(1, 2) as i32;
+        let accepts_none = self.rng.pct(20);
+        let start = self.kafka_committed;
+        self.note(&format!(
+            " new generation {gen} (no-generation acks: {accepts_none}) from {start}"
+        ));
+        self.a = Assignment::new(gen, accepts_none, start, self.max_backlog, self.max_batch);
+        self.fetch = Fetcher::new(start);
+        self.check()
+    }
+
+    // ----- the random phase -----
+
+    fn step(&mut self, step: i64, steps: i64) -> R {
+        if !self.a.revoked {
+            let late = step * 4 >= steps * 3;
+            if (late && self.rng.pct(2)) || self.rng.below(1000) < 2 {
+                return self.revoke();
+            }
+        }
+        #[derive(Clone, Copy)]
+        enum A {
+            Poll,
+            Prefetch,
+            Ctrl,
+            Handle,
+            Demand,
+            Down,
+            Attach,
+            Orphan,
+            Stray,
+            CommitDue,
+            Complete,
+            Watermark,
+            Tick,
+            Reassign,
+        }
+        let has_worker = self.worker.is_some();
+        let has_batch = self.worker.as_ref().is_some_and(|w| w.current.is_some());
+        let k = self.knobs;
+        let table = [
+            (30, A::Poll),
+            (6, A::Prefetch),
+            (
+                if self.fetch.ctrl.is_empty() {
+                    0
+                } else {
+                    k.ctrl
+                },
+                A::Ctrl,
+            ),
+            (if has_batch { 16 } else { 0 }, A::Handle),
+            (if has_worker && !self.a.credit { 8 } else { 0 }, A::Demand),
+            (if has_worker { k.down } else { 0 }, A::Down),
+            (if has_worker { 0 } else { 8 }, A::Attach),
+            (if self.orphans.is_empty() { 0 } else { 3 }, A::Orphan),
+            (k.stray, A::Stray),
+            (6, A::CommitDue),
+            (
+                if self.a.pending_commits.is_empty() {
+                    0
+                } else {
+                    5
+                },
+                A::Complete,
+            ),
+            (2, A::Watermark),
+            (2, A::Tick),
+            (if self.a.revoked { 12 } else { 0 }, A::Reassign),
+        ];
+        let total: u64 = table.iter().map(|(w, _)| *w).sum();
+        let mut r = self.rng.below(total);
+        let mut action = A::Tick;
+        for (w, a) in table {
+            if r < w {
+                action = a;
+                break;
+            }
+            r -= w;
+        }
+        match action {
+            A::Poll => {
+                let n = self.rng.int(1, k.poll_max);
+                self.poll(n)
+            }
+            A::Prefetch => {
+                self.prefetch();
+                Ok(())
+            }
+            A::Ctrl => {
+                let n = self.rng.int(1, 3);
+                for _ in 0..n {
+                    self.apply_ctrl(false)?;
+                }
+                Ok(())
+            }
+            A::Handle => self.handle_batch(),
+            A::Demand => {
+                self.begin("worker:".to_string());
+                self.demand()
+            }
+            A::Down => self.worker_down(),
+            A::Attach => self.attach(),
+            A::Orphan => self.orphan_ack(),
+            A::Stray => {
+                self.begin("strays:".to_string());
+                self.stray_acks()
+            }
+            A::CommitDue => self.commit_due(),
+            A::Complete => {
+                let i = self.rng.below(self.a.pending_commits.len() as u64) as usize;
+                let ok = !self.rng.pct(k.commit_fail);
+                self.begin("commit ends:".to_string());
+                self.complete_commit(i, ok)
+            }
+            A::Watermark => {
+                let h = self.rng.int(0, MAX_LOG + 10);
+                self.begin("watermark:".to_string());
+                self.ev(Event::Watermark(h))?;
+                ensure!(
+                    self.a.p.high_watermark() == Some(h),
+                    "high_watermark not {h}"
+                );
+                if let Some(lag) = self.a.p.lag() {
+                    ensure!(lag >= 0, "negative lag {lag}");
+                }
+                Ok(())
+            }
+            A::Tick => {
+                self.begin("tick:".to_string());
+                self.ev(Event::Tick).map(|_| ())
+            }
+            A::Reassign => self.reassign(),
+        }
+    }
+
+    // ----- the drain -----
+
+    /// The worker acks every batch, librdkafka does everything asked, the fetcher runs to the
+    /// end of the log: everything must end up delivered, acked and committed.
+    fn drain(&mut self) -> R {
+        if self.a.revoked {
+            self.reassign()?;
+        }
+        self.begin("== drain ==".to_string());
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            ensure!(
+                rounds < 20_000,
+                "the drain does not end: backlog {}, held {}, acked {:?}, last delivered {:?}, paused {}, fetcher at {} (paused {}), worker holds {:?}",
+                self.a.p.backlog_len(),
+                self.a.p.held(),
+                self.a.acked,
+                self.a.max_delivered,
+                self.a.paused,
+                self.fetch.pos,
+                self.fetch.paused,
+                self.worker.as_ref().map(|w| w.held.len())
+            );
+            while !self.fetch.ctrl.is_empty() {
+                self.apply_ctrl(true)?;
+            }
+            if self.worker.is_none() {
+                self.attach()?;
+            }
+            let (gen, top) = {
+                let w = self.worker.as_mut().expect("attached");
+                w.current = None;
+                let top = w.held.iter().copied().max();
+                w.held.clear();
+                (w.gen, top)
+            };
+            self.begin("drain worker:".to_string());
+            if let Some(top) = top {
+                if self.a.acked.is_none_or(|x| top > x) {
+                    let got = self.ack("worker", Some(gen), top)?;
+                    ensure!(got == AckOutcome::Advanced, "drain ack of {top}: {got:?}");
+                }
+            }
+            if !self.a.credit {
+                self.demand()?;
+            }
+            self.poll(32)?;
+            self.commit_due()?;
+            while !self.a.pending_commits.is_empty() {
+                self.begin("commit ends:".to_string());
+                self.complete_commit(0, true)?;
+            }
+            let done = self.fetch.ctrl.is_empty()
+                && self.fetch.queue.is_empty()
+                && self.log.ceil(self.fetch.pos).is_none()
+                && self.a.p.backlog_len() == 0
+                && self.a.p.drained()
+                && self.a.credit
+                && self.worker.as_ref().is_some_and(|w| w.held.is_empty());
+            if done {
+                break;
+            }
+        }
+        self.final_checks()
+    }
+
+    fn final_checks(&mut self) -> R {
+        for &o in self.log.range(self.s0, i64::MAX) {
+            ensure!(
+                self.delivered[o as usize] > 0,
+                "offset {o} was never delivered"
+            );
+        }
+        let last = self.log.offs.last().copied();
+        let expect = last.filter(|&l| l >= self.a.start);
+        ensure!(
+            self.a.p.acked() == expect,
+            "after the drain the ack is {:?}, not the last offset {expect:?}",
+            self.a.p.acked()
+        );
+        ensure!(
+            self.a.p.committed() == expect.map(|l| l + 1),
+            "after the drain committed is {:?}, not {:?}",
+            self.a.p.committed(),
+            expect.map(|l| l + 1)
+        );
+        ensure!(
+            self.a.p.held() == 0,
+            "still holds {} messages",
+            self.a.p.held()
+        );
+        ensure!(self.a.p.drained(), "not drained");
+        Ok(())
+    }
+}
+
+fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) -> R {
+    let mut rng = Rng(case_seed(seed, case));
+    let len = rng.int(0, MAX_LOG);
+    let gap = rng.pick(&[0, 0, 0, 0, 0, 0, 10, 30, 60, 90]);
+    let offs: Vec<i64> = (0..len).filter(|_| !rng.pct(gap)).collect();
+    let max_backlog = rng.int(1, 50) as usize;
+    let max_batch = rng.int(1, 60) as usize;
+    let s0 = if rng.pct(70) { 0 } else { rng.int(0, len) };
+    let gen = rng.int(1, 5) as i32;
+    let accepts_none = rng.pct(20);
+    let steps = rng.int(1, MAX_STEPS);
+    let knobs = Knobs {
+        down: rng.pick(&[0, 1, 2, 4, 8]),
+        stray: rng.pick(&[0, 2, 5]),
+        full_ack: rng.pick(&[30, 50, 70, 90]),
+        seek_fail: rng.pick(&[0, 10, 30]),
+        commit_fail: rng.pick(&[0, 20, 50]),
+        poll_max: rng.pick(&[4, 24, 64]),
+        ctrl: rng.pick(&[4, 12, 30]),
+    };
+    lines.push(format!(
+        "case {case}: log 0..{len} ({} offsets, gaps {gap}%), start {s0}, max_backlog {max_backlog}, max_batch {max_batch}, generation {gen} (no-generation acks: {accepts_none}), {steps} steps, {knobs:?}",
+        offs.len()
+    ));
+    stats.cases += 1;
+    let mut sim = Sim {
+        rng,
+        log: Log { offs },
+        max_backlog,
+        max_batch,
+        s0,
+        a: Assignment::new(gen, accepts_none, s0, max_backlog, max_batch),
+        fetch: Fetcher::new(s0),
+        worker: None,
+        orphans: Vec::new(),
+        delivered: vec![0; (len + 1) as usize],
+        kafka_committed: s0,
+        knobs,
+        lines,
+        stats,
+        last_seeks: Vec::new(),
+    };
+    for step in 0..steps {
+        sim.step(step, steps)?;
+    }
+    sim.drain()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={v} is not a number")))
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("panic: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("panic: {s}")
+    } else {
+        "panic".to_string()
+    }
+}
+
+#[test]
+fn partition_model() {
+    let seed = env_u64("OTTLA_MODEL_SEED").unwrap_or(DEFAULT_SEED);
+    let cases = env_u64("OTTLA_MODEL_CASES").unwrap_or(DEFAULT_CASES);
+    let only = env_u64("OTTLA_MODEL_CASE");
+    println!("partition_model: OTTLA_MODEL_SEED={seed:#x}");
+    let started = Instant::now();
+    let mut stats = Stats::default();
+    let range = match only {
+        Some(c) => c..c + 1,
+        None => 0..cases,
+    };
+    for case in range {
+        let mut lines = Vec::new();
+        let result = panic::catch_unwind(AssertUnwindSafe(|| {
+            run_case(seed, case, &mut lines, &mut stats)
+        }));
+        let failure = match result {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(p) => panic_message(p),
+        };
+        eprintln!("partition_model FAILED: seed {seed:#x}, case {case}: {failure}");
+        eprintln!("steps ({}):", lines.len());
+        for (i, l) in lines.iter().enumerate() {
+            eprintln!("{i:5} {l}");
+        }
+        eprintln!("failure: {failure}");
+        panic!(
+            "partition model: {failure}\nreplay: OTTLA_MODEL_SEED={seed:#x} OTTLA_MODEL_CASE={case}"
+        );
+    }
+    println!(
+        "partition_model: {} cases in {:.2?}: {stats:#?}",
+        stats.cases,
+        started.elapsed()
+    );
+}
