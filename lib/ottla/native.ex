@@ -73,6 +73,15 @@ defmodule Ottla.Native do
   def consumer_redeliver(_consumer, _topic, _partition, _generation, _offset),
     do: :erlang.nif_error(:nif_not_loaded)
 
+  def consumer_failed(_consumer, _topic, _partition, _generation, _from),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_seek(_consumer, _topic, _partition, _generation, _offset),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_gave_up(_consumer, _topic, _partition, _generation, _offset, _dead_lettered),
+    do: :erlang.nif_error(:nif_not_loaded)
+
   def consumer_worker_down(_consumer, _topic, _partition, _generation),
     do: :erlang.nif_error(:nif_not_loaded)
 

@@ -7,6 +7,20 @@ defmodule Ottla.Producer do
 
   @opts [:partition, :connection, partitioner: :default, timeout: 30_000, config: []]
 
+  @doc """
+  Produces through a connection's producer, or, when the connection has none, through a
+  short-lived producer with the connection's endpoints and settings (dead letters).
+  """
+  def produce_for_connection(name, topic, messages, opts) do
+    case Connection.lookup(name) do
+      %Connection{producer: nil} = conn ->
+        produce({:connection_settings, conn}, topic, messages, opts)
+
+      _ ->
+        produce(name, topic, messages, opts)
+    end
+  end
+
   def produce(target, topic, messages, opts) do
     opts = Options.keyword!(opts, @opts, "Ottla.produce/4 options")
     topic = Options.topic!(topic)
@@ -16,7 +30,12 @@ defmodule Ottla.Producer do
     extra_config = Options.client_config!(opts[:config])
     originals = if is_list(messages), do: messages, else: [messages]
     encoded = Enum.map(originals, &encode!/1)
-    {bootstrap, config, conn} = Connection.resolve!(target)
+
+    {bootstrap, config, conn} =
+      case target do
+        {:connection_settings, conn} -> {conn.bootstrap, conn.config, nil}
+        target -> Connection.resolve!(target)
+      end
 
     cond do
       originals == [] ->

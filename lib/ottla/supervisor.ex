@@ -61,6 +61,21 @@ defmodule Ottla.Supervisor do
       acks are committed and its worker stopped; also bounds the wait for the revoked handler.
       Defaults to `5000`.
     * `:commit_interval` - ms between background commits of acked offsets. Defaults to `1000`.
+    * `:retry_backoff` - ms before a failed batch is delivered again; doubles with each
+      attempt. Defaults to `500`.
+    * `:max_retry_backoff` - the backoff's bound in ms. Defaults to `30000`.
+    * `:max_attempts` - attempts a message gets (the batch it first failed in counts as one)
+      before `:on_failure` applies: a positive integer or `:infinity`. Defaults to `:infinity`.
+    * `:on_failure` - what happens to a message after its last attempt failed: `:retry` (keep
+      retrying), `:skip` (log it and ack it) or `{:dead_letter, topic}` (produce it to `topic`
+      with `ottla.*` headers naming the error, source topic, partition, offset, attempts and
+      time, and ack it once the produce is confirmed; if that produce fails, keep retrying).
+      Defaults to `:retry`. See `Ottla.Consumer.MessageHandler`.
+    * `:offsets` - where committed offsets live: `:kafka`, `{:elsewhere, fun}` or
+      `{:kafka_and_elsewhere, fun}`, where `fun` (or `{module, function, extra_args}`) is
+      called with `(topic, partition)` before a partition's worker starts and returns the
+      next offset to read, or `nil` for `:begin_offset`. With `:elsewhere` nothing is
+      committed to Kafka. Defaults to `:kafka`.
     * `:config` - librdkafka consumer properties (e.g. `"session.timeout.ms": 10_000`).
       Defaults to `[]`.
     * `:direct_ack` - accepted for Elsa compatibility; acks are always direct.
@@ -69,7 +84,8 @@ defmodule Ottla.Supervisor do
 
     * `:topic` - required. `:partition` - a partition or `:all` (default).
     * `:begin_offset` - `:earliest`, `:latest` or an offset. Defaults to `:latest`.
-    * `:handler`, `:handler_init_args`, `:max_batch`, `:max_backlog`, `:config` - as above.
+    * `:handler`, `:handler_init_args`, `:max_batch`, `:max_backlog`, `:retry_backoff`,
+      `:max_retry_backoff`, `:max_attempts`, `:on_failure`, `:config` - as above.
   """
   use Supervisor
 

@@ -340,9 +340,13 @@ defmodule Ottla.GroupConsumerTest do
       {:ok, calls} = Agent.start_link(fn -> 0 end)
 
       fun = fn _messages, s ->
-        # As when a handler is linked to a client that closed.
-        if Agent.get_and_update(calls, &{&1, &1 + 1}) == 0, do: exit({:shutdown, :closed})
-        {:ack, s}
+        if Agent.get_and_update(calls, &{&1, &1 + 1}) == 0 do
+          # A client the handler is linked to closes: its exit reaches the worker.
+          spawn_link(fn -> exit({:shutdown, :closed}) end)
+          {:no_ack, s}
+        else
+          {:ack, s}
+        end
       end
 
       log =
@@ -610,6 +614,13 @@ defmodule Ottla.GroupConsumerTest do
             {[drain_timeout: :soon], ":drain_timeout"},
             {[assignment_received_handler: fn -> :ok end], ":assignment_received_handler"},
             {[assignments_revoked_handler: fn _ -> :ok end], ":assignments_revoked_handler"},
+            {[max_attempts: 0], ":max_attempts"},
+            {[on_failure: :drop], ":on_failure"},
+            {[on_failure: {:dead_letter, ""}], "topic"},
+            {[retry_backoff: -1], ":retry_backoff"},
+            {[max_retry_backoff: :long], ":max_retry_backoff"},
+            {[offsets: :database], ":offsets"},
+            {[offsets: {:elsewhere, fn -> 1 end}], ":offsets"},
             {[wat: 1], "wat"}
           ] do
         opts = [

@@ -29,12 +29,25 @@ defmodule Ottla.Consumer.MessageHandler do
       are delivered again after a restart or a rebalance.
     * `{:continue, state}` / `:continue` - nothing is acked now; the app acks later with
       `Ottla.Group.Acknowledger.ack/5` (from any process). Delivery goes on.
+    * `{:seek, offset, state}` - go on from `offset` of this partition (forwards or
+      backwards); messages fetched before it are dropped, never delivered. Nothing is acked.
+    * `{:error, reason, state}` - the batch failed; see "Failures".
 
-  If the handler raises or exits, the partition's process is restarted with backoff (100 ms
-  doubling to 30 s) and receives every unacked message again; other partitions go on.
+  ## Failures
+
+  A handler that raises, exits, throws or returns `{:error, reason, state}` fails its batch.
+  The batch (from its first unacked message) is delivered again after a backoff that starts at
+  the consumer's `:retry_backoff` and doubles up to `:max_retry_backoff`, with jitter; only
+  that partition waits. Retries go one message at a time until the failing message is found,
+  so its neighbours are handled normally. After an `{:error, …}` the handler keeps its state;
+  after a raise, exit or throw, `init/1` runs again. A message that failed `:max_attempts`
+  times (the batch it first failed in counts as one) is handled as `:on_failure` says:
+  `:retry` (keep retrying), `:skip` (log it and ack it) or `{:dead_letter, topic}` (produce it
+  to `topic` with its key, value and headers plus `ottla.*` headers naming the error, source
+  and attempts, and ack it once that produce is confirmed).
 
   Inside a handler, `topic/0`, `partition/0`, `generation_id/0` and `connection/0` tell where
-  the batch comes from.
+  the batch comes from, and `attempt/0` which attempt this is (1 for a first delivery).
   """
 
   @type state :: term
@@ -52,6 +65,8 @@ defmodule Ottla.Consumer.MessageHandler do
           | :no_ack
           | :noop
           | :continue
+          | {:seek, non_neg_integer, state}
+          | {:error, term, state}
 
   @doc "Called when the partition's process starts; returns the handler state."
   @callback init(args :: term) :: {:ok, state}
@@ -60,6 +75,13 @@ defmodule Ottla.Consumer.MessageHandler do
   @doc "Handles one batch of the partition; the stateless form."
   @callback handle_messages(messages) :: result
   @optional_callbacks handle_messages: 1, handle_messages: 2
+
+  @doc """
+  Inside `handle_messages`: which attempt at the current batch this is, 1 for its first
+  delivery (see "Failures").
+  """
+  @spec attempt() :: pos_integer
+  def attempt, do: Process.get(:ottla_attempt, 1)
 
   defmacro __using__(_opts) do
     quote do
@@ -93,6 +115,8 @@ defmodule Ottla.Consumer.MessageHandler do
       def generation_id, do: Process.get(:ottla_generation_id)
       @doc "The connection's name."
       def connection, do: Process.get(:ottla_connection)
+      @doc "Which attempt at this batch this is: 1 for a first delivery."
+      def attempt, do: Ottla.Consumer.MessageHandler.attempt()
 
       defoverridable init: 1, handle_messages: 1, handle_messages: 2
     end

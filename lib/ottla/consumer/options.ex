@@ -11,6 +11,10 @@ defmodule Ottla.Consumer.Options do
     max_backlog: 1000,
     drain_timeout: 5_000,
     commit_interval: 1_000,
+    max_attempts: :infinity,
+    on_failure: :retry,
+    retry_backoff: 500,
+    max_retry_backoff: 30_000,
     config: []
   ]
 
@@ -31,7 +35,8 @@ defmodule Ottla.Consumer.Options do
           assignment_received_handler: fn _, _, _, _ -> :ok end,
           assignments_revoked_handler: fn -> :ok end,
           begin_offset: :latest,
-          assignment_strategy: :cooperative_sticky
+          assignment_strategy: :cooperative_sticky,
+          offsets: :kafka
         ] ++ @common,
         ":group_consumer options"
       )
@@ -92,9 +97,11 @@ defmodule Ottla.Consumer.Options do
       mode: :group,
       group: group,
       topics: topics,
+      begin_offset: begin,
       assignment_received_handler: opts[:assignment_received_handler],
       assignments_revoked_handler: opts[:assignments_revoked_handler]
     })
+    |> Map.merge(offsets!(opts[:offsets]))
   end
 
   def assign!(opts, conn) do
@@ -128,9 +135,30 @@ defmodule Ottla.Consumer.Options do
       partition: partition,
       begin_offset: begin,
       assignment_received_handler: fn _, _, _, _ -> :ok end,
-      assignments_revoked_handler: fn -> :ok end
+      assignments_revoked_handler: fn -> :ok end,
+      commit: false,
+      offsets_fun: nil
     })
   end
+
+  # Where committed offsets live: Kafka (default), elsewhere (the app's store, read back by
+  # the function on each assignment), or both.
+  defp offsets!(:kafka), do: %{commit: true, offsets_fun: nil}
+  defp offsets!({:elsewhere, fun}), do: %{commit: false, offsets_fun: offsets_fun!(fun)}
+  defp offsets!({:kafka_and_elsewhere, fun}), do: %{commit: true, offsets_fun: offsets_fun!(fun)}
+
+  defp offsets!(other) do
+    raise ArgumentError,
+          "invalid :offsets #{inspect(other)}: expected :kafka, {:elsewhere, fun} or " <>
+            "{:kafka_and_elsewhere, fun}, with fun a function (topic, partition) -> " <>
+            "next offset | nil, or {module, function, extra_args}"
+  end
+
+  defp offsets_fun!(fun) when is_function(fun, 2), do: fun
+
+  defp offsets_fun!({m, f, a} = mfa) when is_atom(m) and is_atom(f) and is_list(a), do: mfa
+
+  defp offsets_fun!(other), do: offsets!({:elsewhere_fun, other})
 
   # librdkafka's mock cluster (Ottla.Testing) does not act on a member's LeaveGroup: the next
   # member waits for the old one's session to time out (45 s by librdkafka's default). On the
@@ -165,6 +193,10 @@ defmodule Ottla.Consumer.Options do
     ottla = [{"enable.auto.commit", "false"}, {"enable.auto.offset.store", "false"} | defaults]
 
     %{
+      max_attempts: max_attempts!(opts[:max_attempts]),
+      on_failure: on_failure!(opts[:on_failure]),
+      retry_backoff: Options.timeout!(opts[:retry_backoff], :retry_backoff),
+      max_retry_backoff: Options.timeout!(opts[:max_retry_backoff], :max_retry_backoff),
       connection: Keyword.fetch!(conn, :connection),
       bootstrap: Keyword.fetch!(conn, :bootstrap),
       connection_config: Keyword.fetch!(conn, :config),
@@ -178,5 +210,21 @@ defmodule Ottla.Consumer.Options do
       drain_timeout: Options.timeout!(opts[:drain_timeout], :drain_timeout, 0),
       commit_interval: Options.timeout!(opts[:commit_interval], :commit_interval)
     }
+  end
+
+  defp max_attempts!(:infinity), do: :infinity
+  defp max_attempts!(n) when is_integer(n) and n >= 1 and n <= 1_000_000, do: n
+
+  defp max_attempts!(other) do
+    raise ArgumentError,
+          "invalid :max_attempts #{inspect(other)}: expected :infinity or a positive integer"
+  end
+
+  defp on_failure!(policy) when policy in [:retry, :skip], do: policy
+  defp on_failure!({:dead_letter, topic}), do: {:dead_letter, Options.topic!(topic)}
+
+  defp on_failure!(other) do
+    raise ArgumentError,
+          "invalid :on_failure #{inspect(other)}: expected :retry, :skip or {:dead_letter, topic}"
   end
 end

@@ -1,11 +1,17 @@
 defmodule Ottla.Consumer.Worker do
   @moduledoc false
   # One process per assigned topic-partition. The NIF sends it a batch only after it asked
-  # for one (consumer_demand), so its mailbox holds at most one batch.
+  # for one (consumer_demand), so its mailbox holds at most one batch. The partition's state
+  # machine (in the NIF) owns attempts and backoffs; the worker runs the handler, turns its
+  # result into acks, a seek or a failure, and applies the :on_failure policy to a message's
+  # last attempt.
   use GenServer, restart: :temporary
   require Logger
 
   alias Ottla.Native
+
+  # Error texts in logs and dead-letter headers are cut to this many characters.
+  @error_limit 500
 
   def child_spec(args) do
     %{
@@ -36,14 +42,17 @@ defmodule Ottla.Consumer.Worker do
     )
 
     # User code runs after init returns, so starting a worker never blocks the manager.
-    {:ok, args, {:continue, :start}}
+    {:ok, Map.put(args, :start_failures, 0), {:continue, :start}}
   end
 
   @impl true
-  def handle_continue(:start, state) do
+  def handle_continue(:start, state), do: start(state)
+
+  defp start(state) do
     tp = {state.topic, state.partition}
 
     with :ok <- announce(state, tp),
+         :ok <- seek_to_stored_offset(state),
          :ok <-
            Native.consumer_attach(
              state.resource,
@@ -69,6 +78,20 @@ defmodule Ottla.Consumer.Worker do
       {:assignment_failed, result} ->
         send(state.manager, {:ottla_assignment_failed, tp, result})
         {:stop, {:shutdown, :assignment_received_handler}, state}
+
+      {:offsets_failed, kind, reason, stacktrace} ->
+        # A failure of this partition: try again after a backoff, like a failed batch.
+        failures = state.start_failures + 1
+        delay = backoff(state, failures)
+
+        Logger.error(
+          "the :offsets function failed for #{state.topic}/#{state.partition} " <>
+            "(attempt #{failures}, retrying in #{delay} ms): " <>
+            truncate(Exception.format(kind, reason, stacktrace))
+        )
+
+        Process.send_after(self(), :start, delay)
+        {:noreply, %{state | start_failures: failures}}
     end
   end
 
@@ -85,6 +108,7 @@ defmodule Ottla.Consumer.Worker do
     case result do
       :ok ->
         send(state.manager, {:ottla_worker_started, tp, state.generation})
+        # Once per assignment: a restarted worker does not call it again.
         :ok
 
       other ->
@@ -92,12 +116,68 @@ defmodule Ottla.Consumer.Worker do
     end
   end
 
+  # Offsets kept elsewhere: the app's function says where to go on; Ottla seeks there before
+  # anything is delivered (on every start of the worker, so a restart never redoes what the
+  # app's store already holds).
+  defp seek_to_stored_offset(%{offsets_fun: nil}), do: :ok
+
+  defp seek_to_stored_offset(state) do
+    offset =
+      case stored_offset(state) do
+        nil -> if state.begin_offset == :earliest, do: -2, else: -1
+        offset -> offset
+      end
+
+    Native.consumer_seek(state.resource, state.topic, state.partition, state.generation, offset)
+  catch
+    kind, reason -> {:offsets_failed, kind, reason, __STACKTRACE__}
+  end
+
+  defp stored_offset(state) do
+    result =
+      case state.offsets_fun do
+        {m, f, a} -> apply(m, f, [state.topic, state.partition | a])
+        fun -> fun.(state.topic, state.partition)
+      end
+
+    case result do
+      nil ->
+        nil
+
+      offset when is_integer(offset) and offset >= 0 ->
+        offset
+
+      other ->
+        raise ArgumentError,
+              "the :offsets function returned #{inspect(other)}; expected the next offset " <>
+                "to read (a non-negative integer) or nil"
+    end
+  end
+
   @impl true
-  def handle_info({:ottla_messages, _topic, _partition, _generation, messages}, state) do
-    result = state.handler.handle_messages(messages, state.handler_state)
-    state = apply_result(result, messages, state)
+  def handle_info({:ottla_messages, _topic, _partition, _generation, attempt, messages}, state) do
+    {number, last?} = attempt
+    Process.put(:ottla_attempt, number)
+
+    state =
+      case run_handler(messages, state) do
+        {:ok, result} ->
+          apply_result(result, messages, state)
+
+        {:failed, error, handler_state} ->
+          state = %{state | handler_state: handler_state}
+          failed(messages, error, number, last?, state)
+      end
+
     Native.consumer_demand(state.resource, state.topic, state.partition, state.generation)
     {:noreply, state}
+  end
+
+  def handle_info(:start, state) do
+    case start(state) do
+      {:noreply, state} -> {:noreply, state}
+      {:stop, reason, state} -> {:stop, reason, state}
+    end
   end
 
   # Exits from the supervisor (shutdown, revocation) or from anything linked that crashed
@@ -108,6 +188,23 @@ defmodule Ottla.Consumer.Worker do
   def handle_info(other, state) do
     Logger.debug("#{inspect(state.handler)} worker ignored #{inspect(other, limit: 5)}")
     {:noreply, state}
+  end
+
+  # Runs the handler. A raise, exit or throw is a failure, after which init/1 runs again (a
+  # crash leaves the handler's state unknown); {:error, reason, state} keeps the state.
+  defp run_handler(messages, state) do
+    case state.handler.handle_messages(messages, state.handler_state) do
+      {:error, reason, handler_state} -> {:failed, {:error, reason}, handler_state}
+      result -> {:ok, result}
+    end
+  catch
+    kind, reason ->
+      error = {kind, reason, __STACKTRACE__}
+
+      case state.handler.init(state.handler_init_args) do
+        {:ok, handler_state} -> {:failed, error, handler_state}
+        other -> exit({:bad_init, state.handler, other})
+      end
   end
 
   defp apply_result(tag, messages, state)
@@ -127,11 +224,22 @@ defmodule Ottla.Consumer.Worker do
       {tag, handler_state} when tag in [:no_ack, :noop, :continue] ->
         %{state | handler_state: handler_state}
 
+      {:seek, offset, handler_state} when is_integer(offset) and offset >= 0 ->
+        Native.consumer_seek(
+          state.resource,
+          state.topic,
+          state.partition,
+          state.generation,
+          offset
+        )
+
+        %{state | handler_state: handler_state}
+
       other ->
         raise ArgumentError,
               "#{inspect(state.handler)}.handle_messages/2 returned #{inspect(other, limit: 5)}; " <>
-                "expected {:ack, state}, {:ack, offset, state}, {:no_ack, state}, {:noop, state} " <>
-                "or {:continue, state}"
+                "expected {:ack, state}, {:ack, offset, state}, {:no_ack, state}, {:noop, state}, " <>
+                "{:continue, state}, {:seek, offset, state} or {:error, reason, state}"
     end
   end
 
@@ -163,6 +271,106 @@ defmodule Ottla.Consumer.Worker do
         )
     end
   end
+
+  # A failed batch: logged once per attempt (offsets and error, never payloads). A message's
+  # last attempt goes to the :on_failure policy; anything else is retried after a backoff.
+  defp failed(messages, error, attempt, last?, state) do
+    first = hd(messages).offset
+    last = List.last(messages).offset
+    text = error_text(error)
+
+    Logger.warning(
+      "#{inspect(state.handler)} failed offsets #{first}..#{last} of " <>
+        "#{state.topic}/#{state.partition} (attempt #{attempt}): #{text}"
+    )
+
+    case {last?, state.on_failure} do
+      {true, :skip} ->
+        Logger.error(
+          "skipping offset #{first} of #{state.topic}/#{state.partition} after #{attempt} " <>
+            "attempts: #{text}"
+        )
+
+        gave_up(state, first, false)
+
+      {true, {:dead_letter, topic}} ->
+        [message] = messages
+
+        case dead_letter(state, topic, message, text, attempt) do
+          :ok ->
+            Logger.error(
+              "dead-lettered offset #{first} of #{state.topic}/#{state.partition} to " <>
+                "#{topic} after #{attempt} attempts: #{text}"
+            )
+
+            gave_up(state, first, true)
+
+          {:error, dlq_error, _} ->
+            # Never ack a message that went nowhere: it is tried again.
+            Logger.error(
+              "could not dead-letter offset #{first} of #{state.topic}/#{state.partition} " <>
+                "to #{topic} (retrying): #{Exception.message(dlq_error)}"
+            )
+
+            retry(state, first)
+        end
+
+      _ ->
+        retry(state, first)
+    end
+  end
+
+  defp retry(state, from) do
+    Native.consumer_failed(state.resource, state.topic, state.partition, state.generation, from)
+    state
+  end
+
+  defp gave_up(state, offset, dead_lettered?) do
+    Native.consumer_gave_up(
+      state.resource,
+      state.topic,
+      state.partition,
+      state.generation,
+      offset,
+      dead_lettered?
+    )
+
+    state
+  end
+
+  defp dead_letter(state, topic, message, text, attempts) do
+    headers =
+      message.headers ++
+        [
+          {"ottla.error", text},
+          {"ottla.source.topic", message.topic},
+          {"ottla.source.partition", Integer.to_string(message.partition)},
+          {"ottla.source.offset", Integer.to_string(message.offset)},
+          {"ottla.attempts", Integer.to_string(attempts)},
+          {"ottla.failed_at", DateTime.to_iso8601(DateTime.utc_now())}
+        ]
+
+    record = %{key: message.key, value: message.value, headers: headers}
+    Ottla.Producer.produce_for_connection(state.connection, topic, record, timeout: 30_000)
+  end
+
+  defp error_text({:error, reason}), do: truncate("{:error, #{inspect(reason, limit: 20)}}")
+
+  defp error_text({kind, reason, stacktrace}),
+    do: truncate(Exception.format(kind, reason, stacktrace))
+
+  defp truncate(text) do
+    if String.length(text) > @error_limit,
+      do: String.slice(text, 0, @error_limit) <> "…",
+      else: text
+  end
+
+  defp backoff(state, failures),
+    do:
+      min(
+        state.retry_backoff * Integer.pow(2, min(failures - 1, 20)),
+        state.max_retry_backoff
+      )
 
   defp ack(state, offset),
     do:

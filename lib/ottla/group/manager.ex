@@ -11,7 +11,6 @@ defmodule Ottla.Group.Manager do
 
   alias Ottla.Native
 
-  @max_backoff 30_000
   # How long the consumer's close (final commit, leaving the group) may take.
   @close_timeout 10_000
 
@@ -37,13 +36,26 @@ defmodule Ottla.Group.Manager do
              self(),
              opts.topics,
              assignment,
-             {opts.max_batch, opts.max_backlog, opts.drain_timeout, opts.commit_interval}
+             tuning(opts)
            ) do
       :persistent_term.put({__MODULE__, opts.connection}, resource)
       {:ok, Map.merge(opts, %{resource: resource, partitions: %{}})}
     else
       {:error, error} -> {:stop, error}
     end
+  end
+
+  defp tuning(opts) do
+    %{
+      max_batch: opts.max_batch,
+      max_backlog: opts.max_backlog,
+      drain_timeout: opts.drain_timeout,
+      commit_interval: opts.commit_interval,
+      commit: opts.commit,
+      max_attempts: if(opts.max_attempts == :infinity, do: 0, else: opts.max_attempts),
+      retry_backoff: opts.retry_backoff,
+      max_retry_backoff: opts.max_retry_backoff
+    }
   end
 
   # Group mode subscribes; assign mode (Elsa's `consumer:`) lists its partitions.
@@ -138,7 +150,7 @@ defmodule Ottla.Group.Manager do
           Native.consumer_worker_down(state.resource, topic, partition, entry.generation)
 
         failures = if acked != entry.acked, do: 0, else: entry.failures + 1
-        delay = backoff(failures)
+        delay = backoff(state, failures)
 
         Logger.warning(
           "worker for #{topic}/#{partition} exited: #{inspect(reason, limit: 8, printable_limit: 200)}; " <>
@@ -209,8 +221,12 @@ defmodule Ottla.Group.Manager do
     :ok
   end
 
-  defp backoff(0), do: 0
-  defp backoff(failures), do: min(100 * Integer.pow(2, min(failures - 1, 20)), @max_backoff)
+  # A worker that died right after progress restarts at once; repeated deaths back off like
+  # failed batches.
+  defp backoff(_state, 0), do: 0
+
+  defp backoff(state, failures),
+    do: min(state.retry_backoff * Integer.pow(2, min(failures - 1, 20)), state.max_retry_backoff)
 
   defp start_worker(state, {topic, partition} = tp) do
     entry = state.partitions[tp]
@@ -225,6 +241,11 @@ defmodule Ottla.Group.Manager do
       resource: state.resource,
       handler: state.handler,
       handler_init_args: state.handler_init_args,
+      on_failure: state.on_failure,
+      offsets_fun: state.offsets_fun,
+      begin_offset: state.begin_offset,
+      retry_backoff: state.retry_backoff,
+      max_retry_backoff: state.max_retry_backoff,
       # The assignment handler runs once per assignment, in the first worker.
       assignment_received_handler:
         if(state.mode == :group and not entry.announced,
@@ -250,7 +271,7 @@ defmodule Ottla.Group.Manager do
           "could not start the worker for #{topic}/#{partition}: #{inspect(other, limit: 5)}"
         )
 
-        Process.send_after(self(), {:restart, tp, entry.generation}, backoff(failures))
+        Process.send_after(self(), {:restart, tp, entry.generation}, backoff(state, failures))
         put_in(state.partitions[tp], %{entry | failures: failures})
     end
   end

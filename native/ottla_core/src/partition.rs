@@ -12,11 +12,61 @@
 //! kept until acked (at most `max_backlog` of them) so that a partial ack or a worker's
 //! death redelivers from memory instead of fetching again. Only when a redelivery needs
 //! messages that are no longer kept does the partition seek back.
+//!
+//! Failures: a batch the handler failed is retried after a backoff (doubling up to a bound)
+//! while other partitions go on; retries go one message at a time until the failing message
+//! is isolated, so a poison message does not take its neighbours down with it. A message that
+//! failed alone `max_attempts` times is delivered as its *last attempt*: what the worker does
+//! when that fails too (retry, skip, dead-letter) is its policy.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::cell::AckCell;
+
+/// `Event::SeekTo` to the log start or end instead of an offset (librdkafka's logical offsets).
+pub const OFFSET_BEGINNING: i64 = -2;
+pub const OFFSET_END: i64 = -1;
+
+/// How failed batches are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts a message gets before its delivery is marked as the last one; `None`: no limit.
+    pub max_attempts: Option<u32>,
+    /// The first backoff; it doubles with each further attempt.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: None,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff before attempt `attempt + 1`, after `attempt` failures.
+    pub fn backoff_after(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(30);
+        self.backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff)
+    }
+}
+
+/// The failure being worked through: where it happened and how often the message at `head`
+/// failed. Messages up to `until` (the end of the first failed batch) go one at a time.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    head: i64,
+    attempts: u32,
+    until: i64,
+}
 
 /// A message only needs its offset for the bookkeeping.
 pub trait Offset {
@@ -35,6 +85,16 @@ pub enum Event<M> {
     Redeliver { from: i64 },
     /// The partition is being revoked: nothing more is delivered or kept.
     Revoke,
+    /// The handler failed the batch that starts at `from` (what it acked before stays acked).
+    Failed { from: i64 },
+    /// The backoff asked for by [`Effect::Wait`] is over.
+    RetryDue,
+    /// The handler wants the partition to go on from `offset` (forwards or backwards, or
+    /// [`OFFSET_BEGINNING`] / [`OFFSET_END`]): what was fetched before is dropped.
+    SeekTo { offset: i64 },
+    /// The worker gave up on the message of a last attempt: skipped it, or dead-lettered it
+    /// (and acked it).
+    GaveUp { dead_lettered: bool },
     /// librdkafka sought to `offset`.
     SeekDone { offset: i64 },
     /// The seek to `offset` failed: it is asked for again.
@@ -58,6 +118,9 @@ pub enum Effect<M> {
     /// Fetch from this offset next; what librdkafka fetched before is dropped until
     /// [`Event::SeekDone`].
     Seek(i64),
+    /// Deliver nothing until [`Event::RetryDue`], which the glue sends after about this long
+    /// (it adds jitter).
+    Wait(Duration),
 }
 
 /// What became of a fetched message (for counters and tests).
@@ -101,6 +164,18 @@ pub struct Partition<M> {
     committing: Option<i64>,
     high_watermark: Option<i64>,
     overflows: u64,
+    policy: RetryPolicy,
+    failure: Option<Failure>,
+    /// A backoff is running: nothing is delivered until `RetryDue`.
+    waiting: Option<Duration>,
+    /// The attempt number of the batch last delivered, and whether it is the last attempt.
+    attempt: u32,
+    last_attempt: bool,
+    skipped: u64,
+    dead_lettered: u64,
+    last_seek: Option<i64>,
+    /// After a seek back, offsets up to here are delivered again although acked.
+    replay_until: Option<i64>,
 }
 
 impl<M: Offset + Clone> Partition<M> {
@@ -125,7 +200,21 @@ impl<M: Offset + Clone> Partition<M> {
             committing: None,
             high_watermark: None,
             overflows: 0,
+            policy: RetryPolicy::default(),
+            failure: None,
+            waiting: None,
+            attempt: 0,
+            last_attempt: false,
+            skipped: 0,
+            dead_lettered: 0,
+            last_seek: None,
+            replay_until: None,
         }
+    }
+
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Handles one event, appending what must be done to `effects`. Returns what became of a
@@ -154,7 +243,7 @@ impl<M: Offset + Clone> Partition<M> {
                 }
             }
             Event::Redeliver { from } => {
-                let from = self.acked.map_or(from, |a| from.max(a + 1));
+                let from = self.unacked_from(from);
                 self.redeliver_from(from, effects);
             }
             Event::Revoke => {
@@ -180,6 +269,16 @@ impl<M: Offset + Clone> Partition<M> {
                     self.committing = None;
                 }
             }
+            Event::Failed { from } => self.failed(from, effects),
+            Event::RetryDue => self.waiting = None,
+            Event::SeekTo { offset } => self.seek_to(offset, effects),
+            Event::GaveUp { dead_lettered } => {
+                if dead_lettered {
+                    self.dead_lettered += 1;
+                } else {
+                    self.skipped += 1;
+                }
+            }
             Event::Watermark(high) => self.high_watermark = Some(high),
             Event::Tick => {}
         }
@@ -199,6 +298,16 @@ impl<M: Offset + Clone> Partition<M> {
             Some(next)
         } else {
             None
+        }
+    }
+
+    /// Where a worker's "again from `from`" starts: after the ack (acked messages are done),
+    /// unless `from` is in what a seek back replays (acks there are not seen: they are behind
+    /// the cell's ack).
+    fn unacked_from(&self, from: i64) -> i64 {
+        match self.acked {
+            Some(a) if !self.replay_until.is_some_and(|r| from <= r) => from.max(a + 1),
+            _ => from,
         }
     }
 
@@ -228,9 +337,10 @@ impl<M: Offset + Clone> Partition<M> {
             return Intake::Discarded;
         }
         // Already acked (by a task that outlived its worker while a seek back was pending):
-        // done, like the ones `absorb` drops from the backlog.
+        // done, like the ones `absorb` drops from the backlog; unless the handler sought back.
+        let replayed = self.replay_until.is_some_and(|r| offset <= r);
         if self.next_fetch.is_some_and(|next| offset < next)
-            || self.acked.is_some_and(|acked| offset <= acked)
+            || (self.acked.is_some_and(|acked| offset <= acked) && !replayed)
         {
             return Intake::Duplicate;
         }
@@ -256,13 +366,36 @@ impl<M: Offset + Clone> Partition<M> {
     }
 
     fn deliver(&mut self, effects: &mut Vec<Effect<M>>) {
-        if !(self.worker && self.demand && !self.revoking) || self.backlog.is_empty() {
+        if !(self.worker && self.demand && !self.revoking)
+            || self.waiting.is_some()
+            || self.backlog.is_empty()
+        {
             return;
         }
-        let n = self.max_batch.min(self.backlog.len());
+        let head = self.backlog[0].offset();
+        // A failure is worked through one message at a time up to the end of its batch.
+        let (size, attempt) = match self.failure {
+            Some(f) if head <= f.until => (1, if head == f.head { f.attempts + 1 } else { 2 }),
+            _ => {
+                self.failure = None;
+                (self.max_batch, 1)
+            }
+        };
+        let n = size.min(self.backlog.len());
+        self.attempt = attempt;
+        // A batch of one message, whatever made it one (a retry, or a short backlog).
+        self.last_attempt = n == 1 && self.policy.max_attempts.is_some_and(|max| attempt >= max);
         let batch: Vec<M> = self.backlog.drain(..n).collect();
         let last = batch[batch.len() - 1].offset();
-        self.in_flight.extend(batch.iter().cloned());
+        for m in &batch {
+            if self.acked.is_some_and(|a| m.offset() <= a) {
+                // Replayed after a seek back: already acked (acks of it are behind the cell's
+                // and would never release it), so not kept; a redelivery of it seeks back.
+                self.kept_from = Some(self.kept_from.map_or(m.offset() + 1, |k| k.max(m.offset() + 1)));
+            } else {
+                self.in_flight.push_back(m.clone());
+            }
+        }
         while self.in_flight.len() > self.max_backlog {
             if let Some(dropped) = self.in_flight.pop_front() {
                 self.kept_from = Some(dropped.offset() + 1);
@@ -272,6 +405,54 @@ impl<M: Offset + Clone> Partition<M> {
         self.cell.raise_high(last);
         self.demand = false;
         effects.push(Effect::Deliver(batch));
+    }
+
+    /// The batch from `from` failed: count the attempt, put the unacked messages back, and
+    /// wait before delivering again.
+    fn failed(&mut self, from: i64, effects: &mut Vec<Effect<M>>) {
+        if self.revoking {
+            return;
+        }
+        let from = self.unacked_from(from);
+        let until = self.last_delivered.unwrap_or(from).max(from);
+        let failure = match self.failure {
+            Some(f) if f.head == from => Failure {
+                attempts: f.attempts + 1,
+                ..f
+            },
+            // A message of the batch that failed first failed again: its second attempt.
+            Some(f) if from <= f.until => Failure {
+                head: from,
+                attempts: 2,
+                until: f.until,
+            },
+            _ => Failure {
+                head: from,
+                attempts: 1,
+                until,
+            },
+        };
+        self.failure = Some(failure);
+        self.redeliver_from(from, effects);
+        let backoff = self.policy.backoff_after(failure.attempts);
+        self.waiting = Some(backoff);
+        effects.push(Effect::Wait(backoff));
+    }
+
+    /// Goes on from `offset`: drops what was fetched, seeks, and forgets the failure.
+    fn seek_to(&mut self, offset: i64, effects: &mut Vec<Effect<M>>) {
+        if self.revoking {
+            return;
+        }
+        self.backlog.clear();
+        self.in_flight.clear();
+        self.failure = None;
+        self.waiting = None;
+        self.last_seek = Some(offset);
+        self.replay_until = self.acked;
+        self.kept_from = (offset >= 0).then_some(offset);
+        self.next_fetch = (offset >= 0).then_some(offset);
+        self.seek(offset, effects);
     }
 
     /// Puts every unacked message from `from` on back in front of the backlog, from memory
@@ -374,10 +555,40 @@ impl<M: Offset + Clone> Partition<M> {
         self.overflows
     }
 
-    /// Every delivered message has been acked.
+    /// The attempt number of the batch last delivered (1 for a first delivery), and whether it
+    /// is the message's last attempt.
+    pub fn attempt(&self) -> (u32, bool) {
+        (self.attempt, self.last_attempt)
+    }
+
+    /// How often the message where the current failure stands failed (0: no failure).
+    pub fn failures(&self) -> u32 {
+        self.failure.map_or(0, |f| f.attempts)
+    }
+
+    /// The backoff running now, if any.
+    pub fn backoff(&self) -> Option<Duration> {
+        self.waiting
+    }
+
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered
+    }
+
+    pub fn last_seek(&self) -> Option<i64> {
+        self.last_seek
+    }
+
+    /// Nothing delivered is waiting for an ack: every delivered message has been acked, or the
+    /// partition is in a backoff (its unacked messages were taken back).
     pub fn drained(&self) -> bool {
         match (self.last_delivered, self.acked) {
             (None, _) => true,
+            _ if self.waiting.is_some() => true,
             (Some(delivered), Some(acked)) => acked >= delivered,
             (Some(_), None) => false,
         }

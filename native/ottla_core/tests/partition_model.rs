@@ -26,6 +26,29 @@
 //! - fetched messages are Discarded exactly while a seek is pending or after a revoke; a
 //!   failed seek is asked again.
 //!
+//! Failures and handler seeks (each case has a random [`RetryPolicy`]):
+//! - the worker sometimes fails its batch (`Failed { from }`, maybe after acking part of it),
+//!   gives up on a last attempt (acks it, then `GaveUp`) or fails it again, and sometimes
+//!   seeks (`SeekTo`: back, forward, beyond the log, `OFFSET_BEGINNING`, `OFFSET_END`); the
+//!   harness answers `Wait` with `RetryDue` after a random delay, like the glue (one timer
+//!   per partition, which a seek does not cancel: a stale `RetryDue` must be harmless);
+//! - a `Failed` that leaves something unacked in the batch emits exactly one
+//!   `Wait(backoff_after(failures))`; nothing is delivered between `Wait` and `RetryDue`
+//!   (or a seek); `backoff()`, `failures()` and `drained()` follow the model;
+//! - after a failure, deliveries from the failed offset up to the end of the failed batch
+//!   are single messages; a redelivery below the failed batch stops before it; attempt
+//!   numbers follow the rule (failures + 1 at the failing message, 2 for the rest of the
+//!   failed batch, 1 otherwise), `last_attempt` is exactly "one message and attempt >=
+//!   max_attempts", and a message delivered as a last attempt failed at least
+//!   max_attempts - 1 times (counted independently, per offset);
+//! - after `SeekTo(o)` nothing is held, the next delivery is the first log offset >= o (the
+//!   first of the log for `OFFSET_BEGINNING`, nothing old for `OFFSET_END`), offsets at or
+//!   below the ack are replayed (until an ack moves past them), `last_seek()` is o; acks and
+//!   commits never move backwards; offsets a forward seek jumped over count as handled;
+//! - the drain delivers every log offset from the last seek target (or the assignment's
+//!   start after a later reassignment) since that seek, except what an ack covered while a
+//!   replay was still running.
+//!
 //! Environment:
 //! - `OTTLA_MODEL_SEED`: the run's seed (decimal or 0x-hex), default [`DEFAULT_SEED`].
 //! - `OTTLA_MODEL_CASES`: how many cases (default [`DEFAULT_CASES`]).
@@ -37,15 +60,19 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ottla_core::cell::{AckCell, AckOutcome};
-use ottla_core::partition::{Effect, Event, Intake, Offset, Partition};
+use ottla_core::partition::{
+    Effect, Event, Intake, Offset, Partition, RetryPolicy, OFFSET_BEGINNING, OFFSET_END,
+};
 
 const DEFAULT_SEED: u64 = 0x0771_a5ee_d5ee_d001;
 const DEFAULT_CASES: u64 = 3000;
 const MAX_STEPS: i64 = 300;
 const MAX_LOG: i64 = 400;
+/// Where the fetcher stands after a seek to `OFFSET_END` (the log does not grow).
+const END_POS: i64 = MAX_LOG + 1_000;
 
 type R<T = ()> = Result<T, String>;
 
@@ -155,12 +182,32 @@ impl Fetcher {
     }
 }
 
+/// A batch as the worker got it: offsets and the partition's `attempt()`.
+#[derive(Debug, Clone)]
+struct Batch {
+    offs: Vec<i64>,
+    attempt: u32,
+    last: bool,
+}
+
 struct Worker {
     gen: i32,
     /// The last batch delivered, not handled yet.
-    current: Option<Vec<i64>>,
+    current: Option<Batch>,
     /// Offsets delivered to this worker and not handed back (by a redelivery).
     held: Vec<i64>,
+}
+
+/// The model's failure being worked through (see `Partition`'s rule).
+#[derive(Debug, Clone, Copy)]
+struct MFailure {
+    /// The first offset of the first failed batch (that was not acked).
+    start: i64,
+    /// Where the failure stands, and how often that message failed.
+    head: i64,
+    attempts: u32,
+    /// The end of the first failed batch.
+    until: i64,
 }
 
 /// One assignment of the partition (one generation) and its reference model.
@@ -190,12 +237,34 @@ struct Assignment {
     committed: Option<i64>,
     seen_committed: Option<i64>,
     pending_commits: Vec<i64>,
+    failure: Option<MFailure>,
+    /// A backoff is running (`Wait` emitted, no `RetryDue` or seek since).
+    waiting: Option<Duration>,
+    /// The `Wait` the event being handled must emit.
+    expect_wait: Option<Duration>,
+    /// After a seek back: the ack at the time; offsets from the target up to it are delivered
+    /// again (a later ack does not change that, it only covers offsets above it).
+    replay: Option<i64>,
+    /// The handler sought in this assignment (seeks may then go below `start`).
+    handler_seeks: bool,
+    /// The lowest position librdkafka may rewind to on a resume.
+    floor: i64,
+    last_seek: Option<i64>,
+    skipped: u64,
+    dead_lettered: u64,
 }
 
 impl Assignment {
-    fn new(gen: i32, accepts_none: bool, start: i64, max_backlog: usize, max_batch: usize) -> Self {
+    fn new(
+        gen: i32,
+        accepts_none: bool,
+        start: i64,
+        max_backlog: usize,
+        max_batch: usize,
+        policy: RetryPolicy,
+    ) -> Self {
         let cell = Arc::new(AckCell::new(gen, accepts_none));
-        let p = Partition::new(Arc::clone(&cell), max_backlog, max_batch);
+        let p = Partition::new(Arc::clone(&cell), max_backlog, max_batch).with_retry(policy);
         Assignment {
             gen,
             accepts_none,
@@ -214,6 +283,15 @@ impl Assignment {
             committed: None,
             seen_committed: None,
             pending_commits: Vec::new(),
+            failure: None,
+            waiting: None,
+            expect_wait: None,
+            replay: None,
+            handler_seeks: false,
+            floor: start,
+            last_seek: None,
+            skipped: 0,
+            dead_lettered: 0,
         }
     }
 }
@@ -228,6 +306,15 @@ struct Knobs {
     commit_fail: u64,
     poll_max: i64,
     ctrl: u64,
+    /// Percent of handled batches the worker fails.
+    fail: u64,
+    /// Percent of last attempts the worker gives up on (of the others, half fail again).
+    give_up: u64,
+    /// Percent of handled batches on which the worker seeks (and weight of a seek between
+    /// batches).
+    seek: u64,
+    /// Weight of the backoff's end among the actions (the lower, the longer backoffs last).
+    retry: u64,
 }
 
 #[derive(Debug, Default)]
@@ -255,6 +342,20 @@ struct Stats {
     revokes: u64,
     reassigns: u64,
     max_held: usize,
+    failures: u64,
+    failures_all_acked: u64,
+    waits: u64,
+    retry_dues: u64,
+    stale_retry_dues: u64,
+    single_retries: u64,
+    below_failure_batches: u64,
+    last_attempts: u64,
+    gave_up: u64,
+    handler_seeks: u64,
+    seeks_back: u64,
+    seeks_logical: u64,
+    replayed: u64,
+    acked_before_redelivery: u64,
 }
 
 struct Sim<'l> {
@@ -278,6 +379,20 @@ struct Sim<'l> {
     stats: &'l mut Stats,
     /// Seek effects of the last event.
     last_seeks: Vec<i64>,
+    policy: RetryPolicy,
+    /// How often each offset failed (the unacked part of a failed batch), over all
+    /// assignments.
+    fails: Vec<u32>,
+    /// Offsets a forward seek jumped over before they were ever delivered.
+    seek_skipped: Vec<bool>,
+    /// Deliveries since the last handler seek (or the reassignment after one).
+    since: Vec<u32>,
+    /// From where every log offset must be delivered since then (`None`: no seek yet).
+    since_from: Option<i64>,
+    /// Offsets that need not be: an ack covered them before they came again.
+    since_exempt: Vec<bool>,
+    /// A `RetryDue` is scheduled (the glue's one timer per partition).
+    retry_timer: bool,
 }
 
 fn fmt_gen(g: Option<i32>) -> String {
@@ -355,6 +470,7 @@ impl Sim<'_> {
                 Effect::Pause => " ->Pause".to_string(),
                 Effect::Resume => " ->Resume".to_string(),
                 Effect::Seek(o) => format!(" ->Seek({o})"),
+                Effect::Wait(d) => format!(" ->Wait({d:?})"),
             };
             self.note(&s);
         }
@@ -492,7 +608,9 @@ impl Sim<'_> {
                 Effect::Seek(o) => {
                     ensure!(!self.a.revoked, "Seek({o}) after revoke");
                     ensure!(
-                        o >= self.a.start,
+                        o >= self.a.start
+                            || (self.a.handler_seeks
+                                && (o >= 0 || o == OFFSET_BEGINNING || o == OFFSET_END)),
                         "Seek({o}) before the assignment's start {}",
                         self.a.start
                     );
@@ -500,6 +618,17 @@ impl Sim<'_> {
                     self.a.seek_pending = Some(o);
                     self.last_seeks.push(o);
                     self.fetch.ctrl.push_back(Ctrl::Seek(o));
+                }
+                Effect::Wait(d) => {
+                    let want = self.a.expect_wait.take();
+                    ensure!(
+                        want == Some(d),
+                        "Wait({d:?}), the model expects {want:?} (failure {:?})",
+                        self.a.failure
+                    );
+                    self.stats.waits += 1;
+                    // The glue keeps one timer per partition: a new backoff replaces it.
+                    self.retry_timer = true;
                 }
             }
         }
@@ -524,13 +653,29 @@ impl Sim<'_> {
             batch.len(),
             self.max_batch
         );
+        ensure!(
+            self.a.waiting.is_none(),
+            "delivered {batch:?} during a backoff ({:?}) before RetryDue",
+            self.a.waiting
+        );
         self.stats.batches += 1;
+        let (attempt, last) = self.check_attempt(&batch)?;
         for &m in &batch {
             ensure!(self.log.contains(m), "delivered {m}, not in the log");
-            let from = acked_before.map_or(self.a.next_exp, |a| self.a.next_exp.max(a + 1));
+            // During a replay (after a seek back) acked offsets up to the replay's end are
+            // delivered again.
+            let next = self.log.ceil(self.a.next_exp);
+            let replaying = self
+                .a
+                .replay
+                .is_some_and(|r| next.is_some_and(|n| n <= r));
+            let from = match acked_before {
+                Some(a) if !replaying => self.a.next_exp.max(a + 1),
+                _ => self.a.next_exp,
+            };
             let want = self.log.ceil(from);
             if want != Some(m) {
-                if acked_before.is_some_and(|a| m <= a) {
+                if acked_before.is_some_and(|a| m <= a) && !replaying {
                     return Err(format!(
                         "delivered {m}, already acked (ack {acked_before:?}); expected {want:?}"
                     ));
@@ -547,25 +692,96 @@ impl Sim<'_> {
                 ));
             }
             if self.a.max_delivered.is_none_or(|d| m > d) {
-                let next_new = self
+                // First deliveries skip nothing, but what a handler's seek jumped over.
+                let lo = self.a.max_delivered.map_or(self.a.start, |d| d + 1);
+                if let Some(&o) = self
                     .log
-                    .ceil(self.a.max_delivered.map_or(self.a.start, |d| d + 1));
-                ensure!(
-                    next_new == Some(m),
-                    "first delivery of {m} skips {next_new:?}"
-                );
+                    .range(lo, m - 1)
+                    .iter()
+                    .find(|&&o| !self.seek_skipped[o as usize])
+                {
+                    return Err(format!("first delivery of {m} skips {o}"));
+                }
                 self.a.max_delivered = Some(m);
             } else {
                 self.stats.redelivered += 1;
             }
+            if replaying && acked_before.is_some_and(|a| m <= a) {
+                self.stats.replayed += 1;
+            }
             self.a.next_exp = m + 1;
             self.delivered[m as usize] += 1;
+            self.since[m as usize] += 1;
             self.stats.delivered += 1;
         }
         let w = self.worker.as_mut().expect("checked above");
         w.held.extend_from_slice(&batch);
-        w.current = Some(batch);
+        w.current = Some(Batch {
+            offs: batch,
+            attempt,
+            last,
+        });
         Ok(())
+    }
+
+    /// The batch's size and `attempt()` against the model's failure: returns the attempt.
+    fn check_attempt(&mut self, batch: &[i64]) -> R<(u32, bool)> {
+        let (attempt, last) = self.a.p.attempt();
+        let head = batch[0];
+        let tail = batch[batch.len() - 1];
+        let want = match self.a.failure {
+            Some(f) if head < f.start => {
+                // Redelivered below the failed batch (a dead worker's unacked messages):
+                // a first attempt, and it must stop before the failed batch.
+                ensure!(
+                    tail < f.start,
+                    "batch {} runs into the failed batch from {} ({f:?})",
+                    fmt_offsets(batch),
+                    f.start
+                );
+                self.stats.below_failure_batches += 1;
+                1
+            }
+            Some(f) if head <= f.until => {
+                ensure!(
+                    batch.len() == 1,
+                    "after a failure ({f:?}) delivered {} instead of one message",
+                    fmt_offsets(batch)
+                );
+                self.stats.single_retries += 1;
+                if head == f.head {
+                    f.attempts + 1
+                } else {
+                    2
+                }
+            }
+            _ => {
+                self.a.failure = None;
+                1
+            }
+        };
+        ensure!(
+            attempt == want,
+            "delivered {} as attempt {attempt}, the model expects {want} (failure {:?})",
+            fmt_offsets(batch),
+            self.a.failure
+        );
+        let max = self.policy.max_attempts;
+        let want_last = batch.len() == 1 && max.is_some_and(|m| attempt >= m);
+        ensure!(
+            last == want_last,
+            "delivered {} with last_attempt {last} (attempt {attempt}, max_attempts {max:?})",
+            fmt_offsets(batch)
+        );
+        if last {
+            self.stats.last_attempts += 1;
+            let failed = self.fails[head as usize];
+            ensure!(
+                max.is_some_and(|m| failed + 1 >= m),
+                "{head} delivered as its last attempt after failing {failed} times (max_attempts {max:?})"
+            );
+        }
+        Ok((attempt, last))
     }
 
     /// The invariants that hold after every step.
@@ -645,9 +861,37 @@ impl Sim<'_> {
         // Against the partition's own ack: it reads the cell only when it handles an event.
         let drained = match (a.max_delivered, p.acked()) {
             (None, _) => true,
+            _ if a.waiting.is_some() => true,
             (Some(d), x) => x.is_some_and(|x| x >= d),
         };
         ensure!(p.drained() == drained, "drained() is {}", p.drained());
+        ensure!(
+            p.backoff() == a.waiting,
+            "backoff() {:?}, model {:?}",
+            p.backoff(),
+            a.waiting
+        );
+        let failures = a.failure.map_or(0, |f| f.attempts);
+        ensure!(
+            p.failures() == failures,
+            "failures() {}, model {failures} ({:?})",
+            p.failures(),
+            a.failure
+        );
+        ensure!(
+            p.last_seek() == a.last_seek,
+            "last_seek() {:?}, model {:?}",
+            p.last_seek(),
+            a.last_seek
+        );
+        ensure!(
+            (p.skipped(), p.dead_lettered()) == (a.skipped, a.dead_lettered),
+            "skipped/dead_lettered ({}, {}), model ({}, {})",
+            p.skipped(),
+            p.dead_lettered(),
+            a.skipped,
+            a.dead_lettered
+        );
         if a.revoked {
             ensure!(p.held() == 0, "holds {} messages after revoke", p.held());
         }
@@ -700,12 +944,23 @@ impl Sim<'_> {
         match got {
             AckOutcome::Advanced => {
                 self.stats.acks_advanced += 1;
-                self.a.acked = Some(off);
+                let before = self.a.acked.replace(off);
                 for &o in self.log.range(self.a.start, off) {
                     ensure!(
-                        self.delivered[o as usize] > 0,
+                        self.delivered[o as usize] > 0 || self.seek_skipped[o as usize],
                         "ack of {off} covers {o}, never delivered"
                     );
+                }
+                // After a seek, what a later ack covers before it came again is done (the
+                // replayed offsets, at or below the ack of the seek's time, are not covered).
+                if let Some(t) = self.since_from {
+                    let lo = before.map_or(t, |b| t.max(b + 1));
+                    for &o in self.log.range(lo, off) {
+                        if self.since[o as usize] == 0 && !self.since_exempt[o as usize] {
+                            self.since_exempt[o as usize] = true;
+                            self.stats.acked_before_redelivery += 1;
+                        }
+                    }
                 }
             }
             AckOutcome::Behind => self.stats.acks_behind += 1,
@@ -782,7 +1037,7 @@ impl Sim<'_> {
                 // Or resume from an older position: what comes again must be dropped.
                 if self.rng.pct(25) {
                     let at = self.fetch.queue.front().copied().unwrap_or(self.fetch.pos);
-                    let o = (at - self.rng.int(1, 12)).max(self.a.start);
+                    let o = (at - self.rng.int(1, 12)).max(self.a.floor);
                     self.fetch.pos = o;
                     self.fetch.queue.clear();
                     self.note(&format!(" rewound to {o}"));
@@ -797,7 +1052,11 @@ impl Sim<'_> {
                 }
                 if always_ok || !self.rng.pct(self.knobs.seek_fail) {
                     self.fetch.queue.clear();
-                    self.fetch.pos = o;
+                    self.fetch.pos = match o {
+                        OFFSET_BEGINNING => 0,
+                        OFFSET_END => END_POS,
+                        o => o,
+                    };
                     if self.a.seek_pending == Some(o) {
                         self.a.seek_pending = None;
                     }
@@ -850,10 +1109,12 @@ impl Sim<'_> {
         }
         self.a.credit = false;
         if !self.a.revoked {
+            // What is not acked goes to the next worker. During a replay the replayed offsets
+            // are acked: the replay goes on from where it stands.
             let from = self.a.acked.map(|x| x + 1).or(self.a.first);
             if let (Some(f), Some(d)) = (from, self.a.max_delivered) {
                 if f <= d {
-                    self.a.next_exp = f;
+                    self.a.next_exp = self.a.next_exp.min(f);
                 }
             }
         }
@@ -861,18 +1122,169 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// Where a worker's `from` puts the partition back: after the ack, unless replaying.
+    fn unacked_from(&self, from: i64) -> i64 {
+        match self.a.acked {
+            Some(x) if !self.a.replay.is_some_and(|r| from <= r) => from.max(x + 1),
+            _ => from,
+        }
+    }
+
     fn redeliver(&mut self, from: i64) -> R {
         self.stats.redeliver_requests += 1;
         if !self.a.revoked {
-            let f = self.a.acked.map_or(from, |x| from.max(x + 1));
+            // Back to `f`; unless a seek put the delivery before it (a batch from before the
+            // seek): `f` then comes again in order.
+            let f = self.unacked_from(from);
             if self.a.max_delivered.is_some_and(|d| f <= d) {
-                self.a.next_exp = f;
+                self.a.next_exp = self.a.next_exp.min(f);
             }
         }
         if let Some(w) = self.worker.as_mut() {
             w.held.retain(|&o| o < from);
         }
         self.ev(Event::Redeliver { from })?;
+        Ok(())
+    }
+
+    /// The handler failed `batch` from `from` on (its first offset, or the first one it did
+    /// not process).
+    fn failed(&mut self, batch: &[i64], from: i64) -> R {
+        self.stats.failures += 1;
+        let end = batch[batch.len() - 1];
+        if !self.a.revoked {
+            let f = self.unacked_from(from);
+            if f <= end {
+                for &o in batch.iter().filter(|&&o| o >= f) {
+                    self.fails[o as usize] += 1;
+                }
+                let failure = match self.a.failure {
+                    Some(x) if x.head == f => MFailure {
+                        attempts: x.attempts + 1,
+                        ..x
+                    },
+                    Some(x) if x.start <= f && f <= x.until => MFailure {
+                        head: f,
+                        attempts: 2,
+                        ..x
+                    },
+                    _ => MFailure {
+                        start: f,
+                        head: f,
+                        attempts: 1,
+                        until: end,
+                    },
+                };
+                self.a.failure = Some(failure);
+                let backoff = self.policy.backoff_after(failure.attempts);
+                self.a.waiting = Some(backoff);
+                self.a.expect_wait = Some(backoff);
+                self.a.next_exp = self.a.next_exp.min(f);
+                if let Some(w) = self.worker.as_mut() {
+                    w.held.retain(|&o| o < f);
+                }
+            } else {
+                // Everything was acked: nothing to retry, nothing failed.
+                self.stats.failures_all_acked += 1;
+            }
+        }
+        self.ev(Event::Failed { from })?;
+        ensure!(
+            self.a.expect_wait.is_none(),
+            "Failed({from}) emitted no Wait({:?})",
+            self.a.expect_wait
+        );
+        Ok(())
+    }
+
+    /// The handler gave up on its last attempt at `o`: acks it, then tells the partition.
+    fn give_up(&mut self, gen: i32, o: i64) -> R {
+        let dead_lettered = self.rng.pct(50);
+        self.begin(format!(
+            "worker gives up on [{o}] (dead-lettered: {dead_lettered}):"
+        ));
+        self.stats.gave_up += 1;
+        self.ack("worker", Some(gen), o)?;
+        if dead_lettered {
+            self.a.dead_lettered += 1;
+        } else {
+            self.a.skipped += 1;
+        }
+        self.ev(Event::GaveUp { dead_lettered })?;
+        self.maybe_demand(85)
+    }
+
+    /// A random seek target: back, forward, beyond the log, or logical.
+    fn seek_target(&mut self) -> i64 {
+        let len = self.delivered.len() as i64 - 1;
+        let cur = self.a.max_delivered.unwrap_or(self.a.start);
+        match self.rng.below(20) {
+            0 | 1 => OFFSET_BEGINNING,
+            2 => OFFSET_END,
+            3..=10 => (cur - self.rng.int(0, 80)).max(0),
+            11..=16 => cur + self.rng.int(0, 60),
+            _ => self.rng.int(0, len + 10),
+        }
+    }
+
+    /// The handler wants the partition to go on from `offset`.
+    fn seek_to(&mut self, offset: i64) -> R {
+        self.stats.handler_seeks += 1;
+        let revoked = self.a.revoked;
+        if !revoked {
+            let t = match offset {
+                OFFSET_BEGINNING => 0,
+                OFFSET_END => END_POS,
+                o => o,
+            };
+            if offset < 0 {
+                self.stats.seeks_logical += 1;
+            }
+            // Offsets never delivered that the seek jumps over are the handler's to skip.
+            let lo = self.a.max_delivered.map_or(self.a.start, |d| d + 1);
+            for &o in self.log.range(lo, t - 1) {
+                self.seek_skipped[o as usize] = true;
+            }
+            let a = &mut self.a;
+            a.failure = None;
+            a.waiting = None;
+            a.replay = a.acked.filter(|&r| t <= r);
+            if a.replay.is_some() {
+                self.stats.seeks_back += 1;
+            }
+            a.next_exp = t;
+            a.last_seek = Some(offset);
+            a.handler_seeks = true;
+            a.floor = a.floor.min(t);
+            self.since.fill(0);
+            self.since_from = Some(t);
+            self.since_exempt.fill(false);
+        }
+        self.ev(Event::SeekTo { offset })?;
+        ensure!(
+            self.last_seeks.contains(&offset) == !revoked,
+            "SeekTo({offset}) (revoked: {revoked}) gave the seeks {:?}",
+            self.last_seeks
+        );
+        if !revoked {
+            ensure!(
+                self.a.p.held() == 0,
+                "holds {} messages after SeekTo({offset})",
+                self.a.p.held()
+            );
+        }
+        Ok(())
+    }
+
+    fn retry_due(&mut self) -> R {
+        self.begin("backoff over:".to_string());
+        self.retry_timer = false;
+        self.stats.retry_dues += 1;
+        if self.a.waiting.is_none() {
+            self.stats.stale_retry_dues += 1;
+        }
+        self.a.waiting = None;
+        self.ev(Event::RetryDue)?;
         Ok(())
     }
 
@@ -885,11 +1297,60 @@ impl Sim<'_> {
 
     /// The worker handles the batch it was given last.
     fn handle_batch(&mut self) -> R {
-        let (gen, batch) = {
+        let (gen, cur) = {
             let w = self.worker.as_mut().expect("a worker");
             (w.gen, w.current.take().expect("a batch"))
         };
+        let batch = cur.offs.clone();
         let last = *batch.last().expect("non-empty");
+        if self.rng.pct(self.knobs.seek) {
+            let t = self.seek_target();
+            self.begin(format!(
+                "worker seeks to {t} on {} (attempt {}):",
+                fmt_offsets(&batch),
+                cur.attempt
+            ));
+            self.seek_to(t)?;
+            return self.maybe_demand(80);
+        }
+        if cur.last {
+            if self.rng.pct(self.knobs.give_up) {
+                return self.give_up(gen, batch[0]);
+            }
+            if self.rng.pct(50) {
+                self.begin(format!(
+                    "worker fails its last attempt {} (attempt {}):",
+                    fmt_offsets(&batch),
+                    cur.attempt
+                ));
+                self.failed(&batch, batch[0])?;
+                return self.maybe_demand(80);
+            }
+        }
+        if self.rng.pct(self.knobs.fail) {
+            // Maybe after acking part of it (rarely all of it).
+            let k = if self.rng.pct(8) {
+                batch.len()
+            } else {
+                self.rng.below(batch.len() as u64) as usize
+            };
+            self.begin(format!(
+                "worker fails {} (attempt {}) after acking {k}:",
+                fmt_offsets(&batch),
+                cur.attempt
+            ));
+            if k > 0 {
+                self.ack("worker", Some(gen), batch[k - 1])?;
+            }
+            // From the batch's start, or from the first offset it did not process.
+            let from = if k < batch.len() && self.rng.pct(25) {
+                batch[k]
+            } else {
+                batch[0]
+            };
+            self.failed(&batch, from)?;
+            return self.maybe_demand(80);
+        }
         let roll = self.rng.below(100);
         let full = self.knobs.full_ack;
         let rest = 100 - full;
@@ -922,7 +1383,7 @@ impl Sim<'_> {
             self.maybe_demand(70)?;
         } else {
             self.begin(format!("worker strays on {}:", fmt_offsets(&batch)));
-            self.worker.as_mut().expect("a worker").current = Some(batch);
+            self.worker.as_mut().expect("a worker").current = Some(cur);
             self.stray_acks()?;
         }
         Ok(())
@@ -1093,8 +1554,23 @@ impl Sim<'_> {
         self.note(&format!(
             " new generation {gen} (no-generation acks: {accepts_none}) from {start}"
         ));
-        self.a = Assignment::new(gen, accepts_none, start, self.max_backlog, self.max_batch);
+        self.a = Assignment::new(
+            gen,
+            accepts_none,
+            start,
+            self.max_backlog,
+            self.max_batch,
+            self.policy,
+        );
         self.fetch = Fetcher::new(start);
+        // The partition's slot, and its backoff timer, went with the old assignment.
+        self.retry_timer = false;
+        // A seek is not kept over a rebalance: the new owner starts at the commit.
+        if self.since_from.is_some() {
+            self.since.fill(0);
+            self.since_from = Some(start);
+            self.since_exempt.fill(false);
+        }
         self.check()
     }
 
@@ -1123,6 +1599,8 @@ impl Sim<'_> {
             Watermark,
             Tick,
             Reassign,
+            RetryDue,
+            Seek,
         }
         let has_worker = self.worker.is_some();
         let has_batch = self.worker.as_ref().is_some_and(|w| w.current.is_some());
@@ -1156,6 +1634,8 @@ impl Sim<'_> {
             (2, A::Watermark),
             (2, A::Tick),
             (if self.a.revoked { 12 } else { 0 }, A::Reassign),
+            (if self.retry_timer { k.retry } else { 0 }, A::RetryDue),
+            (if has_worker { k.seek / 2 } else { 0 }, A::Seek),
         ];
         let total: u64 = table.iter().map(|(w, _)| *w).sum();
         let mut r = self.rng.below(total);
@@ -1220,6 +1700,13 @@ impl Sim<'_> {
                 self.ev(Event::Tick).map(|_| ())
             }
             A::Reassign => self.reassign(),
+            A::RetryDue => self.retry_due(),
+            A::Seek => {
+                // Between batches (a backoff may be running).
+                let t = self.seek_target();
+                self.begin(format!("worker seeks to {t}:"));
+                self.seek_to(t)
+            }
         }
     }
 
@@ -1249,6 +1736,9 @@ impl Sim<'_> {
             );
             while !self.fetch.ctrl.is_empty() {
                 self.apply_ctrl(true)?;
+            }
+            if self.retry_timer {
+                self.retry_due()?;
             }
             if self.worker.is_none() {
                 self.attach()?;
@@ -1281,6 +1771,7 @@ impl Sim<'_> {
                 && self.log.ceil(self.fetch.pos).is_none()
                 && self.a.p.backlog_len() == 0
                 && self.a.p.drained()
+                && self.a.p.backoff().is_none()
                 && self.a.credit
                 && self.worker.as_ref().is_some_and(|w| w.held.is_empty());
             if done {
@@ -1293,12 +1784,26 @@ impl Sim<'_> {
     fn final_checks(&mut self) -> R {
         for &o in self.log.range(self.s0, i64::MAX) {
             ensure!(
-                self.delivered[o as usize] > 0,
+                self.delivered[o as usize] > 0 || self.seek_skipped[o as usize],
                 "offset {o} was never delivered"
             );
         }
+        if let Some(t) = self.since_from {
+            for &o in self.log.range(t, i64::MAX) {
+                ensure!(
+                    self.since[o as usize] > 0 || self.since_exempt[o as usize],
+                    "offset {o} was not delivered since the seek to {t} (or the reassignment after it)"
+                );
+            }
+        }
         let last = self.log.offs.last().copied();
-        let expect = last.filter(|&l| l >= self.a.start);
+        // Everything from the start (or the last seek target) on was delivered and acked; a
+        // seek beyond the log leaves the ack at the last delivered offset.
+        let required_from = self.since_from.unwrap_or(self.a.start);
+        let expect = match last {
+            Some(l) if l >= required_from && l >= self.a.start => Some(l),
+            _ => self.a.max_delivered,
+        };
         ensure!(
             self.a.p.acked() == expect,
             "after the drain the ack is {:?}, not the last offset {expect:?}",
@@ -1339,9 +1844,23 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
         commit_fail: rng.pick(&[0, 20, 50]),
         poll_max: rng.pick(&[4, 24, 64]),
         ctrl: rng.pick(&[4, 12, 30]),
+        fail: rng.pick(&[0, 5, 15, 30]),
+        give_up: rng.pick(&[20, 50, 80]),
+        seek: rng.pick(&[0, 0, 2, 6]),
+        retry: rng.pick(&[3, 10, 30]),
+    };
+    let backoff = Duration::from_millis(rng.int(1, 40) as u64);
+    let policy = RetryPolicy {
+        max_attempts: if rng.pct(25) {
+            None
+        } else {
+            Some(rng.int(1, 4) as u32)
+        },
+        backoff,
+        max_backoff: backoff * rng.int(1, 10) as u32,
     };
     lines.push(format!(
-        "case {case}: log 0..{len} ({} offsets, gaps {gap}%), start {s0}, max_backlog {max_backlog}, max_batch {max_batch}, generation {gen} (no-generation acks: {accepts_none}), {steps} steps, {knobs:?}",
+        "case {case}: log 0..{len} ({} offsets, gaps {gap}%), start {s0}, max_backlog {max_backlog}, max_batch {max_batch}, generation {gen} (no-generation acks: {accepts_none}), {steps} steps, {knobs:?}, {policy:?}",
         offs.len()
     ));
     stats.cases += 1;
@@ -1351,7 +1870,7 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
         max_backlog,
         max_batch,
         s0,
-        a: Assignment::new(gen, accepts_none, s0, max_backlog, max_batch),
+        a: Assignment::new(gen, accepts_none, s0, max_backlog, max_batch, policy),
         fetch: Fetcher::new(s0),
         worker: None,
         orphans: Vec::new(),
@@ -1361,6 +1880,13 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
         lines,
         stats,
         last_seeks: Vec::new(),
+        policy,
+        fails: vec![0; (len + 1) as usize],
+        seek_skipped: vec![false; (len + 1) as usize],
+        since: vec![0; (len + 1) as usize],
+        since_from: None,
+        since_exempt: vec![false; (len + 1) as usize],
+        retry_timer: false,
     };
     for step in 0..steps {
         sim.step(step, steps)?;

@@ -31,12 +31,14 @@ pub fn run(shared: Arc<Shared>) {
                 for tp in &keys {
                     st.handle(tp, Event::Tick);
                 }
+                let next_retry = st.due_retries();
                 if !st.outbox.is_empty() {
                     break std::mem::take(&mut st.outbox);
                 }
+                let wait = next_retry.map_or(IDLE_WAIT, |d| d.min(IDLE_WAIT));
                 st = shared
                     .work
-                    .wait_timeout(st, IDLE_WAIT)
+                    .wait_timeout(st, wait)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
@@ -48,7 +50,7 @@ pub fn run(shared: Arc<Shared>) {
     }
 }
 
-/// `{:ottla_messages, topic, partition, generation, [%Ottla.Message{}]}`
+/// `{:ottla_messages, topic, partition, generation, {attempt, last_attempt?}, [%Ottla.Message{}]}`
 fn encode_batch<'a>(env: Env<'a>, o: Outgoing, group: bool) -> Term<'a> {
     let topic = o.topic.encode(env);
     let generation = group.then_some(o.generation);
@@ -58,6 +60,7 @@ fn encode_batch<'a>(env: Env<'a>, o: Outgoing, group: bool) -> Term<'a> {
         topic,
         o.partition,
         o.generation,
+        o.attempt,
         list,
     )
         .encode(env)

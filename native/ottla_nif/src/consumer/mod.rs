@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ottla_core::cell::AckCell;
-use ottla_core::partition::{Effect, Event, Partition};
+use ottla_core::partition::{Effect, Event, Partition, RetryPolicy};
 use rustler::{Encoder, LocalPid};
 
 use crate::atoms;
@@ -47,12 +47,18 @@ pub struct Settings {
     pub max_backlog: usize,
     pub drain_timeout: Duration,
     pub commit_interval: Duration,
+    /// Commit acked offsets to Kafka (false when offsets are kept elsewhere, or outside a
+    /// group).
+    pub commit: bool,
+    pub retry: RetryPolicy,
 }
 
 /// One assigned partition: its state machine and the process its batches go to.
 pub struct Slot {
     pub part: Partition<Msg>,
     pub worker: Option<LocalPid>,
+    /// When the running backoff ends (the dispatcher then sends `Event::RetryDue`).
+    pub retry_at: Option<Instant>,
 }
 
 /// A batch on its way to a worker.
@@ -61,6 +67,8 @@ pub struct Outgoing {
     pub topic: String,
     pub partition: i32,
     pub generation: i32,
+    /// The batch's attempt number, and whether it is its message's last attempt.
+    pub attempt: (u32, bool),
     pub messages: Vec<Msg>,
 }
 
@@ -88,35 +96,48 @@ impl State {
             return false;
         };
         slot.part.handle(event, &mut effects);
-        let (pid, generation) = (slot.worker, slot.part.generation());
-        self.route(tp, pid, generation, effects);
-        true
-    }
-
-    pub fn route(
-        &mut self,
-        tp: &Tp,
-        pid: Option<LocalPid>,
-        generation: i32,
-        effects: Vec<Effect<Msg>>,
-    ) {
         for effect in effects {
             match effect {
                 Effect::Deliver(messages) => {
                     // The state machine delivers only to a partition with a worker.
-                    if let Some(pid) = pid {
+                    if let Some(pid) = slot.worker {
                         self.outbox.push(Outgoing {
                             pid,
                             topic: tp.0.clone(),
                             partition: tp.1,
-                            generation,
+                            generation: slot.part.generation(),
+                            attempt: slot.part.attempt(),
                             messages,
                         });
                     }
                 }
+                Effect::Wait(backoff) => slot.retry_at = Some(Instant::now() + jitter(backoff)),
                 other => self.ops.push((tp.clone(), other)),
             }
         }
+        true
+    }
+
+    /// Ends the backoffs that are over; returns how long until the next one ends.
+    pub fn due_retries(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let due: Vec<Tp> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.retry_at.is_some_and(|at| at <= now))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &due {
+            if let Some(slot) = self.partitions.get_mut(tp) {
+                slot.retry_at = None;
+            }
+            self.handle(tp, Event::RetryDue);
+        }
+        self.partitions
+            .values()
+            .filter_map(|s| s.retry_at)
+            .min()
+            .map(|at| at.saturating_duration_since(now))
     }
 }
 
@@ -184,9 +205,14 @@ impl Shared {
                 cell.clone(),
                 self.settings.max_backlog,
                 self.settings.max_batch,
-            );
-            st.partitions
-                .insert(tp.clone(), Slot { part, worker: None });
+            )
+            .with_retry(self.settings.retry);
+            let slot = Slot {
+                part,
+                worker: None,
+                retry_at: None,
+            };
+            st.partitions.insert(tp.clone(), slot);
             cells.insert(tp.clone(), cell);
         }
         st.last_rebalance_ms = Some(now_ms());
@@ -218,6 +244,17 @@ impl Shared {
         self.work.notify_all();
         self.progress.notify_all();
     }
+}
+
+/// Between half the backoff and the whole of it ("equal jitter"), so that partitions that
+/// failed together do not retry together.
+fn jitter(backoff: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos() ^ (now_ms() as u128));
+    let half = backoff / 2;
+    let span = half.as_nanos().max(1) as u64;
+    half + Duration::from_nanos(h.finish() % span)
 }
 
 pub fn now_ms() -> i64 {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use ottla_core::cell::AckOutcome;
-use ottla_core::partition::Event;
+use ottla_core::partition::{Event, RetryPolicy};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset as KOffset, TopicPartitionList};
 use rustler::{Atom, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
@@ -25,8 +25,20 @@ use crate::timing::Timed;
 /// `{topic, partition, offset}` for assign mode; offset -1 earliest, -2 latest.
 type Assignment = (String, i32, i64);
 
-/// `{max_batch, max_backlog, drain_timeout_ms, commit_interval_ms}`
-type Tuning = (usize, usize, u64, u64);
+/// The consumer's settings, as a map from Elixir.
+#[derive(rustler::NifMap)]
+pub struct Tuning {
+    max_batch: usize,
+    max_backlog: usize,
+    drain_timeout: u64,
+    commit_interval: u64,
+    /// Commit acked offsets to Kafka.
+    commit: bool,
+    /// 0: no limit.
+    max_attempts: u32,
+    retry_backoff: u64,
+    max_retry_backoff: u64,
+}
 
 /// Creates the consumer and starts its threads. Creating the client and subscribing do not
 /// wait on Kafka; it runs on a dirty scheduler because client creation allocates and spawns
@@ -42,16 +54,21 @@ fn consumer_new<'a>(
     assignment: Vec<Assignment>,
     tuning: Tuning,
 ) -> NifResult<Term<'a>> {
-    let (max_batch, max_backlog, drain_ms, commit_ms) = tuning;
     let group = assignment.is_empty();
     let shared = Arc::new(Shared {
         settings: Settings {
             manager,
             group,
-            max_batch: max_batch.max(1),
-            max_backlog: max_backlog.max(1),
-            drain_timeout: Duration::from_millis(drain_ms),
-            commit_interval: Duration::from_millis(commit_ms.max(10)),
+            max_batch: tuning.max_batch.max(1),
+            max_backlog: tuning.max_backlog.max(1),
+            drain_timeout: Duration::from_millis(tuning.drain_timeout),
+            commit_interval: Duration::from_millis(tuning.commit_interval.max(10)),
+            commit: group && tuning.commit,
+            retry: RetryPolicy {
+                max_attempts: (tuning.max_attempts > 0).then_some(tuning.max_attempts),
+                backoff: Duration::from_millis(tuning.retry_backoff),
+                max_backoff: Duration::from_millis(tuning.max_retry_backoff),
+            },
         },
         state: Mutex::new(State::default()),
         cells: RwLock::new(HashMap::new()),
@@ -203,6 +220,18 @@ fn consumer_redeliver(
     generation: i32,
     offset: i64,
 ) -> Atom {
+    let event = Event::Redeliver { from: offset };
+    worker_event(&resource, topic, partition, generation, event)
+}
+
+/// Hands an event from the partition's worker (of `generation`) to its state machine.
+fn worker_event(
+    resource: &ConsumerResource,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    event: Event<super::Msg>,
+) -> Atom {
     let shared = &resource.shared;
     let tp = (topic, partition);
     let mut st = shared.lock();
@@ -211,9 +240,71 @@ fn consumer_redeliver(
         .get(&tp)
         .is_some_and(|s| s.part.generation() == generation)
     {
-        st.handle(&tp, Event::Redeliver { from: offset });
+        st.handle(&tp, event);
+        if !st.outbox.is_empty() {
+            shared.work.notify_one();
+        }
     }
     atoms::ok()
+}
+
+/// The handler failed the batch starting at `from`: retried after a backoff.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_failed(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    from: i64,
+) -> Atom {
+    worker_event(
+        &resource,
+        topic,
+        partition,
+        generation,
+        Event::Failed { from },
+    )
+}
+
+/// The handler wants the partition to go on from `offset` (-2: the log start, -1: its end).
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_seek(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    offset: i64,
+) -> Atom {
+    worker_event(
+        &resource,
+        topic,
+        partition,
+        generation,
+        Event::SeekTo { offset },
+    )
+}
+
+/// The worker gave up on the message at `offset` after its last attempt: acks it, and counts
+/// it as skipped or dead-lettered.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_gave_up(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    offset: i64,
+    dead_lettered: bool,
+) -> Atom {
+    if let Some(cell) = resource.shared.cell(&(topic.clone(), partition)) {
+        cell.ack(Some(generation), offset);
+    }
+    worker_event(
+        &resource,
+        topic,
+        partition,
+        generation,
+        Event::GaveUp { dead_lettered },
+    )
 }
 
 /// The partition's worker died: forget it; what it did not ack goes to the next worker.
@@ -305,6 +396,17 @@ fn consumer_stats<'a>(
             ),
             (atoms::lag().encode(env), p.lag().encode(env)),
             (atoms::worker().encode(env), slot.worker.encode(env)),
+            (atoms::failures().encode(env), p.failures().encode(env)),
+            (
+                atoms::backoff().encode(env),
+                p.backoff().map(|d| d.as_millis() as u64).encode(env),
+            ),
+            (atoms::skipped().encode(env), p.skipped().encode(env)),
+            (
+                atoms::dead_lettered().encode(env),
+                p.dead_lettered().encode(env),
+            ),
+            (atoms::last_seek().encode(env), p.last_seek().encode(env)),
         ];
         rows.push(Term::map_from_pairs(env, &pairs)?);
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ottla_core::partition::{Effect, Event};
+use ottla_core::partition::{Effect, Event, OFFSET_BEGINNING, OFFSET_END};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -157,7 +157,7 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
         wait_until(shared, deadline + REPLY_MARGIN, |st| st.revoke_done >= id);
     }
 
-    if !lost && !closing && shared.settings.group {
+    if !lost && !closing && shared.settings.commit {
         let outcomes = {
             let mut commits = ctx.commits();
             let mut outcomes = start_commit(shared, consumer, &mut commits, Some(&list));
@@ -282,8 +282,12 @@ fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
             Effect::Resume => consumer.resume(&one).map_err(|e| ("resume", e)),
             Effect::Seek(offset) => {
                 // Timeout 0: asynchronous; librdkafka drops what it fetched before the seek.
-                let result =
-                    consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO);
+                let to = match offset {
+                    OFFSET_BEGINNING => Offset::Beginning,
+                    OFFSET_END => Offset::End,
+                    o => Offset::Offset(o),
+                };
+                let result = consumer.seek(&topic, partition, to, Duration::ZERO);
                 let event = match result {
                     Ok(()) => Event::SeekDone { offset },
                     Err(_) => Event::SeekFailed { offset },
@@ -291,7 +295,7 @@ fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
                 shared.lock().handle(&(topic.clone(), partition), event);
                 result.map_err(|e| ("seek", e))
             }
-            Effect::Deliver(_) => Ok(()),
+            Effect::Deliver(_) | Effect::Wait(_) => Ok(()),
         };
         if let Err((what, err)) = result {
             log(
@@ -337,7 +341,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut last_commit = Instant::now();
     let mut last_marks = Instant::now();
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
-    let group = shared.settings.group;
+    let commit = shared.settings.commit;
     while !shared.stop.load(Ordering::SeqCst) {
         // Wait for one message, then take what is already there without waiting.
         let mut timeout = POLL_TIMEOUT;
@@ -356,7 +360,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
             intake(&shared, std::mem::take(&mut polled));
         }
         apply_ops(&shared, &consumer);
-        if group {
+        if commit {
             let ctx = consumer.context();
             let mut outcomes = ctx.commits().collect(Duration::ZERO);
             if last_commit.elapsed() >= shared.settings.commit_interval {
@@ -372,7 +376,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     }
     // Shutdown: commit every ack (bounded), then close: leave the group, so the others
     // rebalance at once.
-    if group {
+    if commit {
         let ctx = consumer.context();
         let outcomes = {
             let mut commits = ctx.commits();
