@@ -25,14 +25,16 @@ defmodule Ottla do
 
   @typedoc """
   A message to produce: a binary value, `{key, value}`, or a map with `:value` and optional
-  `:key`, `:headers` (`[{name, value}]`) and `:timestamp` (ms since the epoch).
+  `:key`, `:headers` (`[{name, value}]`) and `:timestamp` (ms since the epoch). Keys and
+  values may be iodata; in a list of messages, a list is one message's iodata value (as in
+  Elsa, a single iodata message is given as `[iodata]`).
   """
   @type message ::
           binary
-          | {binary | nil, binary | nil}
+          | {iodata | nil, iodata | nil}
           | %{
-              required(:value) => binary | nil,
-              optional(:key) => binary | nil,
+              required(:value) => iodata | nil,
+              optional(:key) => iodata | nil,
               optional(:headers) => [{binary, binary | nil}],
               optional(:timestamp) => non_neg_integer | nil
             }
@@ -59,8 +61,8 @@ defmodule Ottla do
     * `:partitioner` - how to choose a partition when `:partition` is not given:
       `:default` (the Java client's murmur2 on the key, so a key always lands on the same
       partition as it would from a Java producer; keyless messages are spread), `:random`,
-      `:md5` (Elsa's md5 partitioner), or a function `(partition_count, key) -> partition`.
-      Defaults to `:default`.
+      `:md5` (Elsa's md5 partitioner), a module implementing `Ottla.Partitioner`, or a
+      function `(partition_count, key) -> partition`. Defaults to `:default`.
     * `:timeout` - milliseconds the call may take; it returns by then. With endpoints it also
       bounds delivery (librdkafka's `message.timeout.ms` is set a little below it). With a
       connection, the producer's own `message.timeout.ms` (30 s unless configured) bounds
@@ -69,7 +71,12 @@ defmodule Ottla do
       arrives in the caller's mailbox after the call returns. Defaults to `30000`.
     * `:config` - extra librdkafka producer properties for the short-lived client (ignored
       with a connection, whose producer is configured once). Defaults to `[]`.
-    * `:connection` - accepted for Elsa compatibility and ignored.
+    * `:connection` - with endpoints: the name of a connection to produce through when it
+      runs and has a producer (as Elsa did); otherwise a short-lived producer is used.
+
+  A connection name that does not run gives `{:error, %Ottla.Error{code: :no_connection},
+  failed}` (an error value, as Elsa returned), a connection without a producer
+  `code: :no_producer`.
 
   ## Example
 

@@ -327,7 +327,7 @@ defmodule OttlaTest do
             {fn -> Ottla.produce("localhost", "t", "x") end, ":endpoints"},
             {fn -> Ottla.produce([{"h", 70_000}], "t", "x") end, ":endpoints"},
             {fn -> Ottla.produce([:nope], "t", "x") end, ":endpoints"},
-            {fn -> Ottla.produce(:no_such_connection, "t", "x") end, "connection"},
+            {fn -> Ottla.fetch(:no_such_connection, "t") end, "connection"},
             {fn -> Ottla.create_topic(ep, "t", partitions: 0) end, ":partitions"},
             {fn -> Ottla.create_topic(ep, "t", config: [{"a", %{}}]) end, ":config"},
             {fn -> Ottla.fetch(ep, "t", partition: -2) end, ":partition"},

@@ -5,13 +5,14 @@ defmodule Ottla.Connection do
   use GenServer
   require Logger
 
-  defstruct [:name, :bootstrap, :config, :producer]
+  defstruct [:name, :bootstrap, :config, :producer, :pid]
 
   @type t :: %__MODULE__{
           name: atom,
           bootstrap: String.t(),
           config: [{String.t(), String.t()}],
-          producer: reference | nil
+          producer: reference | nil,
+          pid: pid
         }
 
   @producer_defaults [
@@ -57,11 +58,43 @@ defmodule Ottla.Connection do
     config = Keyword.fetch!(opts, :config)
 
     with {:ok, producer} <- start_producer(bootstrap, config, opts[:producer]) do
-      conn = %__MODULE__{name: name, bootstrap: bootstrap, config: config, producer: producer}
+      conn = %__MODULE__{
+        name: name,
+        bootstrap: bootstrap,
+        config: config,
+        producer: producer,
+        pid: self()
+      }
+
       :persistent_term.put({__MODULE__, name}, conn)
       {:ok, conn}
     else
       {:error, %Ottla.Error{} = error} -> {:stop, error}
+    end
+  end
+
+  @doc "Gives a running connection a producer, unless it has one."
+  @spec start_producer(t, [{String.t(), String.t()}]) :: :ok | {:error, Ottla.Error.t()}
+  def start_producer(%__MODULE__{pid: pid}, producer_config) do
+    GenServer.call(pid, {:start_producer, producer_config}, 30_000)
+  catch
+    :exit, _ -> {:error, Ottla.Error.new(:no_connection, "the connection stopped")}
+  end
+
+  @impl true
+  def handle_call({:start_producer, _config}, _from, %__MODULE__{producer: producer} = conn)
+      when producer != nil,
+      do: {:reply, :ok, conn}
+
+  def handle_call({:start_producer, producer_config}, _from, conn) do
+    case start_producer(conn.bootstrap, conn.config, producer_config) do
+      {:ok, producer} ->
+        conn = %{conn | producer: producer}
+        :persistent_term.put({__MODULE__, conn.name}, conn)
+        {:reply, :ok, conn}
+
+      {:error, error} ->
+        {:reply, {:error, error}, conn}
     end
   end
 

@@ -123,6 +123,23 @@ defmodule Ottla.Options do
   }
 
   @doc """
+  `client_config!/2` for a connection's or producer's `config:` list, which may also use
+  Elsa's brod option names (see `Ottla.BrodConfig`).
+  """
+  @spec kafka_config!(term, atom) :: [{String.t(), String.t()}]
+  def kafka_config!(config, name \\ :config) do
+    case Ottla.BrodConfig.translate(config, name) do
+      {props, []} ->
+        client_config!(props, name)
+
+      {_props, [{option, _} | _]} ->
+        raise ArgumentError,
+              "invalid #{inspect(name)}: #{inspect(option)} is a consumer setting; give it in " <>
+                "the :group_consumer or :consumer options (or their :config)"
+    end
+  end
+
+  @doc """
   `config!/2` for librdkafka client properties: also refuses the properties Ottla sets itself
   (see `@reserved`), with an `ArgumentError` naming the property and why.
   """

@@ -1,7 +1,16 @@
 defmodule Ottla.Producer do
-  @moduledoc false
-  # The body of Ottla.produce/4: validates and encodes messages, picks partitions, hands the
-  # whole batch to the NIF in one call and waits for the one verdict message.
+  @moduledoc """
+  Producing, with the API of Elsa's `Elsa.Producer`: `produce/4` (the same as
+  `Ottla.produce/4`) and `ready?/1`.
+
+  A call validates and encodes its messages, picks partitions, hands the whole list to the
+  NIF at once and waits for one verdict message.
+
+  ## Example
+
+      :ok = Ottla.Producer.produce(:conn, "events", [{"k", "v"}])
+      true = Ottla.Producer.ready?(:conn)
+  """
 
   alias Ottla.{Connection, Native, Options}
 
@@ -21,26 +30,108 @@ defmodule Ottla.Producer do
     end
   end
 
+  @doc "See `Ottla.produce/4`."
+  @spec produce(Ottla.target(), String.t(), Ottla.message() | [Ottla.message()], keyword) ::
+          :ok | {:error, Ottla.Error.t(), [{Ottla.message(), Ottla.Error.t()}]}
+  def produce(target, topic, messages, opts \\ [])
+
   def produce(target, topic, messages, opts) do
     opts = Options.keyword!(opts, @opts, "Ottla.produce/4 options")
     topic = Options.topic!(topic)
     timeout = Options.timeout!(opts[:timeout], :timeout)
     partition = opts[:partition] && Options.integer!(opts[:partition], :partition, 0)
     partitioner = partitioner!(opts[:partitioner])
-    extra_config = Options.client_config!(opts[:config])
+    extra_config = Options.kafka_config!(opts[:config])
     originals = if is_list(messages), do: messages, else: [messages]
     encoded = Enum.map(originals, &encode!/1)
 
-    {bootstrap, config, conn} =
+    resolved =
       case target do
-        {:connection_settings, conn} -> {conn.bootstrap, conn.config, nil}
-        target -> Connection.resolve!(target)
+        {:connection_settings, conn} -> {:ok, {conn.bootstrap, conn.config, nil}}
+        target -> resolve(target, opts[:connection])
       end
 
     cond do
       originals == [] ->
         :ok
 
+      match?({:error, _}, resolved) ->
+        {:error, error} = resolved
+        whole_call_failed(error, originals)
+
+      true ->
+        {:ok, {bootstrap, config, conn}} = resolved
+        settings = {partition, partitioner, timeout, extra_config}
+        call = {{bootstrap, config, conn}, {topic, encoded, originals}, settings}
+
+        # Without :telemetry, no span and no pass over the messages to count bytes.
+        if Ottla.Telemetry.enabled?(),
+          do: produce_span(call, if(conn, do: conn.name, else: bootstrap)),
+          else: produce_resolved(call)
+    end
+  end
+
+  defp produce_span({_, {topic, encoded, _}, _} = call, target) do
+    metadata = %{topic: topic, target: target}
+
+    Ottla.Telemetry.span([:ottla, :produce], %{count: length(encoded)}, metadata, fn ->
+      result = produce_resolved(call)
+
+      {failed, outcome} =
+        case result do
+          :ok -> {0, :ok}
+          {:error, _, failed} -> {length(failed), :error}
+        end
+
+      {result, %{count: length(encoded), bytes: payload_bytes(encoded), failed: failed},
+       %{result: outcome}}
+    end)
+  end
+
+  defp payload_bytes(encoded) do
+    Enum.reduce(encoded, 0, fn {key, value, _, _, _}, sum ->
+      sum + if(key, do: byte_size(key), else: 0) + if(value, do: byte_size(value), else: 0)
+    end)
+  end
+
+  @doc """
+  Whether `connection` runs and has a producer, as Elsa's `ready?/1`. Ottla's producer is
+  ready as soon as the connection has started (librdkafka connects on first use).
+  """
+  @spec ready?(atom) :: boolean
+  def ready?(connection) do
+    match?(%Connection{producer: producer} when producer != nil, Connection.lookup(connection))
+  end
+
+  # A connection name that does not run is an error value (Elsa users match on it); endpoints
+  # with a `:connection` option that runs use that connection, as Elsa did.
+  defp resolve(name, _connection) when is_atom(name) and name not in [nil, true, false] do
+    case Connection.lookup(name) do
+      nil ->
+        {:error,
+         Ottla.Error.new(:no_connection, "no Ottla connection named #{inspect(name)} is running")}
+
+      conn ->
+        {:ok, {conn.bootstrap, conn.config, conn}}
+    end
+  end
+
+  defp resolve(endpoints, connection) do
+    bootstrap = Options.bootstrap!(endpoints)
+
+    case connection && Connection.lookup(Options.connection!(connection, ":connection")) do
+      %Connection{producer: producer} = conn when producer != nil ->
+        {:ok, {conn.bootstrap, conn.config, conn}}
+
+      _ ->
+        {:ok, {bootstrap, [], nil}}
+    end
+  end
+
+  defp produce_resolved({{bootstrap, config, conn}, {topic, encoded, originals}, settings}) do
+    {partition, partitioner, timeout, extra_config} = settings
+
+    cond do
       conn != nil and conn.producer == nil ->
         error =
           Ottla.Error.new(
@@ -160,44 +251,56 @@ defmodule Ottla.Producer do
     end
   end
 
-  defp pick(:random, count, _key), do: :rand.uniform(count) - 1
+  defp pick(:random, count, key), do: Ottla.Partitioner.Random.partition(count, key)
   # Elsa's md5 partitioner, so keys keep their partitions when moving from Elsa.
-  defp pick(:md5, count, key),
-    do: :crypto.hash(:md5, key || "") |> :binary.bin_to_list() |> Enum.sum() |> rem(count)
+  defp pick(:md5, count, key), do: Ottla.Partitioner.Md5.partition(count, key)
 
-  defp pick(fun, count, key) do
-    case fun.(count, key) do
+  defp pick(partitioner, count, key) do
+    result =
+      if is_atom(partitioner),
+        do: partitioner.partition(count, key),
+        else: partitioner.(count, key)
+
+    case result do
       p when is_integer(p) and p >= 0 and p < count ->
         p
 
       other ->
         raise ArgumentError,
-              "the :partitioner function returned #{inspect(other)} for key #{inspect(key)}; " <>
+              "the :partitioner #{inspect(partitioner)} returned #{inspect(other)} for key #{inspect(key)}; " <>
                 "expected an integer from 0 to #{count - 1}"
     end
   end
 
   defp partitioner!(p) when p in [:default, :random, :md5], do: p
+  # librdkafka places keys exactly as Ottla.Partitioner.Default would.
+  defp partitioner!(Ottla.Partitioner.Default), do: :default
   defp partitioner!(fun) when is_function(fun, 2), do: fun
+
+  defp partitioner!(module) when is_atom(module) and module not in [nil, true, false] do
+    if Code.ensure_loaded?(module) and function_exported?(module, :partition, 2),
+      do: module,
+      else: partitioner!({:not_a_partitioner, module})
+  end
 
   defp partitioner!(other) do
     raise ArgumentError,
-          "invalid :partitioner #{inspect(other)}: expected :default, :random, :md5 or a " <>
-            "function (partition_count, key) -> partition"
+          "invalid :partitioner #{inspect(other)}: expected :default, :random, :md5, a module " <>
+            "implementing Ottla.Partitioner, or a function (partition_count, key) -> partition"
   end
 
-  # {key, value, headers, timestamp, partition}; partition -1 lets librdkafka choose.
+  # {key, value, headers, timestamp, partition}; partition -1 lets librdkafka choose. Keys and
+  # values may be iodata (as in Elsa), turned into one binary each.
   defp encode!(value) when is_binary(value), do: {nil, value, [], nil, -1}
+  defp encode!(iolist) when is_list(iolist), do: {nil, bytes!(iolist, iolist), [], nil, -1}
 
-  defp encode!({key, value})
-       when (is_binary(key) or is_nil(key)) and (is_binary(value) or is_nil(value)),
-       do: {key, value, [], nil, -1}
+  defp encode!({key, value} = message),
+    do: {bytes!(key, message), bytes!(value, message), [], nil, -1}
 
-  defp encode!(%{value: value} = message) when is_binary(value) or is_nil(value) do
-    key = Map.get(message, :key)
+  defp encode!(%{value: value} = message) do
+    key = bytes!(Map.get(message, :key), message)
+    value = bytes!(value, message)
     timestamp = Map.get(message, :timestamp)
-
-    unless is_binary(key) or is_nil(key), do: bad_message!(message, "its :key is not a binary")
 
     unless is_nil(timestamp) or (is_integer(timestamp) and timestamp >= 0),
       do: bad_message!(message, "its :timestamp is not a non-negative integer (ms)")
@@ -209,8 +312,20 @@ defmodule Ottla.Producer do
     do:
       bad_message!(
         other,
-        "expected a binary, {key, value} or %{key: k, value: v, headers: [...]}"
+        "expected a binary, iodata in a list, {key, value} or %{key: k, value: v, headers: [...]}"
       )
+
+  defp bytes!(nil, _message), do: nil
+  defp bytes!(binary, _message) when is_binary(binary), do: binary
+
+  defp bytes!(iodata, message) when is_list(iodata) do
+    IO.iodata_to_binary(iodata)
+  rescue
+    ArgumentError -> bad_message!(message, "a key or value is neither a binary nor iodata")
+  end
+
+  defp bytes!(_other, message),
+    do: bad_message!(message, "a key or value is neither a binary nor iodata")
 
   defp headers!(headers, message) when is_list(headers) do
     Enum.map(headers, fn

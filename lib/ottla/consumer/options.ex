@@ -10,6 +10,7 @@ defmodule Ottla.Consumer.Options do
     max_batch: 100,
     max_backlog: 1000,
     drain_timeout: 5_000,
+    shutdown_timeout: 10_000,
     commit_interval: 1_000,
     max_attempts: :infinity,
     on_failure: :retry,
@@ -24,10 +25,10 @@ defmodule Ottla.Consumer.Options do
     roundrobin: "roundrobin"
   }
 
-  def group!(opts, conn) do
+  def group!(raw, conn) do
     opts =
       Options.keyword!(
-        opts,
+        raw,
         [
           :group,
           :topics,
@@ -40,6 +41,7 @@ defmodule Ottla.Consumer.Options do
         ] ++ @common,
         ":group_consumer options"
       )
+      |> with_brod_config(raw)
 
     group = opts[:group]
 
@@ -104,13 +106,14 @@ defmodule Ottla.Consumer.Options do
     |> Map.merge(offsets!(opts[:offsets]))
   end
 
-  def assign!(opts, conn) do
+  def assign!(raw, conn) do
     opts =
       Options.keyword!(
-        opts,
-        [:topic, partition: :all, begin_offset: :latest] ++ @common,
+        raw,
+        [:topic, :poll, partition: :all, begin_offset: :latest] ++ @common,
         ":consumer options"
       )
+      |> with_brod_config(raw)
 
     topic = Options.topic!(opts[:topic])
     partition = opts[:partition]
@@ -139,6 +142,31 @@ defmodule Ottla.Consumer.Options do
       commit: false,
       offsets_fun: nil
     })
+  end
+
+  # Elsa's brod option names in :config: properties are translated; begin_offset,
+  # offset_reset_policy and offset_commit_interval_seconds become Ottla's options unless those
+  # are given themselves.
+  defp with_brod_config(opts, raw) do
+    {props, extra} = Ottla.BrodConfig.translate(opts[:config], :config)
+
+    begin =
+      cond do
+        Keyword.has_key?(raw, :begin_offset) -> opts[:begin_offset]
+        Keyword.has_key?(extra, :begin_offset) -> extra[:begin_offset]
+        Keyword.has_key?(extra, :offset_reset) -> extra[:offset_reset]
+        true -> opts[:begin_offset]
+      end
+
+    commit =
+      if Keyword.has_key?(raw, :commit_interval),
+        do: opts[:commit_interval],
+        else: Keyword.get(extra, :commit_interval, opts[:commit_interval])
+
+    opts
+    |> Keyword.put(:config, props)
+    |> Keyword.put(:begin_offset, begin)
+    |> Keyword.put(:commit_interval, commit)
   end
 
   # Where committed offsets live: Kafka (default), elsewhere (the app's store, read back by
@@ -208,6 +236,7 @@ defmodule Ottla.Consumer.Options do
       max_batch: Options.integer!(opts[:max_batch], :max_batch, 1, 1_000_000),
       max_backlog: Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000),
       drain_timeout: Options.timeout!(opts[:drain_timeout], :drain_timeout, 0),
+      shutdown_timeout: Options.timeout!(opts[:shutdown_timeout], :shutdown_timeout, 0),
       commit_interval: Options.timeout!(opts[:commit_interval], :commit_interval)
     }
   end

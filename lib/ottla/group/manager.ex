@@ -9,15 +9,25 @@ defmodule Ottla.Group.Manager do
   use GenServer
   require Logger
 
-  alias Ottla.Native
+  alias Ottla.{Native, Telemetry}
 
   # How long the consumer's close (final commit, leaving the group) may take.
   @close_timeout 10_000
 
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
 
-  @doc "The native consumer of a connection, or nil."
-  def resource(connection), do: :persistent_term.get({__MODULE__, connection}, nil)
+  @doc """
+  The native consumer of a connection, or nil: its group consumer, or else its consumer
+  without a group; `kind` `:consumer` asks for the latter only.
+  """
+  def resource(connection),
+    do: :persistent_term.get({__MODULE__, connection}, nil) || resource(connection, :consumer)
+
+  def resource(connection, :consumer),
+    do: :persistent_term.get({__MODULE__, connection, :consumer}, nil)
+
+  defp key(%{mode: :group, connection: connection}), do: {__MODULE__, connection}
+  defp key(%{connection: connection}), do: {__MODULE__, connection, :consumer}
 
   @impl true
   def init(opts) do
@@ -38,7 +48,7 @@ defmodule Ottla.Group.Manager do
              assignment,
              tuning(opts)
            ) do
-      :persistent_term.put({__MODULE__, opts.connection}, resource)
+      :persistent_term.put(key(opts), resource)
       {:ok, Map.merge(opts, %{resource: resource, partitions: %{}})}
     else
       {:error, error} -> {:stop, error}
@@ -108,6 +118,12 @@ defmodule Ottla.Group.Manager do
     public = if state.mode == :group, do: generation
     Logger.info("assigned #{inspect(tps)} at generation #{inspect(public)}")
 
+    Telemetry.execute([:ottla, :consumer, :assigned], %{count: length(tps)}, %{
+      connection: state.connection,
+      partitions: tps,
+      generation_id: public
+    })
+
     state =
       Enum.reduce(tps, state, fn tp, acc ->
         entry = %{
@@ -122,6 +138,47 @@ defmodule Ottla.Group.Manager do
 
         start_worker(put_in(acc.partitions[tp], entry), tp)
       end)
+
+    {:noreply, state}
+  end
+
+  def handle_info({:ottla_revoke_done, tps, took_ms}, state) do
+    Telemetry.execute(
+      [:ottla, :consumer, :revoked],
+      %{count: length(tps), duration: System.convert_time_unit(took_ms, :millisecond, :native)},
+      %{connection: state.connection, partitions: tps}
+    )
+
+    {:noreply, state}
+  end
+
+  def handle_info({:ottla_committed, offsets}, state) do
+    offsets
+    |> Enum.group_by(fn {_, _, _, ok?} -> if ok?, do: :ok, else: :error end)
+    |> Enum.each(fn {result, list} ->
+      Telemetry.execute(
+        [:ottla, :consumer, :commit],
+        %{count: length(list)},
+        %{
+          connection: state.connection,
+          offsets: Enum.map(list, fn {t, p, o, _} -> {t, p, o} end),
+          result: result
+        }
+      )
+    end)
+
+    {:noreply, state}
+  end
+
+  def handle_info({kind, topic, partition}, state)
+      when kind in [:ottla_paused, :ottla_resumed] and is_binary(topic) do
+    event = if kind == :ottla_paused, do: :paused, else: :resumed
+
+    Telemetry.execute([:ottla, :consumer, event], %{count: 1}, %{
+      connection: state.connection,
+      topic: topic,
+      partition: partition
+    })
 
     {:noreply, state}
   end
@@ -204,8 +261,8 @@ defmodule Ottla.Group.Manager do
     # Forget the resource first, so late acks are dropped cleanly; stop the workers (each
     # finishes its batch within the drain timeout), then commit what was acked, leave the
     # group and free the client, with a bound.
-    :persistent_term.erase({__MODULE__, state.connection})
-    deadline = System.monotonic_time(:millisecond) + state.drain_timeout
+    :persistent_term.erase(key(state))
+    deadline = System.monotonic_time(:millisecond) + state.shutdown_timeout
     stop_workers(Map.values(state.partitions), deadline)
     tag = System.unique_integer([:positive])
 
