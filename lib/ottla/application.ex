@@ -4,6 +4,8 @@ defmodule Ottla.Application do
 
   @impl true
   def start(_type, _args) do
+    Ottla.Telemetry.setup()
+
     children = [
       {Registry, keys: :unique, name: Ottla.Registry},
       Ottla.LogSink

@@ -43,3 +43,26 @@ defmodule Ottla.CountingHandler do
     {:ack, state}
   end
 end
+
+defmodule Ottla.TestPartitioner do
+  @moduledoc false
+  # A partitioner module of an app's own: by the key's last digit.
+  @behaviour Ottla.Partitioner
+
+  @impl true
+  def partition(count, key), do: rem(:binary.last(key), count)
+end
+
+defmodule :telemetry do
+  @moduledoc false
+  # A stand-in for the :telemetry library (Ottla has no dependencies): forwards every event to
+  # the processes in the :ottla_telemetry_listeners persistent term. With this module loaded,
+  # Ottla.Telemetry emits, as it would in an app that has :telemetry.
+  def execute(event, measurements, metadata) do
+    for pid <- :persistent_term.get(:ottla_telemetry_listeners, []) do
+      send(pid, {:telemetry, event, measurements, metadata})
+    end
+
+    :ok
+  end
+end

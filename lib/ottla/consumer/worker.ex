@@ -8,7 +8,7 @@ defmodule Ottla.Consumer.Worker do
   use GenServer, restart: :temporary
   require Logger
 
-  alias Ottla.Native
+  alias Ottla.{Native, Telemetry}
 
   # Error texts in logs and dead-letter headers are cut to this many characters.
   @error_limit 500
@@ -156,15 +156,33 @@ defmodule Ottla.Consumer.Worker do
 
   @impl true
   def handle_info({:ottla_messages, _topic, _partition, _generation, attempt, messages}, state) do
-    {number, last?} = attempt
+    {number, last?, high_watermark} = attempt
     Process.put(:ottla_attempt, number)
+    started = System.monotonic_time()
+    metadata = batch_metadata(state, messages, number, high_watermark)
+    count = length(messages)
+
+    Telemetry.execute(
+      [:ottla, :consumer, :batch, :start],
+      %{system_time: System.system_time(), count: count},
+      metadata
+    )
 
     state =
       case run_handler(messages, state) do
         {:ok, result} ->
+          stop(:stop, started, count, Map.put(metadata, :result, :ok))
           apply_result(result, messages, state)
 
         {:failed, error, handler_state} ->
+          case error do
+            {:error, _reason} ->
+              stop(:stop, started, count, Map.put(metadata, :result, :error))
+
+            {kind, reason, _} ->
+              stop(:exception, started, count, Map.merge(metadata, %{kind: kind, reason: reason}))
+          end
+
           state = %{state | handler_state: handler_state}
           failed(messages, error, number, last?, state)
       end
@@ -188,6 +206,29 @@ defmodule Ottla.Consumer.Worker do
   def handle_info(other, state) do
     Logger.debug("#{inspect(state.handler)} worker ignored #{inspect(other, limit: 5)}")
     {:noreply, state}
+  end
+
+  defp batch_metadata(state, messages, attempt, high_watermark) do
+    lag = high_watermark && max(high_watermark - List.last(messages).offset - 1, 0)
+
+    %{
+      connection: state.connection,
+      topic: state.topic,
+      partition: state.partition,
+      generation_id: state.public_generation,
+      attempt: attempt,
+      lag: lag
+    }
+  end
+
+  defp stop(kind, started, count, metadata) do
+    duration = System.monotonic_time() - started
+
+    Telemetry.execute(
+      [:ottla, :consumer, :batch, kind],
+      %{duration: duration, count: count},
+      metadata
+    )
   end
 
   # Runs the handler. A raise, exit or throw is a failure, after which init/1 runs again (a
@@ -372,7 +413,16 @@ defmodule Ottla.Consumer.Worker do
         state.max_retry_backoff
       )
 
-  defp ack(state, offset),
-    do:
+  defp ack(state, offset) do
+    result =
       Native.consumer_ack(state.resource, state.topic, state.partition, state.generation, offset)
+
+    Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
+      connection: state.connection,
+      topic: state.topic,
+      partition: state.partition,
+      generation_id: state.public_generation,
+      result: result
+    })
+  end
 end

@@ -60,7 +60,17 @@ defmodule Ottla.Group.Acknowledger do
         :ok
 
       resource ->
-        Native.consumer_ack(resource, topic, partition, generation_id, offset)
+        result = Native.consumer_ack(resource, topic, partition, generation_id, offset)
+
+        Ottla.Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
+          connection: connection,
+          topic: topic,
+          partition: partition,
+          generation_id: generation_id,
+          result: result
+        })
+
+        :ok
     end
   end
 

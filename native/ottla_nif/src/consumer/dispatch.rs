@@ -50,7 +50,8 @@ pub fn run(shared: Arc<Shared>) {
     }
 }
 
-/// `{:ottla_messages, topic, partition, generation, {attempt, last_attempt?}, [%Ottla.Message{}]}`
+/// `{:ottla_messages, topic, partition, generation, {attempt, last_attempt?, high_watermark},
+/// [%Ottla.Message{}]}`
 fn encode_batch<'a>(env: Env<'a>, o: Outgoing, group: bool) -> Term<'a> {
     let topic = o.topic.encode(env);
     let generation = group.then_some(o.generation);

@@ -67,8 +67,9 @@ pub struct Outgoing {
     pub topic: String,
     pub partition: i32,
     pub generation: i32,
-    /// The batch's attempt number, and whether it is its message's last attempt.
-    pub attempt: (u32, bool),
+    /// The batch's attempt number, whether it is its message's last attempt, and the
+    /// partition's high watermark (for the lag).
+    pub attempt: (u32, bool, Option<i64>),
     pub messages: Vec<Msg>,
 }
 
@@ -106,7 +107,10 @@ impl State {
                             topic: tp.0.clone(),
                             partition: tp.1,
                             generation: slot.part.generation(),
-                            attempt: slot.part.attempt(),
+                            attempt: {
+                                let (number, last) = slot.part.attempt();
+                                (number, last, slot.part.high_watermark())
+                            },
                             messages,
                         });
                     }

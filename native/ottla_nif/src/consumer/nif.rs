@@ -164,7 +164,8 @@ fn consumer_demand(
 
 /// Acks every offset of the partition up to `offset`. Acks from another generation, for a
 /// partition this member does not hold, or beyond what was delivered are dropped with a
-/// warning and counted. Touches only the cell.
+/// warning and counted. Touches only the cell. Returns what became of the ack: `:advanced`,
+/// `:behind`, `:stale`, `:undelivered` or `:unheld`.
 #[rustler::nif]
 fn consumer_ack(
     resource: ResourceArc<ConsumerResource>,
@@ -179,7 +180,8 @@ fn consumer_ack(
     let tp = (topic, partition);
     let shown = || generation.map_or("nil".to_string(), |g| g.to_string());
     match shared.cell(&tp).map(|cell| cell.ack(generation, offset)) {
-        Some(AckOutcome::Advanced | AckOutcome::Behind) => {}
+        Some(AckOutcome::Advanced) => atoms::advanced(),
+        Some(AckOutcome::Behind) => atoms::behind(),
         Some(AckOutcome::Undelivered { last_delivered }) => {
             acks.undelivered.fetch_add(1, Ordering::Relaxed);
             acks.warn(|| {
@@ -188,6 +190,7 @@ fn consumer_ack(
                     tp.0, tp.1
                 )
             });
+            atoms::undelivered()
         }
         Some(AckOutcome::StaleGeneration { current }) => {
             acks.stale.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +200,7 @@ fn consumer_ack(
                     tp.0, tp.1, shown()
                 )
             });
+            atoms::stale()
         }
         None => {
             acks.unheld.fetch_add(1, Ordering::Relaxed);
@@ -206,9 +210,9 @@ fn consumer_ack(
                     tp.0, tp.1, shown()
                 )
             });
+            atoms::unheld()
         }
     }
-    atoms::ok()
 }
 
 /// Redeliver the partition from `offset` (a handler acked only part of its batch).

@@ -168,7 +168,14 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
     }
 
     shared.remove_partitions(&list);
-    shared.lock().last_revoke_ms = Some(started.elapsed().as_millis() as i64);
+    let took = started.elapsed().as_millis() as i64;
+    shared.lock().last_revoke_ms = Some(took);
+    if !closing {
+        send_reliably(
+            &shared.settings.manager,
+            Box::new(move |env| (atoms::ottla_revoke_done(), list, took).encode(env)),
+        );
+    }
 }
 
 impl ConsumerContext for GroupCtx {
@@ -217,11 +224,20 @@ fn start_commit(
     commits.start(consumer, due)
 }
 
-/// Hands commit results to their partitions; logs failures.
+/// Hands commit results to their partitions, tells the manager (for telemetry); logs
+/// failures.
 fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
     if outcomes.is_empty() {
         return;
     }
+    let report: Vec<(String, i32, i64, bool)> = outcomes
+        .iter()
+        .map(|o| (o.tp.0.clone(), o.tp.1, o.offset, o.ok))
+        .collect();
+    crate::context::send_to(
+        &shared.settings.manager,
+        Box::new(move |env| (atoms::ottla_committed(), report).encode(env)),
+    );
     let mut failures = Vec::new();
     let mut st = shared.lock();
     for o in outcomes {
@@ -278,8 +294,14 @@ fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
         let mut one = TopicPartitionList::new();
         one.add_partition(&topic, partition);
         let result = match effect {
-            Effect::Pause => consumer.pause(&one).map_err(|e| ("pause", e)),
-            Effect::Resume => consumer.resume(&one).map_err(|e| ("resume", e)),
+            Effect::Pause => {
+                notify(shared, atoms::ottla_paused(), &topic, partition);
+                consumer.pause(&one).map_err(|e| ("pause", e))
+            }
+            Effect::Resume => {
+                notify(shared, atoms::ottla_resumed(), &topic, partition);
+                consumer.resume(&one).map_err(|e| ("resume", e))
+            }
             Effect::Seek(offset) => {
                 // Timeout 0: asynchronous; librdkafka drops what it fetched before the seek.
                 let to = match offset {
@@ -305,6 +327,15 @@ fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
             );
         }
     }
+}
+
+/// Tells the manager of a pause or resume (for telemetry); dropped if its queue is full.
+fn notify(shared: &Shared, kind: rustler::Atom, topic: &str, partition: i32) {
+    let topic = topic.to_string();
+    crate::context::send_to(
+        &shared.settings.manager,
+        Box::new(move |env| (kind, topic, partition).encode(env)),
+    );
 }
 
 /// Reads each partition's high watermark from librdkafka's cache (no request).
