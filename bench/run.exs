@@ -2,6 +2,7 @@
 #
 #   mix bench                          # 200,000 × 100-byte messages over 8 partitions
 #   BENCH_MESSAGES=500000 mix bench
+#   BENCH_TELEMETRY=1 mix bench        # with a :telemetry module loaded, so Ottla emits events
 #
 # Consume time runs from the first delivered batch to the last (the group join is left out);
 # the handler counts messages and acks every batch.
@@ -17,6 +18,21 @@ defmodule Bench.Handler do
   end
 end
 
+if System.get_env("BENCH_TELEMETRY") == "1" and not Code.ensure_loaded?(:telemetry) do
+  # A stand-in with the cost of a real handler lookup and call: Ottla emits every event.
+  defmodule :telemetry do
+    def execute(event, measurements, metadata) do
+      :ets.lookup(:bench_telemetry, event)
+      _ = {measurements, metadata}
+      :ok
+    end
+  end
+
+  :ets.new(:bench_telemetry, [:named_table, :public, read_concurrency: true])
+  Ottla.Telemetry.setup()
+end
+
+IO.puts("telemetry: #{if Ottla.Telemetry.enabled?(), do: "emitting", else: "off"}")
 total = String.to_integer(System.get_env("BENCH_MESSAGES", "200000"))
 partitions = 8
 value = :binary.copy("x", 100)

@@ -65,38 +65,46 @@ defmodule Ottla.TelemetryTest do
       end
     end
 
-    capture_log(fn ->
-      a =
-        start_group!(topic, group,
-          id: :a,
-          max_batch: 5,
-          max_backlog: 10,
-          retry_backoff: 10,
-          assignment_strategy: :range,
-          handler_init_args: %{pid: me, fun: fun}
+    {a, _log} =
+      with_log(fn ->
+        a =
+          start_group!(topic, group,
+            id: :a,
+            max_batch: 5,
+            max_backlog: 10,
+            retry_backoff: 10,
+            assignment_strategy: :range,
+            handler_init_args: %{pid: me, fun: fun},
+            config: ["statistics.interval.ms": 200]
+          )
+
+        assert :ok = Ottla.produce(endpoints(), topic, for(i <- 0..199, do: {"k#{i}", "v"}))
+        assert {:error, _, _} = Ottla.produce(endpoints(), unique_topic(), "x", timeout: 2_000)
+        # An unreachable broker: librdkafka reports client errors.
+        assert {:error, _, _} = Ottla.produce([{"127.0.0.1", 1}], "t", "x", timeout: 1_000)
+
+        wait_until(
+          fn ->
+            committed(group, topic) |> Map.values() |> Enum.map(&(&1 || 0)) |> Enum.sum() == 200
+          end,
+          60_000,
+          "commits of all 200 messages"
         )
 
-      assert :ok = Ottla.produce(endpoints(), topic, for(i <- 0..199, do: {"k#{i}", "v"}))
-      assert {:error, _, _} = Ottla.produce(endpoints(), unique_topic(), "x", timeout: 2_000)
+        Ottla.Group.Acknowledger.ack(a, topic, 0, -5, 1)
 
-      wait_until(
-        fn ->
-          committed(group, topic) |> Map.values() |> Enum.map(&(&1 || 0)) |> Enum.sum() == 200
-        end,
-        60_000,
-        "commits of all 200 messages"
-      )
+        start_group!(topic, group, id: :b, assignment_strategy: :range)
 
-      Ottla.Group.Acknowledger.ack(a, topic, 0, -5, 1)
+        wait_until(
+          fn ->
+            match?({:ok, %{last_revoke_duration: ms}} when is_integer(ms), Ottla.stats(a))
+          end,
+          30_000,
+          "a rebalance"
+        )
 
-      start_group!(topic, group, id: :b, assignment_strategy: :range)
-
-      wait_until(
-        fn -> match?({:ok, %{last_revoke_duration: ms}} when is_integer(ms), Ottla.stats(a)) end,
-        30_000,
-        "a rebalance"
-      )
-    end)
+        a
+      end)
 
     events = events()
 
@@ -170,5 +178,20 @@ defmodule Ottla.TelemetryTest do
       :topic,
       :partition
     ])
+
+    assert_event(events, [:ottla, :error], [:count], [:facility, :message])
+
+    [{_, _, stats} | _] =
+      assert_event(events, [:ottla, :statistics], [:rx_bytes, :tx_bytes, :replyq, :msg_cnt], [
+        :client,
+        :name,
+        :brokers,
+        :partitions
+      ])
+
+    assert stats.client in [:consumer, :producer]
+    assert [%{name: _, rtt_avg_us: _, rtt_p99_us: _} | _] = stats.brokers
+    {:ok, %{librdkafka: summary}} = Ottla.stats(a)
+    assert %{rx_bytes: _, brokers: [_ | _]} = summary
   end
 end

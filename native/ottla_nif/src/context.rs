@@ -14,6 +14,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
 use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
 
 use crate::atoms;
@@ -114,9 +115,118 @@ impl ClientContext for OttlaContext {
     fn error(&self, error: KafkaError, reason: &str) {
         log(atoms::error(), "ERROR", &format!("{error}: {reason}"));
     }
+
+    fn stats(&self, statistics: Statistics) {
+        report_statistics(&StatsSummary::from(&statistics));
+    }
 }
 
 impl ConsumerContext for OttlaContext {}
+
+/// What operators graph from librdkafka's statistics (`statistics.interval.ms`).
+#[derive(Clone)]
+pub struct StatsSummary {
+    pub client: String,
+    pub name: String,
+    pub rx_bytes: i64,
+    pub tx_bytes: i64,
+    pub replyq: i64,
+    pub msg_cnt: u64,
+    /// `{name, rtt_avg_us, rtt_p99_us}` per broker.
+    pub brokers: Vec<(String, i64, i64)>,
+    /// `{topic, partition, consumer_lag}` for assigned partitions.
+    pub partitions: Vec<(String, i32, i64)>,
+}
+
+impl From<&Statistics> for StatsSummary {
+    fn from(s: &Statistics) -> Self {
+        let mut brokers: Vec<(String, i64, i64)> = s
+            .brokers
+            .values()
+            .map(|b| {
+                let (avg, p99) = b.rtt.as_ref().map_or((0, 0), |w| (w.avg, w.p99));
+                (b.name.clone(), avg, p99)
+            })
+            .collect();
+        brokers.sort();
+        let mut partitions: Vec<(String, i32, i64)> = s
+            .topics
+            .iter()
+            .flat_map(|(topic, t)| {
+                t.partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+                    .map(move |p| (topic.clone(), p.partition, p.consumer_lag))
+            })
+            .collect();
+        partitions.sort();
+        StatsSummary {
+            client: s.client_type.clone(),
+            name: s.name.clone(),
+            rx_bytes: s.rx_bytes,
+            tx_bytes: s.tx_bytes,
+            replyq: s.replyq,
+            msg_cnt: s.msg_cnt,
+            brokers,
+            partitions,
+        }
+    }
+}
+
+impl Encoder for StatsSummary {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let brokers: Vec<Term<'a>> = self
+            .brokers
+            .iter()
+            .map(|(name, avg, p99)| {
+                let pairs = [
+                    (atoms::name().encode(env), name.encode(env)),
+                    (atoms::rtt_avg_us().encode(env), avg.encode(env)),
+                    (atoms::rtt_p99_us().encode(env), p99.encode(env)),
+                ];
+                Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::nil().encode(env))
+            })
+            .collect();
+        let partitions: Vec<Term<'a>> = self
+            .partitions
+            .iter()
+            .map(|(topic, partition, lag)| {
+                let pairs = [
+                    (atoms::topic().encode(env), topic.encode(env)),
+                    (atoms::partition().encode(env), partition.encode(env)),
+                    (atoms::consumer_lag().encode(env), lag.encode(env)),
+                ];
+                Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::nil().encode(env))
+            })
+            .collect();
+        let pairs = [
+            (atoms::client().encode(env), self.client.encode(env)),
+            (atoms::name().encode(env), self.name.encode(env)),
+            (atoms::rx_bytes().encode(env), self.rx_bytes.encode(env)),
+            (atoms::tx_bytes().encode(env), self.tx_bytes.encode(env)),
+            (atoms::replyq().encode(env), self.replyq.encode(env)),
+            (atoms::msg_cnt().encode(env), self.msg_cnt.encode(env)),
+            (atoms::brokers().encode(env), brokers.encode(env)),
+            (atoms::partitions().encode(env), partitions.encode(env)),
+        ];
+        Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::nil().encode(env))
+    }
+}
+
+/// Sends `{:ottla_statistics, summary}` to the log process (which emits it as telemetry).
+pub fn report_statistics(summary: &StatsSummary) {
+    let pid = match LOG_PROCESS.lock() {
+        Ok(slot) => *slot,
+        Err(_) => None,
+    };
+    if let Some(pid) = pid {
+        let summary = summary.clone();
+        send_to(
+            &pid,
+            Box::new(move |env| (atoms::ottla_statistics(), summary).encode(env)),
+        );
+    }
+}
 
 #[rustler::nif]
 fn log_set_process(pid: Option<LocalPid>) -> rustler::Atom {

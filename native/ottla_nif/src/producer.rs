@@ -142,6 +142,10 @@ impl ClientContext for ProducerCtx {
     fn error(&self, error: KafkaError, reason: &str) {
         self.0.error(error, reason)
     }
+
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        self.0.stats(statistics)
+    }
 }
 
 impl ProducerContext for ProducerCtx {

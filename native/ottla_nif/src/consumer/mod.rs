@@ -86,6 +86,8 @@ pub struct State {
     pub revoke_seq: u64,
     pub revoke_done: u64,
     pub closing: bool,
+    /// librdkafka's latest statistics, when `statistics.interval.ms` is set.
+    pub statistics: Option<crate::context::StatsSummary>,
 }
 
 impl State {

@@ -428,6 +428,7 @@ fn consumer_stats<'a>(
             atoms::last_revoke_duration().encode(env),
             st.last_revoke_ms.encode(env),
         ),
+        (atoms::librdkafka().encode(env), st.statistics.encode(env)),
         (
             atoms::stale_acks().encode(env),
             acks.stale.load(Ordering::Relaxed).encode(env),

@@ -63,6 +63,12 @@ impl ClientContext for GroupCtx {
     fn error(&self, error: KafkaError, reason: &str) {
         self.base.error(error, reason)
     }
+
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        let summary = crate::context::StatsSummary::from(&statistics);
+        crate::context::report_statistics(&summary);
+        self.shared.lock().statistics = Some(summary);
+    }
 }
 
 fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
