@@ -21,6 +21,14 @@ case Ottla.list_topics(endpoints, timeout: 10_000) do
     """
 end
 
-# Tests tagged :cluster need the 3-broker cluster, which scripts/test starts.
-exclude = if System.get_env("OTTLA_KAFKA_CLUSTER_ENDPOINTS"), do: [], else: [:cluster]
+# Tests tagged :cluster need the 3-broker cluster, and those tagged :secure the broker with
+# TLS and SASL listeners; scripts/test starts both.
+exclude =
+  [
+    cluster: System.get_env("OTTLA_KAFKA_CLUSTER_ENDPOINTS"),
+    secure: System.get_env("OTTLA_KAFKA_SECURE_ENV")
+  ]
+  |> Enum.filter(fn {_tag, env} -> is_nil(env) end)
+  |> Enum.map(fn {tag, _env} -> tag end)
+
 ExUnit.start(capture_log: true, exclude: exclude)

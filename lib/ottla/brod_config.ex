@@ -134,15 +134,36 @@ defmodule Ottla.BrodConfig do
   defp option(:ssl, opts, name) when is_list(opts) do
     props =
       Enum.flat_map(opts, fn
-        {:cacertfile, path} -> [{"ssl.ca.location", path!(path, :cacertfile, name)}]
-        {:certfile, path} -> [{"ssl.certificate.location", path!(path, :certfile, name)}]
-        {:keyfile, path} -> [{"ssl.key.location", path!(path, :keyfile, name)}]
-        {:password, password} -> [{"ssl.key.password", to_string(password)}]
-        {:verify, :verify_peer} -> [{"enable.ssl.certificate.verification", "true"}]
-        {:verify, :verify_none} -> [{"enable.ssl.certificate.verification", "false"}]
-        {:server_name_indication, _} -> []
-        {:depth, _} -> []
-        other -> bad!(name, :ssl, other, "cacertfile, certfile, keyfile, password or verify")
+        {:cacertfile, path} ->
+          [{"ssl.ca.location", path!(path, :cacertfile, name)}]
+
+        {:certfile, path} ->
+          [{"ssl.certificate.location", path!(path, :certfile, name)}]
+
+        {:keyfile, path} ->
+          [{"ssl.key.location", path!(path, :keyfile, name)}]
+
+        {:password, password} ->
+          [{"ssl.key.password", to_string(password)}]
+
+        {:verify, :verify_peer} ->
+          [{"enable.ssl.certificate.verification", "true"}]
+
+        {:verify, :verify_none} ->
+          [{"enable.ssl.certificate.verification", "false"}]
+
+        {:server_name_indication, _} ->
+          []
+
+        {:depth, _} ->
+          []
+
+        # Named by its key only: the value may be a secret.
+        {key, _value} ->
+          bad!(name, :ssl, key, "cacertfile, certfile, keyfile, password or verify")
+
+        other ->
+          bad!(name, :ssl, other, "cacertfile, certfile, keyfile, password or verify")
       end)
 
     {:props, [{:ssl, props}]}

@@ -1,6 +1,9 @@
 defmodule Ottla.LogSink do
   @moduledoc false
-  # Receives librdkafka's log lines and client errors from the NIF and hands them to Logger.
+  # Receives librdkafka's log lines and client errors from the NIF and hands them to Logger,
+  # without what librdkafka may quote from a secret (Ottla.Secrets.redact_text/1). It also
+  # installs Ottla.Secrets' :logger filter, which keeps secret config values out of crash and
+  # supervisor reports.
   use GenServer
   require Logger
 
@@ -11,6 +14,9 @@ defmodule Ottla.LogSink do
 
   @impl true
   def init([]) do
+    # So that terminate/2 runs at shutdown too.
+    Process.flag(:trap_exit, true)
+    :ok = Ottla.Secrets.install_log_filter()
     :ok = Ottla.Native.log_set_process(self())
     {:ok, %{}}
   end
@@ -18,6 +24,15 @@ defmodule Ottla.LogSink do
   @impl true
   def handle_info({:ottla_log, level, facility, message}, seen) do
     now = System.monotonic_time(:millisecond)
+    message = Ottla.Secrets.redact_text(message)
+
+    # Every error counts for telemetry, even those the log collapses.
+    if level in [:error, :critical, :alert, :emergency] do
+      Ottla.Telemetry.execute([:ottla, :error], %{count: 1}, %{
+        facility: facility,
+        message: message
+      })
+    end
 
     case seen do
       %{^message => at} when now - at < @repeat_ms ->
@@ -25,13 +40,28 @@ defmodule Ottla.LogSink do
 
       _ ->
         Logger.log(level, "librdkafka: " <> message, facility: facility, domain: [:ottla])
+
         seen = if map_size(seen) > 1_000, do: %{}, else: seen
         {:noreply, Map.put(seen, message, now)}
     end
   end
 
+  # librdkafka's statistics (statistics.interval.ms), summarized by the NIF.
+  def handle_info({:ottla_statistics, summary}, seen) when is_map(summary) do
+    {measurements, metadata} = Map.split(summary, [:rx_bytes, :tx_bytes, :replyq, :msg_cnt])
+    client = if metadata.client == "consumer", do: :consumer, else: :producer
+    Ottla.Telemetry.execute([:ottla, :statistics], measurements, %{metadata | client: client})
+    {:noreply, seen}
+  end
+
+  def handle_info({:EXIT, _pid, _reason}, seen), do: {:noreply, seen}
+
+  # Anything else (a stray message) must not take the sink, and with it Ottla, down.
+  def handle_info(_other, seen), do: {:noreply, seen}
+
   @impl true
   def terminate(_reason, _state) do
     Ottla.Native.log_set_process(nil)
+    Ottla.Secrets.remove_log_filter()
   end
 end

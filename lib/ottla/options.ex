@@ -101,8 +101,10 @@ defmodule Ottla.Options do
     do: Atom.to_string(value)
 
   defp config_value!(key, value, name) do
+    shown = if Ottla.Secrets.secret?(key), do: Ottla.Secrets.redacted(), else: inspect(value)
+
     raise ArgumentError,
-          "invalid #{inspect(name)} value for #{inspect(key)}: #{inspect(value)} " <>
+          "invalid #{inspect(name)} value for #{inspect(key)}: #{shown} " <>
             "(expected a string, number, boolean or atom)"
   end
 

@@ -59,3 +59,14 @@ setup_broker_tools() {
     fi
   fi
 }
+
+# openssl, with which scripts/kafka makes the secure test broker's CA, certificates and keys.
+setup_secure_tools() {
+  command -v openssl >/dev/null 2>&1 && return 0
+  if setup_apt openssl; then
+    setup_say "installed openssl"
+  else
+    setup_say "openssl is needed for the secure test broker (Debian: apt-get install openssl)"
+    return 1
+  fi
+}

@@ -210,9 +210,14 @@ defmodule Ottla.Consumer.Options do
 
     # Tunables a user may override: librdkafka's fetch queue backoff is shortened because its
     # 1 s default stalls a busy consumer.
+    # librdkafka's prefetch per partition matches the backlog: a partition whose backlog is
+    # full keeps at most that many more messages queued in librdkafka.
+    max_backlog = Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000)
+
     tunables =
       [
         {"fetch.queue.backoff.ms", "10"},
+        {"queued.min.messages", Integer.to_string(max_backlog)},
         {"queued.max.messages.kbytes", "16384"}
       ] ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
 
@@ -234,7 +239,7 @@ defmodule Ottla.Consumer.Options do
       handler: handler,
       handler_init_args: opts[:handler_init_args],
       max_batch: Options.integer!(opts[:max_batch], :max_batch, 1, 1_000_000),
-      max_backlog: Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000),
+      max_backlog: max_backlog,
       drain_timeout: Options.timeout!(opts[:drain_timeout], :drain_timeout, 0),
       shutdown_timeout: Options.timeout!(opts[:shutdown_timeout], :shutdown_timeout, 0),
       commit_interval: Options.timeout!(opts[:commit_interval], :commit_interval)

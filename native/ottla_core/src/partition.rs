@@ -15,9 +15,14 @@
 //!
 //! Failures: a batch the handler failed is retried after a backoff (doubling up to a bound)
 //! while other partitions go on; retries go one message at a time until the failing message
-//! is isolated, so a poison message does not take its neighbours down with it. A message that
-//! failed alone `max_attempts` times is delivered as its *last attempt*: what the worker does
-//! when that fails too (retry, skip, dead-letter) is its policy.
+//! is isolated, so a poison message does not take its neighbours down with it. A message's
+//! attempt `max_attempts` (the failed batch counts as its first) is delivered alone as its
+//! *last attempt*: what the worker does when that fails too (retry, skip, dead-letter) is its
+//! policy.
+//!
+//! Seeks: the handler may move the partition (`Event::SeekTo`); after a seek back, the offsets
+//! at or below the ack of that time are delivered again (a *replay*), although acks of them
+//! cannot count (the ack never moves backwards) and they are not kept in memory.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -32,7 +37,8 @@ pub const OFFSET_END: i64 = -1;
 /// How failed batches are retried.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
-    /// Attempts a message gets before its delivery is marked as the last one; `None`: no limit.
+    /// The attempt number (the failed batch being the first) from which a message delivered
+    /// alone is marked as its last attempt; `None`: never.
     pub max_attempts: Option<u32>,
     /// The first backoff; it doubles with each further attempt.
     pub backoff: Duration,
@@ -60,9 +66,11 @@ impl RetryPolicy {
 }
 
 /// The failure being worked through: where it happened and how often the message at `head`
-/// failed. Messages up to `until` (the end of the first failed batch) go one at a time.
+/// failed. Messages from `start` up to `until` (the first failed batch, less what was acked)
+/// go one at a time.
 #[derive(Debug, Clone, Copy)]
 struct Failure {
+    start: i64,
     head: i64,
     attempts: u32,
     until: i64,
@@ -85,7 +93,8 @@ pub enum Event<M> {
     Redeliver { from: i64 },
     /// The partition is being revoked: nothing more is delivered or kept.
     Revoke,
-    /// The handler failed the batch that starts at `from` (what it acked before stays acked).
+    /// The handler failed the batch delivered last, from `from` on (what it acked before stays
+    /// acked). Ignored when nothing of it is left unacked, or a `SeekTo` dropped it.
     Failed { from: i64 },
     /// The backoff asked for by [`Effect::Wait`] is over.
     RetryDue,
@@ -153,13 +162,18 @@ pub struct Partition<M> {
     /// The next offset expected from librdkafka; lower ones are duplicates.
     next_fetch: Option<i64>,
     last_delivered: Option<i64>,
+    /// The last offset of the batch delivered last: the batch a `Failed` is about.
+    batch_end: Option<i64>,
     worker: bool,
     demand: bool,
     revoking: bool,
     /// Whether a `Pause` is in effect (emitted and not followed by a `Resume`).
     paused: bool,
-    /// A `Seek` emitted and not done yet.
+    /// The last `Seek` emitted, while some is not answered yet.
     seeking: Option<i64>,
+    /// `Seek`s emitted and not answered yet (they are answered in order): two seeks to the
+    /// same offset with another between must not end the wait at the first answer.
+    seeks: u32,
     committed: Option<i64>,
     committing: Option<i64>,
     high_watermark: Option<i64>,
@@ -176,6 +190,9 @@ pub struct Partition<M> {
     last_seek: Option<i64>,
     /// After a seek back, offsets up to here are delivered again although acked.
     replay_until: Option<i64>,
+    /// A handler's seek dropped what was delivered, and nothing was delivered since: no ack is
+    /// awaited (what was dropped may never be acked, e.g. after a seek to the end).
+    sought: bool,
 }
 
 impl<M: Offset + Clone> Partition<M> {
@@ -191,11 +208,13 @@ impl<M: Offset + Clone> Partition<M> {
             first: None,
             next_fetch: None,
             last_delivered: None,
+            batch_end: None,
             worker: false,
             demand: false,
             revoking: false,
             paused: false,
             seeking: None,
+            seeks: 0,
             committed: None,
             committing: None,
             high_watermark: None,
@@ -209,6 +228,7 @@ impl<M: Offset + Clone> Partition<M> {
             dead_lettered: 0,
             last_seek: None,
             replay_until: None,
+            sought: false,
         }
     }
 
@@ -251,14 +271,13 @@ impl<M: Offset + Clone> Partition<M> {
                 self.backlog.clear();
                 self.in_flight.clear();
             }
-            Event::SeekDone { offset } => {
-                if self.seeking == Some(offset) {
-                    self.seeking = None;
-                }
-            }
+            Event::SeekDone { .. } => self.seek_answered(),
             Event::SeekFailed { offset } => {
-                if self.seeking == Some(offset) && !self.revoking {
+                if self.seeks == 1 && self.seeking == Some(offset) && !self.revoking {
+                    // The last seek failed: asked for again (so still one pending).
                     effects.push(Effect::Seek(offset));
+                } else {
+                    self.seek_answered();
                 }
             }
             Event::Committed { offset, ok } => {
@@ -306,7 +325,7 @@ impl<M: Offset + Clone> Partition<M> {
     /// the cell's ack).
     fn unacked_from(&self, from: i64) -> i64 {
         match self.acked {
-            Some(a) if !self.replay_until.is_some_and(|r| from <= r) => from.max(a + 1),
+            Some(a) if self.replay_until.is_none_or(|r| from > r) => from.max(a + 1),
             _ => from,
         }
     }
@@ -319,11 +338,13 @@ impl<M: Offset + Clone> Partition<M> {
                 while self.in_flight.front().is_some_and(|m| m.offset() <= acked) {
                     self.in_flight.pop_front();
                 }
-                // Acked by a process that outlived its worker, after a redelivery: done.
-                while self.backlog.front().is_some_and(|m| m.offset() <= acked) {
-                    self.backlog.pop_front();
-                }
-                self.kept_from = Some(self.kept_from.map_or(acked + 1, |k| k.max(acked + 1)));
+                // Acked by a process that outlived its worker, after a redelivery: done; but
+                // what a seek back replays stays (an ack after the seek does not undo it).
+                let replay = self.replay_until;
+                self.backlog
+                    .retain(|m| m.offset() > acked || replay.is_some_and(|r| m.offset() <= r));
+                // (`kept_from` stays: a redelivery starts after the ack, or in a replay, where
+                // what was not delivered again yet is still to come.)
             }
         }
         if self.cell.take_demand() && self.worker {
@@ -375,6 +396,12 @@ impl<M: Offset + Clone> Partition<M> {
         let head = self.backlog[0].offset();
         // A failure is worked through one message at a time up to the end of its batch.
         let (size, attempt) = match self.failure {
+            // Below the failed batch (a dead worker's unacked messages): first attempts, in a
+            // batch that stops before it.
+            Some(f) if head < f.start => {
+                let below = self.backlog.partition_point(|m| m.offset() < f.start);
+                (below.min(self.max_batch), 1)
+            }
             Some(f) if head <= f.until => (1, if head == f.head { f.attempts + 1 } else { 2 }),
             _ => {
                 self.failure = None;
@@ -391,7 +418,10 @@ impl<M: Offset + Clone> Partition<M> {
             if self.acked.is_some_and(|a| m.offset() <= a) {
                 // Replayed after a seek back: already acked (acks of it are behind the cell's
                 // and would never release it), so not kept; a redelivery of it seeks back.
-                self.kept_from = Some(self.kept_from.map_or(m.offset() + 1, |k| k.max(m.offset() + 1)));
+                self.kept_from = Some(
+                    self.kept_from
+                        .map_or(m.offset() + 1, |k| k.max(m.offset() + 1)),
+                );
             } else {
                 self.in_flight.push_back(m.clone());
             }
@@ -402,31 +432,37 @@ impl<M: Offset + Clone> Partition<M> {
             }
         }
         self.last_delivered = Some(self.last_delivered.map_or(last, |l| l.max(last)));
+        self.batch_end = Some(last);
+        self.sought = false;
         self.cell.raise_high(last);
         self.demand = false;
         effects.push(Effect::Deliver(batch));
     }
 
-    /// The batch from `from` failed: count the attempt, put the unacked messages back, and
-    /// wait before delivering again.
+    /// The last batch failed from `from` on: count the attempt, put the unacked messages back,
+    /// and wait before delivering again.
     fn failed(&mut self, from: i64, effects: &mut Vec<Effect<M>>) {
         if self.revoking {
             return;
         }
         let from = self.unacked_from(from);
-        let until = self.last_delivered.unwrap_or(from).max(from);
+        // Everything of the batch was acked: nothing failed, nothing to retry.
+        let Some(until) = self.batch_end.filter(|&end| from <= end) else {
+            return;
+        };
         let failure = match self.failure {
             Some(f) if f.head == from => Failure {
                 attempts: f.attempts + 1,
                 ..f
             },
             // A message of the batch that failed first failed again: its second attempt.
-            Some(f) if from <= f.until => Failure {
+            Some(f) if f.start <= from && from <= f.until => Failure {
                 head: from,
                 attempts: 2,
-                until: f.until,
+                ..f
             },
             _ => Failure {
+                start: from,
                 head: from,
                 attempts: 1,
                 until,
@@ -448,9 +484,19 @@ impl<M: Offset + Clone> Partition<M> {
         self.in_flight.clear();
         self.failure = None;
         self.waiting = None;
+        // The batch in hand is dropped too: a `Failed` about it has nothing left to retry.
+        self.batch_end = None;
         self.last_seek = Some(offset);
-        self.replay_until = self.acked;
-        self.kept_from = (offset >= 0).then_some(offset);
+        self.sought = true;
+        // Back at or below the ack: what was acked is delivered again, up to that ack.
+        let back = |a: i64| offset == OFFSET_BEGINNING || (offset >= 0 && offset <= a);
+        self.replay_until = self.acked.filter(|&a| back(a));
+        // Everything from the target on comes again from librdkafka (nothing after a seek to
+        // the end): a redelivery from there on needs no seek back.
+        self.kept_from = match offset {
+            OFFSET_BEGINNING => Some(0),
+            o => (o >= 0).then_some(o),
+        };
         self.next_fetch = (offset >= 0).then_some(offset);
         self.seek(offset, effects);
     }
@@ -462,16 +508,17 @@ impl<M: Offset + Clone> Partition<M> {
             return;
         }
         if self.kept_from.is_some_and(|k| from >= k) {
-            let mut requeued: VecDeque<M> = self
-                .in_flight
-                .drain(..)
-                .filter(|m| m.offset() >= from)
-                .collect();
+            let below = self.in_flight.partition_point(|m| m.offset() < from);
+            // Unacked messages below `from` (a worker that skipped them) are dropped: a later
+            // redelivery of them must seek back. (Only past those: after a handler's seek,
+            // `from` may lie ahead of what was fetched again, which comes again anyway.)
+            if let Some(dropped) = below.checked_sub(1).map(|i| self.in_flight[i].offset()) {
+                self.kept_from = Some(self.kept_from.map_or(dropped + 1, |k| k.max(dropped + 1)));
+            }
+            let mut requeued = self.in_flight.split_off(below);
+            self.in_flight.clear();
             requeued.append(&mut self.backlog);
             self.backlog = requeued;
-            // Unacked messages below `from` (a worker that skipped them) were just dropped:
-            // a later redelivery below `from` must seek back for them.
-            self.kept_from = Some(from);
             if self.backlog.len() >= self.max_backlog {
                 self.pause(effects);
             }
@@ -486,7 +533,15 @@ impl<M: Offset + Clone> Partition<M> {
 
     fn seek(&mut self, offset: i64, effects: &mut Vec<Effect<M>>) {
         self.seeking = Some(offset);
+        self.seeks += 1;
         effects.push(Effect::Seek(offset));
+    }
+
+    fn seek_answered(&mut self) {
+        self.seeks = self.seeks.saturating_sub(1);
+        if self.seeks == 0 {
+            self.seeking = None;
+        }
     }
 
     fn pause(&mut self, effects: &mut Vec<Effect<M>>) {
@@ -584,11 +639,12 @@ impl<M: Offset + Clone> Partition<M> {
     }
 
     /// Nothing delivered is waiting for an ack: every delivered message has been acked, or the
-    /// partition is in a backoff (its unacked messages were taken back).
+    /// partition is in a backoff (its unacked messages were taken back), or a handler's seek
+    /// dropped them and nothing was delivered since.
     pub fn drained(&self) -> bool {
         match (self.last_delivered, self.acked) {
             (None, _) => true,
-            _ if self.waiting.is_some() => true,
+            _ if self.waiting.is_some() || self.sought => true,
             (Some(delivered), Some(acked)) => acked >= delivered,
             (Some(_), None) => false,
         }
@@ -625,9 +681,13 @@ mod tests {
 
     impl Rig {
         fn new(max_backlog: usize, max_batch: usize) -> Self {
+            Rig::with_retry(max_backlog, max_batch, RetryPolicy::default())
+        }
+
+        fn with_retry(max_backlog: usize, max_batch: usize, policy: RetryPolicy) -> Self {
             let cell = Arc::new(AckCell::new(1, false));
             Rig {
-                p: Partition::new(cell, max_backlog, max_batch),
+                p: Partition::new(cell, max_backlog, max_batch).with_retry(policy),
                 effects: Vec::new(),
             }
         }
@@ -667,6 +727,41 @@ mod tests {
             self.p.cell().ack(Some(1), offset);
             self.on(Event::Tick);
         }
+
+        /// The handler fails the last batch from `from`: the backoff asked for, if any.
+        fn fail(&mut self, from: i64) -> Option<Duration> {
+            self.on(Event::Failed { from });
+            let mut wait = None;
+            for e in self.take() {
+                match e {
+                    Effect::Wait(d) => wait = Some(d),
+                    Effect::Deliver(b) => panic!("delivered {b:?} right after a failure"),
+                    _ => {}
+                }
+            }
+            wait
+        }
+
+        /// The worker asks for its next batch: the one message delivered and its attempt.
+        fn next_one(&mut self) -> (i64, (u32, bool)) {
+            self.demand();
+            match self.delivered().as_slice() {
+                [b] if b.len() == 1 => (b[0], self.p.attempt()),
+                other => panic!("expected one message, got {other:?}"),
+            }
+        }
+    }
+
+    fn policy(max_attempts: Option<u32>) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     #[test]
@@ -892,5 +987,418 @@ mod tests {
         r.on(Event::WorkerAttached);
         r.ack(89);
         assert_eq!(r.p.lag(), Some(10));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound() {
+        let p = policy(None);
+        let after: Vec<u128> = [0, 1, 2, 3, 4, 5, 6, 40, u32::MAX]
+            .iter()
+            .map(|&n| p.backoff_after(n).as_millis())
+            .collect();
+        assert_eq!(after, [100, 100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        let huge = RetryPolicy {
+            max_attempts: None,
+            backoff: Duration::from_secs(u64::MAX / 4),
+            max_backoff: Duration::MAX,
+        };
+        assert_eq!(huge.backoff_after(64), Duration::MAX, "saturates");
+
+        // Through the partition: one message failing again and again.
+        let mut r = Rig::with_retry(10, 10, policy(None));
+        r.fetch(0..1);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0]]);
+        let mut waits = Vec::new();
+        for n in 1..=6 {
+            waits.push(r.fail(0).expect("a backoff"));
+            assert_eq!(r.p.failures(), n);
+            assert_eq!(r.p.backoff(), waits.last().copied());
+            r.demand();
+            assert!(r.delivered().is_empty(), "nothing before RetryDue");
+            r.on(Event::RetryDue);
+            assert_eq!(r.delivered(), vec![vec![0]]);
+            assert_eq!(r.p.attempt(), (n + 1, false));
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000].map(ms));
+    }
+
+    #[test]
+    fn a_poison_message_is_isolated_one_at_a_time() {
+        let mut r = Rig::with_retry(100, 10, policy(Some(3)));
+        r.fetch(0..15);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![(0..10).collect::<Vec<_>>()]);
+        assert_eq!(r.p.attempt(), (1, false));
+        // 4 is poison: the batch fails as a whole.
+        assert_eq!(r.fail(0), Some(ms(100)));
+        r.on(Event::RetryDue);
+        for o in 0..4 {
+            assert_eq!(r.next_one(), (o, (2, false)), "a neighbour, alone");
+            r.ack(o);
+        }
+        assert_eq!(r.next_one(), (4, (2, false)));
+        assert_eq!(r.fail(4), Some(ms(200)), "4 failed twice");
+        assert_eq!(r.p.failures(), 2);
+        r.on(Event::RetryDue);
+        assert_eq!(r.next_one(), (4, (3, true)), "isolated: its last attempt");
+        r.ack(4);
+        r.on(Event::GaveUp {
+            dead_lettered: true,
+        });
+        for o in 5..10 {
+            assert_eq!(
+                r.next_one(),
+                (o, (2, false)),
+                "never a neighbour's last attempt"
+            );
+            r.ack(o);
+        }
+        r.demand();
+        assert_eq!(r.delivered(), vec![(10..15).collect::<Vec<_>>()]);
+        assert_eq!(
+            r.p.attempt(),
+            (1, false),
+            "past the failed batch: batches again"
+        );
+        assert_eq!(r.p.failures(), 0);
+        assert_eq!((r.p.skipped(), r.p.dead_lettered()), (0, 1));
+    }
+
+    #[test]
+    fn gave_up_counts_skips_and_dead_letters() {
+        let mut r = Rig::with_retry(100, 10, policy(Some(1)));
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1]]);
+        assert_eq!(
+            r.p.attempt(),
+            (1, false),
+            "two messages: not a last attempt"
+        );
+        r.fail(0);
+        r.on(Event::RetryDue);
+        assert_eq!(r.next_one(), (0, (2, true)));
+        r.ack(0);
+        r.on(Event::GaveUp {
+            dead_lettered: false,
+        });
+        assert_eq!(r.next_one(), (1, (2, true)));
+        r.ack(1);
+        r.on(Event::GaveUp {
+            dead_lettered: true,
+        });
+        assert_eq!((r.p.skipped(), r.p.dead_lettered()), (1, 1));
+        assert_eq!(r.p.commit_due(), Some(2), "given-up messages are acked");
+        // Alone from the start (a short backlog): with max_attempts 1, its last attempt.
+        r.fetch(2..3);
+        assert_eq!(r.next_one(), (2, (1, true)));
+    }
+
+    #[test]
+    fn a_seek_back_redelivers_acked_offsets() {
+        let mut r = Rig::new(100, 4);
+        r.fetch(0..8);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2, 3]]);
+        r.ack(3);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![4, 5, 6, 7]]);
+        r.ack(5);
+        assert_eq!(r.p.commit_due(), Some(6));
+        r.on(Event::Committed {
+            offset: 6,
+            ok: true,
+        });
+        r.on(Event::SeekTo { offset: 2 });
+        assert_eq!(r.take(), vec![Effect::Seek(2)]);
+        assert_eq!(r.p.held(), 0, "what was fetched before is dropped");
+        assert_eq!(r.p.last_seek(), Some(2));
+        assert_eq!(r.on(Event::Fetched(M(8))), Intake::Discarded);
+        r.on(Event::SeekDone { offset: 2 });
+        for o in 2..8 {
+            assert_eq!(r.on(Event::Fetched(M(o))), Intake::Added, "{o} again");
+        }
+        r.demand();
+        assert_eq!(
+            r.delivered(),
+            vec![vec![2, 3, 4, 5]],
+            "acked, delivered again"
+        );
+        assert_eq!(r.p.held(), 2, "replayed messages are not kept");
+        assert_eq!(r.p.cell().ack(Some(1), 4), crate::cell::AckOutcome::Behind);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![6, 7]]);
+        assert_eq!(r.p.acked(), Some(5), "acks never move backwards");
+        assert_eq!(r.p.committed(), Some(6), "nor commits");
+        assert_eq!(r.p.commit_due(), None);
+        r.ack(7);
+        assert_eq!(r.p.commit_due(), Some(8));
+        assert_eq!(r.p.held(), 0);
+    }
+
+    #[test]
+    fn drained_during_a_backoff() {
+        let mut r = Rig::with_retry(100, 10, policy(None));
+        r.fetch(0..3);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        assert!(!r.p.drained());
+        r.fail(0);
+        assert!(r.p.drained(), "the unacked messages were taken back");
+        assert_eq!(r.p.backoff(), Some(ms(100)));
+        r.demand();
+        assert!(r.delivered().is_empty());
+        assert!(r.p.drained());
+        r.on(Event::RetryDue);
+        assert_eq!(r.p.backoff(), None);
+        assert_eq!(r.delivered(), vec![vec![0]]);
+        assert!(!r.p.drained());
+        // A seek ends a backoff too.
+        r.fail(0);
+        r.on(Event::SeekTo { offset: 0 });
+        assert_eq!(r.p.backoff(), None);
+        assert_eq!(r.p.failures(), 0, "and forgets the failure");
+    }
+
+    // Regressions found by the model test (tests/partition_model.rs).
+
+    #[test]
+    fn a_failure_with_nothing_left_unacked_is_ignored() {
+        let mut r = Rig::with_retry(100, 10, policy(Some(2)));
+        r.fetch(0..1);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.p.cell().ack(Some(1), 0);
+        assert_eq!(r.fail(0), None, "0 was acked: nothing failed");
+        assert_eq!(r.p.failures(), 0);
+        r.fetch(1..2);
+        assert_eq!(r.next_one(), (1, (1, false)), "1 never failed");
+    }
+
+    #[test]
+    fn the_failure_window_is_the_failed_batch() {
+        let mut r = Rig::with_retry(100, 3, policy(Some(2)));
+        r.fetch(0..9);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![3, 4, 5]]);
+        // A worker dies with 0..5 unacked; its successor fails 0..2.
+        r.on(Event::WorkerDown);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        r.fail(0);
+        r.on(Event::RetryDue);
+        for o in 0..3 {
+            assert_eq!(r.next_one(), (o, (2, true)));
+            r.ack(o);
+        }
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![3, 4, 5]], "3..5 never failed");
+        assert_eq!(r.p.attempt(), (1, false));
+    }
+
+    #[test]
+    fn below_the_failed_batch_batches_are_first_attempts() {
+        let mut r = Rig::with_retry(100, 3, policy(Some(2)));
+        r.fetch(0..9);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![3, 4, 5]]);
+        r.fail(3);
+        // The worker dies with 0..2 unacked: they come back first.
+        r.on(Event::WorkerDown);
+        assert_eq!(r.take(), vec![Effect::Seek(0)]);
+        r.on(Event::SeekDone { offset: 0 });
+        r.fetch(0..9);
+        r.on(Event::WorkerAttached);
+        r.on(Event::RetryDue);
+        assert_eq!(
+            r.delivered(),
+            vec![vec![0, 1, 2]],
+            "a batch, up to the failed one"
+        );
+        assert_eq!(r.p.attempt(), (1, false));
+        r.ack(2);
+        assert_eq!(r.next_one(), (3, (2, true)));
+    }
+
+    #[test]
+    fn a_redelivery_in_a_replay_starts_where_asked() {
+        let mut r = Rig::new(100, 10);
+        r.fetch(0..6);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.ack(5);
+        r.on(Event::SeekTo { offset: 0 });
+        r.on(Event::SeekDone { offset: 0 });
+        r.fetch(0..6);
+        r.demand();
+        assert_eq!(r.delivered(), vec![(0..6).collect::<Vec<_>>()]);
+        // The worker did 0..2 (acks behind the cell's) and wants 3.. again.
+        r.on(Event::Redeliver { from: 3 });
+        assert_eq!(
+            r.take(),
+            vec![Effect::Seek(3)],
+            "replayed messages are not kept"
+        );
+        r.on(Event::SeekDone { offset: 3 });
+        r.fetch(3..6);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![3, 4, 5]]);
+    }
+
+    #[test]
+    fn an_ack_after_a_seek_back_does_not_cut_the_replay() {
+        let mut r = Rig::new(100, 4);
+        r.fetch(0..10);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2, 3]]);
+        r.ack(3);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![4, 5, 6, 7]]);
+        r.on(Event::SeekTo { offset: 1 });
+        r.on(Event::SeekDone { offset: 1 });
+        r.fetch(1..10);
+        // The batch from before the seek is acked late: 4..7 are done, 1..3 still replay.
+        r.ack(7);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![1, 2, 3, 8]]);
+    }
+
+    #[test]
+    fn a_redelivery_ahead_of_a_replay_does_not_cut_it() {
+        let mut r = Rig::new(100, 3);
+        r.fetch(0..6);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        r.ack(2);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![3, 4, 5]]);
+        r.on(Event::SeekTo {
+            offset: OFFSET_BEGINNING,
+        });
+        r.ack(5);
+        r.on(Event::SeekDone {
+            offset: OFFSET_BEGINNING,
+        });
+        r.fetch(0..6);
+        assert_eq!(r.take(), vec![Effect::Seek(OFFSET_BEGINNING)]);
+        // From a batch of before the seek, ahead of the replay: it comes in order anyway.
+        r.on(Event::Redeliver { from: 1 });
+        r.on(Event::WorkerDown);
+        assert!(r.take().is_empty(), "no seek: the replay goes on");
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn replayed_messages_are_not_held() {
+        let mut r = Rig::new(100, 10);
+        r.fetch(0..3);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.ack(2);
+        r.on(Event::SeekTo {
+            offset: OFFSET_BEGINNING,
+        });
+        assert_eq!(r.take(), vec![Effect::Seek(OFFSET_BEGINNING)]);
+        r.on(Event::SeekDone {
+            offset: OFFSET_BEGINNING,
+        });
+        r.fetch(0..3);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        assert_eq!(
+            r.p.held(),
+            0,
+            "acks of them are behind: they would stay forever"
+        );
+        assert!(r.p.drained());
+    }
+
+    #[test]
+    fn a_seek_away_from_unacked_messages_drains() {
+        let mut r = Rig::new(100, 10);
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        r.take();
+        assert!(!r.p.drained());
+        r.on(Event::SeekTo { offset: OFFSET_END });
+        assert!(r.p.drained(), "no ack of the dropped messages is awaited");
+        assert_eq!(
+            r.fail(0),
+            None,
+            "a failure of the dropped batch retries nothing"
+        );
+    }
+
+    #[test]
+    fn a_seek_waits_for_the_last_of_several_seeks_to_the_same_offset() {
+        let mut r = Rig::new(100, 10);
+        r.on(Event::SeekTo {
+            offset: OFFSET_BEGINNING,
+        });
+        r.on(Event::SeekTo { offset: 5 });
+        r.on(Event::SeekTo {
+            offset: OFFSET_BEGINNING,
+        });
+        assert_eq!(r.take().len(), 3);
+        r.on(Event::SeekDone {
+            offset: OFFSET_BEGINNING,
+        });
+        assert_eq!(
+            r.on(Event::Fetched(M(0))),
+            Intake::Discarded,
+            "two seeks pending"
+        );
+        r.on(Event::SeekFailed { offset: 5 });
+        assert!(r.take().is_empty(), "a superseded seek is not asked again");
+        assert_eq!(r.on(Event::Fetched(M(5))), Intake::Discarded);
+        r.on(Event::SeekDone {
+            offset: OFFSET_BEGINNING,
+        });
+        assert_eq!(r.on(Event::Fetched(M(0))), Intake::Added);
+    }
+
+    #[test]
+    fn a_redelivery_of_a_batch_from_before_a_seek_does_not_cut_the_replay() {
+        let mut r = Rig::new(100, 3);
+        r.fetch(0..6);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+        r.ack(2);
+        r.demand();
+        assert_eq!(r.delivered(), vec![vec![3, 4, 5]]);
+        r.on(Event::SeekTo { offset: 0 });
+        r.on(Event::SeekDone { offset: 0 });
+        r.fetch(0..6);
+        assert_eq!(r.take(), vec![Effect::Seek(0)]);
+        // The worker wants 4.. of its batch again: ahead of the replay, which brings it.
+        r.on(Event::Redeliver { from: 4 });
+        r.on(Event::WorkerDown);
+        assert!(r.take().is_empty(), "no seek: 3.. comes in the replay too");
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn a_forward_seek_replays_nothing() {
+        let mut r = Rig::new(100, 10);
+        r.fetch(0..10);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.ack(5);
+        r.on(Event::SeekTo { offset: 2 });
+        r.on(Event::SeekTo { offset: 8 });
+        r.on(Event::SeekDone { offset: 2 });
+        r.on(Event::SeekDone { offset: 8 });
+        r.fetch(8..10);
+        r.take();
+        // A late redelivery from the first seek's replay: 0..5 are acked, no replay now.
+        r.on(Event::Redeliver { from: 3 });
+        assert_eq!(r.take(), vec![Effect::Seek(6)], "only the unacked 6 and 7");
     }
 }

@@ -14,8 +14,9 @@
 //!   `committed()` is the highest successful commit and never moves backwards;
 //! - delivery order: every delivered message is the first log offset at or after
 //!   max(next expected, highest ack + 1), where "next expected" follows the last delivered
-//!   message and is reset by `WorkerDown` (to ack + 1, or the first offset) and by
-//!   `Redeliver { from }` (to max(from, ack + 1), as the worker asked); so batches are
+//!   message and is moved back by `WorkerDown` (to ack + 1, or the first offset) and by
+//!   `Redeliver { from }` (to max(from, ack + 1), as the worker asked; not forward: after a
+//!   handler's seek, what lies ahead comes again anyway); so batches are
 //!   strictly increasing, first deliveries skip no log offset, a redelivery never skips an
 //!   unacked delivered offset and never hands back an acked one;
 //! - every ack's outcome (Advanced / Behind / StaleGeneration / Undelivered) is the model's,
@@ -23,8 +24,8 @@
 //! - memory: `held()` and `backlog_len()` at most 2 x max_backlog; not paused means a backlog
 //!   below max_backlog; `Resume` only at half of it;
 //! - one batch per attach or demand, none after a revoke, none without a worker;
-//! - fetched messages are Discarded exactly while a seek is pending or after a revoke; a
-//!   failed seek is asked again.
+//! - fetched messages are Discarded exactly while a seek is unanswered (librdkafka answers in
+//!   order) or after a revoke; a failed seek is asked again unless a later one superseded it.
 //!
 //! Failures and handler seeks (each case has a random [`RetryPolicy`]):
 //! - the worker sometimes fails its batch (`Failed { from }`, maybe after acking part of it),
@@ -32,9 +33,10 @@
 //!   seeks (`SeekTo`: back, forward, beyond the log, `OFFSET_BEGINNING`, `OFFSET_END`); the
 //!   harness answers `Wait` with `RetryDue` after a random delay, like the glue (one timer
 //!   per partition, which a seek does not cancel: a stale `RetryDue` must be harmless);
-//! - a `Failed` that leaves something unacked in the batch emits exactly one
-//!   `Wait(backoff_after(failures))`; nothing is delivered between `Wait` and `RetryDue`
-//!   (or a seek); `backoff()`, `failures()` and `drained()` follow the model;
+//! - a `Failed` that leaves something unacked in the batch (delivered last, and not dropped by
+//!   a seek since) emits exactly one `Wait(backoff_after(failures))`, any other emits
+//!   nothing; nothing is delivered between `Wait` and `RetryDue` (or a seek); `backoff()`,
+//!   `failures()` and `drained()` follow the model;
 //! - after a failure, deliveries from the failed offset up to the end of the failed batch
 //!   are single messages; a redelivery below the failed batch stops before it; attempt
 //!   numbers follow the rule (failures + 1 at the failing message, 2 for the rest of the
@@ -42,12 +44,14 @@
 //!   max_attempts", and a message delivered as a last attempt failed at least
 //!   max_attempts - 1 times (counted independently, per offset);
 //! - after `SeekTo(o)` nothing is held, the next delivery is the first log offset >= o (the
-//!   first of the log for `OFFSET_BEGINNING`, nothing old for `OFFSET_END`), offsets at or
-//!   below the ack are replayed (until an ack moves past them), `last_seek()` is o; acks and
-//!   commits never move backwards; offsets a forward seek jumped over count as handled;
+//!   first of the log for `OFFSET_BEGINNING`, nothing old for `OFFSET_END`), offsets from o
+//!   up to the ack of that time are replayed (a later ack only makes the offsets above them
+//!   that it covers be skipped), a redelivery inside the replay starts where the worker asked,
+//!   a dead worker's successor goes on with the replay, `last_seek()` is o; acks and commits
+//!   never move backwards; offsets a forward seek jumped over count as handled;
 //! - the drain delivers every log offset from the last seek target (or the assignment's
-//!   start after a later reassignment) since that seek, except what an ack covered while a
-//!   replay was still running.
+//!   start after a later reassignment) since that seek, except what an ack made after the
+//!   seek covered before it came again; it ends with nothing held.
 //!
 //! Environment:
 //! - `OTTLA_MODEL_SEED`: the run's seed (decimal or 0x-hex), default [`DEFAULT_SEED`].
@@ -166,6 +170,8 @@ enum Ctrl {
 /// librdkafka's side: a position, a queue of prefetched messages, and pending commands.
 struct Fetcher {
     pos: i64,
+    /// The position of the last seek (or the start): a resume never goes back before it.
+    floor: i64,
     queue: VecDeque<i64>,
     paused: bool,
     ctrl: VecDeque<Ctrl>,
@@ -175,6 +181,7 @@ impl Fetcher {
     fn new(pos: i64) -> Self {
         Fetcher {
             pos,
+            floor: pos,
             queue: VecDeque::new(),
             paused: false,
             ctrl: VecDeque::new(),
@@ -232,6 +239,8 @@ struct Assignment {
     paused: bool,
     /// The last Seek emitted, until its SeekDone.
     seek_pending: Option<i64>,
+    /// Seeks emitted and not answered yet (librdkafka answers them in order).
+    seeks: u32,
     revoked: bool,
     /// The highest commit reported ok.
     committed: Option<i64>,
@@ -247,9 +256,9 @@ struct Assignment {
     replay: Option<i64>,
     /// The handler sought in this assignment (seeks may then go below `start`).
     handler_seeks: bool,
-    /// The lowest position librdkafka may rewind to on a resume.
-    floor: i64,
     last_seek: Option<i64>,
+    /// A handler's seek dropped what was delivered, nothing was delivered since: `drained()`.
+    sought: bool,
     skipped: u64,
     dead_lettered: u64,
 }
@@ -279,6 +288,7 @@ impl Assignment {
             credit: false,
             paused: false,
             seek_pending: None,
+            seeks: 0,
             revoked: false,
             committed: None,
             seen_committed: None,
@@ -288,8 +298,8 @@ impl Assignment {
             expect_wait: None,
             replay: None,
             handler_seeks: false,
-            floor: start,
             last_seek: None,
+            sought: false,
             skipped: 0,
             dead_lettered: 0,
         }
@@ -344,6 +354,7 @@ struct Stats {
     max_held: usize,
     failures: u64,
     failures_all_acked: u64,
+    failures_after_seek: u64,
     waits: u64,
     retry_dues: u64,
     stale_retry_dues: u64,
@@ -449,7 +460,7 @@ impl Sim<'_> {
         let acked_before = self.a.cell.acked();
         let backlog_before = self.a.p.backlog_len();
         let overflows_before = self.a.p.overflows();
-        let expect_discard = self.a.revoked || self.a.seek_pending.is_some();
+        let expect_discard = self.a.revoked || self.a.seeks > 0;
         let mut effects = Vec::new();
         let intake = self.a.p.handle(event, &mut effects);
         if fetched.is_some() {
@@ -527,10 +538,14 @@ impl Sim<'_> {
                     p.backlog_len()
                 );
                 if self.a.first.is_none() {
-                    ensure!(
-                        self.log.ceil(self.a.start) == Some(o),
-                        "the first message taken is {o}, not the first of the log from {}",
+                    let from = if self.a.handler_seeks {
+                        self.a.next_exp
+                    } else {
                         self.a.start
+                    };
+                    ensure!(
+                        self.log.ceil(from) == Some(o),
+                        "the first message taken is {o}, not the first of the log from {from}"
                     );
                     self.a.first = Some(o);
                 }
@@ -616,6 +631,7 @@ impl Sim<'_> {
                     );
                     self.stats.seeks += 1;
                     self.a.seek_pending = Some(o);
+                    self.a.seeks += 1;
                     self.last_seeks.push(o);
                     self.fetch.ctrl.push_back(Ctrl::Seek(o));
                 }
@@ -665,10 +681,7 @@ impl Sim<'_> {
             // During a replay (after a seek back) acked offsets up to the replay's end are
             // delivered again.
             let next = self.log.ceil(self.a.next_exp);
-            let replaying = self
-                .a
-                .replay
-                .is_some_and(|r| next.is_some_and(|n| n <= r));
+            let replaying = self.a.replay.is_some_and(|r| next.is_some_and(|n| n <= r));
             let from = match acked_before {
                 Some(a) if !replaying => self.a.next_exp.max(a + 1),
                 _ => self.a.next_exp,
@@ -710,6 +723,7 @@ impl Sim<'_> {
                 self.stats.replayed += 1;
             }
             self.a.next_exp = m + 1;
+            self.a.sought = false;
             self.delivered[m as usize] += 1;
             self.since[m as usize] += 1;
             self.stats.delivered += 1;
@@ -861,7 +875,7 @@ impl Sim<'_> {
         // Against the partition's own ack: it reads the cell only when it handles an event.
         let drained = match (a.max_delivered, p.acked()) {
             (None, _) => true,
-            _ if a.waiting.is_some() => true,
+            _ if a.waiting.is_some() || a.sought => true,
             (Some(d), x) => x.is_some_and(|x| x >= d),
         };
         ensure!(p.drained() == drained, "drained() is {}", p.drained());
@@ -1037,7 +1051,7 @@ impl Sim<'_> {
                 // Or resume from an older position: what comes again must be dropped.
                 if self.rng.pct(25) {
                     let at = self.fetch.queue.front().copied().unwrap_or(self.fetch.pos);
-                    let o = (at - self.rng.int(1, 12)).max(self.a.floor);
+                    let o = (at - self.rng.int(1, 12)).max(self.fetch.floor);
                     self.fetch.pos = o;
                     self.fetch.queue.clear();
                     self.note(&format!(" rewound to {o}"));
@@ -1057,13 +1071,15 @@ impl Sim<'_> {
                         OFFSET_END => END_POS,
                         o => o,
                     };
-                    if self.a.seek_pending == Some(o) {
-                        self.a.seek_pending = None;
-                    }
+                    self.fetch.floor = self.fetch.pos;
+                    self.seek_answered();
                     self.ev(Event::SeekDone { offset: o })?;
                 } else {
                     self.stats.seek_failures += 1;
-                    let retry = self.a.seek_pending == Some(o) && !self.a.revoked;
+                    // Only the last seek is asked again (an older one was superseded).
+                    let retry =
+                        self.a.seeks == 1 && self.a.seek_pending == Some(o) && !self.a.revoked;
+                    self.seek_answered();
                     self.ev(Event::SeekFailed { offset: o })?;
                     ensure!(
                         self.last_seeks.contains(&o) == retry,
@@ -1074,6 +1090,14 @@ impl Sim<'_> {
             }
         }
         Ok(())
+    }
+
+    /// librdkafka answered the oldest pending seek.
+    fn seek_answered(&mut self) {
+        self.a.seeks = self.a.seeks.saturating_sub(1);
+        if self.a.seeks == 0 {
+            self.a.seek_pending = None;
+        }
     }
 
     // ----- the worker -----
@@ -1125,7 +1149,7 @@ impl Sim<'_> {
     /// Where a worker's `from` puts the partition back: after the ack, unless replaying.
     fn unacked_from(&self, from: i64) -> i64 {
         match self.a.acked {
-            Some(x) if !self.a.replay.is_some_and(|r| from <= r) => from.max(x + 1),
+            Some(x) if self.a.replay.is_none_or(|r| from > r) => from.max(x + 1),
             _ => from,
         }
     }
@@ -1154,7 +1178,10 @@ impl Sim<'_> {
         let end = batch[batch.len() - 1];
         if !self.a.revoked {
             let f = self.unacked_from(from);
-            if f <= end {
+            if self.a.sought {
+                // A batch from before a seek, which dropped it: nothing to retry.
+                self.stats.failures_after_seek += 1;
+            } else if f <= end {
                 for &o in batch.iter().filter(|&&o| o >= f) {
                     self.fails[o as usize] += 1;
                 }
@@ -1254,15 +1281,15 @@ impl Sim<'_> {
             }
             a.next_exp = t;
             a.last_seek = Some(offset);
+            a.sought = true;
             a.handler_seeks = true;
-            a.floor = a.floor.min(t);
             self.since.fill(0);
             self.since_from = Some(t);
             self.since_exempt.fill(false);
         }
         self.ev(Event::SeekTo { offset })?;
         ensure!(
-            self.last_seeks.contains(&offset) == !revoked,
+            self.last_seeks.contains(&offset) != revoked,
             "SeekTo({offset}) (revoked: {revoked}) gave the seeks {:?}",
             self.last_seeks
         );
@@ -1751,7 +1778,9 @@ impl Sim<'_> {
                 (w.gen, top)
             };
             self.begin("drain worker:".to_string());
-            if let Some(top) = top {
+            // (After a seek to the beginning, offsets below the assignment's first one are
+            // replayed: acks of them are behind.)
+            if let Some(top) = top.filter(|&t| self.a.first.is_some_and(|f| t >= f)) {
                 if self.a.acked.is_none_or(|x| top > x) {
                     let got = self.ack("worker", Some(gen), top)?;
                     ensure!(got == AckOutcome::Advanced, "drain ack of {top}: {got:?}");
@@ -1797,11 +1826,12 @@ impl Sim<'_> {
             }
         }
         let last = self.log.offs.last().copied();
-        // Everything from the start (or the last seek target) on was delivered and acked; a
-        // seek beyond the log leaves the ack at the last delivered offset.
+        // Everything from the start (or the last seek target) on was delivered and acked.
+        // After a seek beyond the log, what was dropped may stay unacked (nobody holds it).
         let required_from = self.since_from.unwrap_or(self.a.start);
         let expect = match last {
             Some(l) if l >= required_from && l >= self.a.start => Some(l),
+            _ if self.a.sought => self.a.p.acked(),
             _ => self.a.max_delivered,
         };
         ensure!(

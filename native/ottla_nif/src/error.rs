@@ -1,11 +1,13 @@
 //! The one error type of the NIF. It reaches Elixir as
-//! `{:error, %Ottla.Error{code: atom, message: binary, retriable?: boolean}}`.
+//! `{:error, %Ottla.Error{code: atom, message: binary, retriable?: boolean}}`. No message
+//! shows the value of a secret property (`config::is_secret`).
 
 use ottla_core::errors::{is_retriable, snake_case};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rustler::{Atom, Encoder, Env, Term};
 
 use crate::atoms;
+use crate::config;
 
 /// An error to hand back to Elixir. `code` is a snake_case atom name, e.g. `unknown_topic_or_partition`.
 #[derive(Debug, Clone)]
@@ -48,7 +50,18 @@ impl From<KafkaError> for Error {
             (KafkaError::Canceled, None) => "canceled".to_string(),
             _ => "kafka_error".to_string(),
         };
-        Error::new(&code, err.to_string())
+        let message = match &err {
+            // rdkafka's message for a refused property ends with the value it was given.
+            KafkaError::ClientConfig(_, description, key, value) if config::is_secret(key) => {
+                format!(
+                    "Client config error: {} {key} {}",
+                    config::without_value(description, value),
+                    config::REDACTED
+                )
+            }
+            _ => err.to_string(),
+        };
+        Error::new(&code, message)
     }
 }
 

@@ -51,13 +51,46 @@ impl Msg {
     }
 }
 
+impl Msg {
+    /// Copies a message taken from a librdkafka queue (`rd_kafka_consume_batch_queue`).
+    ///
+    /// # Safety
+    /// `m` must point to a live message without an error.
+    pub unsafe fn from_raw(m: *const rd::rd_kafka_message_t) -> Self {
+        // SAFETY: the caller guarantees a live message; payload and key are `len` bytes or
+        // null, owned by the message.
+        unsafe {
+            let msg = &*m;
+            let bytes = |ptr: *mut std::ffi::c_void, len: usize| {
+                (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len).to_vec())
+            };
+            let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+            let ts = rd::rd_kafka_message_timestamp(m, &mut kind);
+            Msg(Arc::new(MsgData {
+                offset: msg.offset,
+                timestamp: (ts >= 0).then_some(ts),
+                key: bytes(msg.key, msg.key_len),
+                value: bytes(msg.payload, msg.len),
+                headers: raw_headers(m),
+            }))
+        }
+    }
+}
+
 /// A message's headers as `(name, value)` bytes. Read through librdkafka's C API because
 /// the `rdkafka` crate panics on a header name that is not UTF-8, which any producer can send.
 pub fn headers(msg: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    // SAFETY: `msg.ptr()` is a live message for the duration of the call.
+    unsafe { raw_headers(msg.ptr()) }
+}
+
+/// # Safety
+/// `msg` must point to a live message.
+unsafe fn raw_headers(msg: *const rd::rd_kafka_message_t) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
-    // SAFETY: `msg.ptr()` is a live message; librdkafka sets `hdrs` (owned by the message)
+    // SAFETY: `msg` is a live message; librdkafka sets `hdrs` (owned by the message)
     // or returns an error when there are none.
-    let err = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut hdrs) };
+    let err = unsafe { rd::rd_kafka_message_headers(msg, &mut hdrs) };
     if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
         return Vec::new();
     }

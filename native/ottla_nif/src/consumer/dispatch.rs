@@ -47,6 +47,8 @@ pub fn run(shared: Arc<Shared>) {
             let pid = o.pid;
             let _ = env.send_and_clear(&pid, |env| encode_batch(env, o, group));
         }
+        // Backlogs have room again: the poll thread may take more.
+        shared.wake.notify();
     }
 }
 

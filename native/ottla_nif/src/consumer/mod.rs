@@ -12,6 +12,7 @@ mod commit;
 mod dispatch;
 mod nif;
 mod poll;
+mod queues;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
@@ -183,6 +184,8 @@ pub struct Shared {
     pub work: Condvar,
     /// Wakes the poll thread's bounded waits (revoke replies, drains).
     pub progress: Condvar,
+    /// Wakes the poll thread's idle wait: messages arrived, or the dispatcher freed room.
+    pub wake: queues::Wake,
     pub stop: AtomicBool,
 }
 
@@ -249,6 +252,7 @@ impl Shared {
         self.stop.store(true, Ordering::SeqCst);
         self.work.notify_all();
         self.progress.notify_all();
+        self.wake.notify();
     }
 }
 

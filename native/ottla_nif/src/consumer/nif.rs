@@ -75,11 +75,13 @@ fn consumer_new<'a>(
         acks: AckCounters::default(),
         work: Condvar::new(),
         progress: Condvar::new(),
+        wake: Default::default(),
         stop: Default::default(),
     });
     let consumer: BaseConsumer<poll::GroupCtx> = client_config(&bootstrap, &props)
         .create_with_context(poll::GroupCtx::new(shared.clone()))
         .map_err(Error::from)?;
+    poll::watch_main(&consumer, &shared);
 
     if group {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -96,6 +98,7 @@ fn consumer_new<'a>(
                 .map_err(Error::from)?;
         }
         consumer.assign(&tpl).map_err(Error::from)?;
+        poll::split_queues(&consumer, &tpl);
         poll::assigned(&shared, &tpl);
     }
 

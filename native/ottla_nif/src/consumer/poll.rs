@@ -17,6 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use rustler::Encoder;
 
 use super::commit::{Commits, Outcome};
+use super::queues::Queues;
 use super::{now_ms, Msg, Shared, State, Tp};
 use crate::atoms;
 use crate::context::{log, send_reliably, OttlaContext};
@@ -39,6 +40,7 @@ pub struct GroupCtx {
     base: OttlaContext,
     shared: Arc<Shared>,
     commits: Mutex<Commits>,
+    queues: Mutex<Queues>,
 }
 
 impl GroupCtx {
@@ -47,11 +49,32 @@ impl GroupCtx {
             base: OttlaContext,
             shared,
             commits: Mutex::new(Commits::default()),
+            queues: Mutex::new(Queues::default()),
         }
     }
 
     fn commits(&self) -> MutexGuard<'_, Commits> {
         self.commits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queues(&self) -> MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Wakes the poll thread when the consumer's main queue gets an event.
+pub fn watch_main(consumer: &BaseConsumer<GroupCtx>, shared: &Shared) {
+    let rk = consumer.client().native_ptr();
+    consumer.context().queues().watch_main(rk, &shared.wake);
+}
+
+/// Gives each newly assigned partition a queue of its own (see `queues.rs`).
+pub fn split_queues(consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
+    let ctx = consumer.context();
+    let rk = consumer.client().native_ptr();
+    let mut queues = ctx.queues();
+    for tp in tps(tpl) {
+        queues.split(rk, &tp, &ctx.shared.wake);
     }
 }
 
@@ -131,6 +154,13 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
     let lost = consumer.assignment_lost();
     let drain = shared.settings.drain_timeout;
     let deadline = started + drain;
+    {
+        // What is still queued for a revoked partition is its next owner's to fetch.
+        let mut queues = ctx.queues();
+        for tp in &list {
+            queues.remove(tp);
+        }
+    }
     let closing = {
         let mut st = shared.lock();
         for tp in &list {
@@ -205,6 +235,8 @@ impl ConsumerContext for GroupCtx {
                         &format!("resume after assign failed: {err}"),
                     );
                 }
+                // Split before the first fetch: nothing of these partitions is queued yet.
+                split_queues(consumer, tpl);
             }
             assigned(&self.shared, tpl);
         }
@@ -294,19 +326,30 @@ fn intake(shared: &Shared, messages: Vec<(Tp, Msg)>) {
 }
 
 /// Applies the pause, resume and seek effects, in the order the partitions asked for them.
+/// A partition with a queue of its own is "paused" by not taking from its queue, which keeps
+/// librdkafka's prefetch; only the others are paused in librdkafka.
 fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     let ops = std::mem::take(&mut shared.lock().ops);
     for ((topic, partition), effect) in ops {
         let mut one = TopicPartitionList::new();
         one.add_partition(&topic, partition);
+        let own_queue = consumer.context().queues().has(&(topic.clone(), partition));
         let result = match effect {
             Effect::Pause => {
                 notify(shared, atoms::ottla_paused(), &topic, partition);
-                consumer.pause(&one).map_err(|e| ("pause", e))
+                if own_queue {
+                    Ok(())
+                } else {
+                    consumer.pause(&one).map_err(|e| ("pause", e))
+                }
             }
             Effect::Resume => {
                 notify(shared, atoms::ottla_resumed(), &topic, partition);
-                consumer.resume(&one).map_err(|e| ("resume", e))
+                if own_queue {
+                    Ok(())
+                } else {
+                    consumer.resume(&one).map_err(|e| ("resume", e))
+                }
             }
             Effect::Seek(offset) => {
                 // Timeout 0: asynchronous; librdkafka drops what it fetched before the seek.
@@ -380,10 +423,10 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
     let commit = shared.settings.commit;
     while !shared.stop.load(Ordering::SeqCst) {
-        // Wait for one message, then take what is already there without waiting.
-        let mut timeout = POLL_TIMEOUT;
+        // The main queue: rebalances and errors, and messages of partitions without a queue
+        // of their own. Never waits: the wait is on `shared.wake`, below.
         while polled.len() < INTAKE_BATCH {
-            match consumer.poll(timeout) {
+            match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => polled.push(to_msg(&m)),
                 Some(Err(err)) => {
                     log(atoms::warning(), "CONSUME", &err.to_string());
@@ -391,7 +434,23 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
                 }
                 None => break,
             }
-            timeout = Duration::ZERO;
+        }
+        // Each partition's own queue, as far as its backlog has room.
+        let rooms: Vec<(Tp, usize)> = {
+            let st = shared.lock();
+            let max = shared.settings.max_backlog;
+            st.partitions
+                .iter()
+                .map(|(tp, slot)| (tp.clone(), max.saturating_sub(slot.part.backlog_len())))
+                .filter(|(_, room)| *room > 0)
+                .collect()
+        };
+        let mut took = polled.len();
+        {
+            let queues = consumer.context().queues();
+            for (tp, room) in &rooms {
+                took += queues.take(tp, (*room).min(INTAKE_BATCH), &mut polled);
+            }
         }
         if !polled.is_empty() {
             intake(&shared, std::mem::take(&mut polled));
@@ -410,6 +469,11 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
             refresh_watermarks(&shared, &consumer);
             last_marks = Instant::now();
         }
+        if took == 0 {
+            // Nothing to take: sleep until librdkafka queues something, the dispatcher frees
+            // room, or periodic work (commits, watermarks) is due.
+            shared.wake.wait(POLL_TIMEOUT);
+        }
     }
     // Shutdown: commit every ack (bounded), then close: leave the group, so the others
     // rebalance at once.
@@ -424,8 +488,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         apply_commits(&shared, outcomes);
     }
     shared.lock().closing = true;
-    // The reply queues must go before the client they belong to.
+    // Queue handles must go before the client they belong to.
     *consumer.context().commits() = Commits::default();
+    consumer.context().queues().clear();
     drop(consumer);
     shared.work.notify_all();
 }

@@ -1,0 +1,193 @@
+//! Each assigned partition's messages come from a librdkafka queue of its own, and are taken
+//! only when the partition's backlog has room. A partition behind a slow handler keeps its
+//! messages in librdkafka's prefetch (bounded by `queued.min.messages`) instead of having
+//! them fetched, paused (which drops librdkafka's prefetch) and fetched again. Messages are
+//! taken in batches (`rd_kafka_consume_batch_queue`), and the poll thread sleeps on
+//! [`Wake`] until librdkafka puts something in an empty queue, the dispatcher frees room, or
+//! periodic work is due.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use rdkafka::bindings as rd;
+
+use super::Tp;
+use crate::atoms;
+use crate::context::log;
+use crate::message::Msg;
+
+/// Wakes the poll thread. librdkafka calls [`on_enqueue`] from its own threads when a queue
+/// gets its first element; the dispatcher calls [`Wake::notify`] after freeing room.
+#[derive(Default)]
+pub struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *pending = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits for a notification (or `timeout`), and consumes it.
+    pub fn wait(&self, timeout: Duration) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !*pending {
+            pending = self
+                .cv
+                .wait_timeout(pending, timeout)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *pending = false;
+    }
+}
+
+/// Called by librdkafka, on one of its threads, when a queue with the callback enabled gets
+/// an element while empty. Touches only the Rust condvar: no librdkafka call.
+unsafe extern "C" fn on_enqueue(_rk: *mut rd::rd_kafka_t, opaque: *mut c_void) {
+    if !opaque.is_null() {
+        // SAFETY: `opaque` is the `Wake` of the consumer's `Shared`, which outlives every
+        // queue whose callback points at it (callbacks are disabled before queues go).
+        unsafe { (*(opaque as *const Wake)).notify() };
+    }
+}
+
+/// A queue handle. librdkafka's queues are reference-counted and locked internally.
+struct Queue(*mut rd::rd_kafka_queue_t);
+
+// SAFETY: see above; the handle is only used under the `Queues` mutex.
+unsafe impl Send for Queue {}
+
+impl Queue {
+    fn disable_and_destroy(self) {
+        // SAFETY: the handle is live; the callback is disabled before the handle goes.
+        unsafe {
+            rd::rd_kafka_queue_cb_event_enable(self.0, None, std::ptr::null_mut());
+            rd::rd_kafka_queue_destroy(self.0);
+        }
+    }
+}
+
+/// The partitions' own queues and the consumer's main queue's wake-up. Must be cleared
+/// ([`Queues::clear`]) before the consumer is destroyed.
+#[derive(Default)]
+pub struct Queues {
+    main: Option<Queue>,
+    by_tp: HashMap<Tp, Queue>,
+}
+
+impl Queues {
+    /// Wakes `wake` when the consumer's main queue (rebalances, errors, messages of partitions
+    /// not split) gets an element.
+    pub fn watch_main(&mut self, rk: *mut rd::rd_kafka_t, wake: &Wake) {
+        // SAFETY: `rk` is a live consumer; the returned handle is owned here.
+        let q = unsafe { rd::rd_kafka_queue_get_consumer(rk) };
+        if q.is_null() {
+            return;
+        }
+        // SAFETY: `q` is live; `wake` outlives it (see `on_enqueue`).
+        unsafe {
+            rd::rd_kafka_queue_cb_event_enable(
+                q,
+                Some(on_enqueue),
+                wake as *const Wake as *mut c_void,
+            )
+        };
+        self.main = Some(Queue(q));
+    }
+
+    /// Gives a newly assigned partition its own queue. On failure its messages keep coming
+    /// through the main queue (and the backlog is bounded by pausing instead).
+    pub fn split(&mut self, rk: *mut rd::rd_kafka_t, tp: &Tp, wake: &Wake) {
+        let Ok(topic) = CString::new(tp.0.as_str()) else {
+            return;
+        };
+        // SAFETY: `rk` is a live consumer and `topic` a C string.
+        let q = unsafe { rd::rd_kafka_queue_get_partition(rk, topic.as_ptr(), tp.1) };
+        if q.is_null() {
+            log(
+                atoms::warning(),
+                "CONSUMER",
+                &format!(
+                    "no queue of its own for {}/{}: it is paused when full instead",
+                    tp.0, tp.1
+                ),
+            );
+            return;
+        }
+        // SAFETY: `q` is live; forwarding to null keeps its messages in it.
+        unsafe {
+            rd::rd_kafka_queue_forward(q, std::ptr::null_mut());
+            rd::rd_kafka_queue_cb_event_enable(
+                q,
+                Some(on_enqueue),
+                wake as *const Wake as *mut c_void,
+            );
+        }
+        if let Some(old) = self.by_tp.insert(tp.clone(), Queue(q)) {
+            old.disable_and_destroy();
+        }
+    }
+
+    pub fn has(&self, tp: &Tp) -> bool {
+        self.by_tp.contains_key(tp)
+    }
+
+    /// Forgets a revoked partition's queue (and what is still in it).
+    pub fn remove(&mut self, tp: &Tp) {
+        if let Some(q) = self.by_tp.remove(tp) {
+            q.disable_and_destroy();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        for (_, q) in self.by_tp.drain() {
+            q.disable_and_destroy();
+        }
+        if let Some(q) = self.main.take() {
+            q.disable_and_destroy();
+        }
+    }
+
+    /// Takes up to `max` messages of `tp` without waiting; appends them to `out`. Returns how
+    /// many it took.
+    pub fn take(&self, tp: &Tp, max: usize, out: &mut Vec<(Tp, Msg)>) -> usize {
+        let Some(q) = self.by_tp.get(tp) else {
+            return 0;
+        };
+        if max == 0 {
+            return 0;
+        }
+        let mut buf: Vec<*mut rd::rd_kafka_message_t> = vec![std::ptr::null_mut(); max];
+        // SAFETY: `q` is live and `buf` has room for `max` pointers.
+        let n = unsafe { rd::rd_kafka_consume_batch_queue(q.0, 0, buf.as_mut_ptr(), max) };
+        if n <= 0 {
+            return 0;
+        }
+        let n = n as usize;
+        for &m in &buf[..n] {
+            // SAFETY: librdkafka returned `n` live messages, each destroyed once below.
+            unsafe {
+                let err = (*m).err;
+                if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                    out.push((tp.clone(), Msg::from_raw(m)));
+                } else if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
+                    let text =
+                        std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(err)).to_string_lossy();
+                    log(
+                        atoms::warning(),
+                        "CONSUME",
+                        &format!("{}/{}: {text}", tp.0, tp.1),
+                    );
+                }
+                rd::rd_kafka_message_destroy(m);
+            }
+        }
+        n
+    }
+}
