@@ -168,7 +168,7 @@ defmodule Ottla.SecurityTest do
   # Admin, fetch and produce calls (on a connection, and a short-lived producer) with a config
   # the broker refuses. Each must return an Ottla.Error by its timeout; the log must name the
   # cause when `cause` is given; no secret of `secrets` may show anywhere.
-  defp refused!(ctx, bootstrap, config, cause, secrets) do
+  defp refused!(ctx, bootstrap, config, cause, secrets, code \\ nil) do
     name = conn_name()
     topic = unique_topic("ottla-secure")
     {{results, conn}, log} = with_log(fn -> run_refused(name, bootstrap, config, topic) end)
@@ -177,12 +177,21 @@ defmodule Ottla.SecurityTest do
       assert ms < @timeout + @margin,
              "#{call} answered after #{ms} ms; its timeout was #{@timeout} ms: #{inspect(result)}"
 
-      case call do
-        produce when produce in [:produce, :produce_short_lived] ->
-          assert {:error, %Ottla.Error{}, [{{"k", "v"}, %Ottla.Error{}}]} = result
+      error =
+        case call do
+          produce when produce in [:produce, :produce_short_lived] ->
+            assert {:error, %Ottla.Error{}, [{{"k", "v"}, %Ottla.Error{} = error}]} = result
+            error
 
-        _ ->
-          assert {:error, %Ottla.Error{}} = result
+          _ ->
+            assert {:error, %Ottla.Error{} = error} = result
+            error
+        end
+
+      # The error itself says why the broker refused the client, and that retrying will not cure it.
+      if code do
+        assert error.code == code and error.retriable? == false,
+               "#{call}: #{inspect(error)}, expected code #{inspect(code)}"
       end
     end
 
@@ -240,7 +249,14 @@ defmodule Ottla.SecurityTest do
 
     test "a listener with a certificate for another name is refused; without the name check it works",
          ctx do
-      refused!(ctx, ctx.env["WRONG_NAME"], ssl(ctx.env), ~r/9296.*certificate verify failed/, [])
+      refused!(
+        ctx,
+        ctx.env["WRONG_NAME"],
+        ssl(ctx.env),
+        ~r/9296.*certificate verify failed/,
+        [],
+        :ssl
+      )
 
       no_name_check = ssl(ctx.env) ++ ["ssl.endpoint.identification.algorithm": "none"]
       name = conn_name()
@@ -282,26 +298,34 @@ defmodule Ottla.SecurityTest do
     test "a wrong PLAIN password", ctx do
       wrong = made_up_secret("wrong-plain")
       config = sasl(ctx.env, "PLAIN", ctx.env["PLAIN_USER"], wrong)
-      refused!(ctx, ctx.env["SASL_SSL"], config, ~r/Invalid username or password/, [wrong])
+
+      refused!(
+        ctx,
+        ctx.env["SASL_SSL"],
+        config,
+        ~r/Invalid username or password/,
+        [wrong],
+        :authentication
+      )
     end
 
     test "a wrong SCRAM-SHA-256 password", ctx do
       wrong = made_up_secret("wrong-scram")
       config = sasl(ctx.env, "SCRAM-SHA-256", ctx.env["SCRAM_SHA_256_USER"], wrong)
       cause = ~r/Authentication failed.*SCRAM-SHA-256/
-      refused!(ctx, ctx.env["SASL_SSL"], config, cause, [wrong])
+      refused!(ctx, ctx.env["SASL_SSL"], config, cause, [wrong], :authentication)
     end
 
     test "an unknown SCRAM-SHA-512 user", ctx do
       password = made_up_secret("unknown-user")
       config = sasl(ctx.env, "SCRAM-SHA-512", "nobody-#{System.unique_integer()}", password)
       cause = ~r/Authentication failed.*SCRAM-SHA-512/
-      refused!(ctx, ctx.env["SASL_SSL"], config, cause, [password])
+      refused!(ctx, ctx.env["SASL_SSL"], config, cause, [password], :authentication)
     end
 
     test "a broker whose certificate no trusted CA signed", ctx do
       config = ["security.protocol": "ssl", "ssl.ca.location": ctx.env["OTHER_CA"]]
-      refused!(ctx, ctx.env["SSL"], config, ~r/9293.*certificate verify failed/, [])
+      refused!(ctx, ctx.env["SSL"], config, ~r/9293.*certificate verify failed/, [], :ssl)
     end
 
     test "a plaintext client on the TLS port", ctx do

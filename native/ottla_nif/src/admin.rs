@@ -20,8 +20,29 @@ use crate::context::OttlaContext;
 use crate::error::{Error, Result};
 use crate::reply;
 
-fn admin(bootstrap: &str, props: &[(String, String)]) -> Result<AdminClient<OttlaContext>> {
-    Ok(client_config(bootstrap, props).create_with_context(OttlaContext)?)
+/// A short-lived admin client. Nothing polls its main queue while it works, so librdkafka's
+/// error callbacks (why a broker refused it) wait there: dropping it serves them first, so the
+/// context knows the cause when the call's error is explained.
+struct Admin(AdminClient<OttlaContext>);
+
+impl std::ops::Deref for Admin {
+    type Target = AdminClient<OttlaContext>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        let client = self.0.inner();
+        crate::context::serve_main_queue(client.native_ptr(), client.context());
+    }
+}
+
+fn admin(ctx: &OttlaContext, bootstrap: &str, props: &[(String, String)]) -> Result<Admin> {
+    Ok(Admin(
+        client_config(bootstrap, props).create_with_context(ctx.clone())?,
+    ))
 }
 
 fn options(timeout: Duration) -> AdminOptions {
@@ -103,7 +124,9 @@ fn leaders_serve(client: &AdminClient<OttlaContext>, topic: &str, partitions: i3
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn create_topic(
+    ctx: &OttlaContext,
     bootstrap: &str,
     props: &[(String, String)],
     topic: &str,
@@ -113,7 +136,7 @@ fn create_topic(
     timeout: Duration,
 ) -> Result<Atom> {
     let deadline = Instant::now() + timeout;
-    let client = admin(bootstrap, props)?;
+    let client = admin(ctx, bootstrap, props)?;
     let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
     for (key, value) in topic_config {
         new_topic = new_topic.set(key, value);
@@ -164,7 +187,9 @@ fn admin_create_topic(
 ) -> Atom {
     reply::spawn("ottla-admin", pid, tag, move |env| {
         let timeout = Duration::from_millis(timeout_ms);
+        let ctx = OttlaContext::default();
         let result = create_topic(
+            &ctx,
             &bootstrap,
             &props,
             &topic,
@@ -173,18 +198,19 @@ fn admin_create_topic(
             &topic_config,
             timeout,
         );
-        reply::answer(env, result)
+        reply::answer(env, result.map_err(|e| ctx.explain(e)))
     })
 }
 
 fn delete_topic(
+    ctx: &OttlaContext,
     bootstrap: &str,
     props: &[(String, String)],
     topic: &str,
     timeout: Duration,
 ) -> Result<Atom> {
     let deadline = Instant::now() + timeout;
-    let client = admin(bootstrap, props)?;
+    let client = admin(ctx, bootstrap, props)?;
     let results = block_on(client.delete_topics(&[topic], &options(timeout)))?;
     for result in results {
         if let Err((name, code)) = result {
@@ -210,16 +236,19 @@ fn admin_delete_topic(
 ) -> Atom {
     reply::spawn("ottla-admin", pid, tag, move |env| {
         let timeout = Duration::from_millis(timeout_ms);
-        reply::answer(env, delete_topic(&bootstrap, &props, &topic, timeout))
+        let ctx = OttlaContext::default();
+        let result = delete_topic(&ctx, &bootstrap, &props, &topic, timeout);
+        reply::answer(env, result.map_err(|e| ctx.explain(e)))
     })
 }
 
 fn list_topics(
+    ctx: &OttlaContext,
     bootstrap: &str,
     props: &[(String, String)],
     timeout: Duration,
 ) -> Result<(Atom, Vec<(String, usize)>)> {
-    let client = admin(bootstrap, props)?;
+    let client = admin(ctx, bootstrap, props)?;
     let md = metadata(&client, None, timeout)?;
     let mut topics: Vec<(String, usize)> = md
         .topics()
@@ -242,7 +271,9 @@ fn admin_list_topics(
 ) -> Atom {
     reply::spawn("ottla-admin", pid, tag, move |env| {
         let timeout = Duration::from_millis(timeout_ms);
-        reply::answer(env, list_topics(&bootstrap, &props, timeout))
+        let ctx = OttlaContext::default();
+        let result = list_topics(&ctx, &bootstrap, &props, timeout);
+        reply::answer(env, result.map_err(|e| ctx.explain(e)))
     })
 }
 
@@ -258,11 +289,12 @@ fn admin_partition_count(
 ) -> Atom {
     reply::spawn("ottla-admin", pid, tag, move |env| {
         let timeout = Duration::from_millis(timeout_ms);
-        let result = admin(&bootstrap, &props).and_then(|client| {
+        let ctx = OttlaContext::default();
+        let result = admin(&ctx, &bootstrap, &props).and_then(|client| {
             crate::metadata::partition_count(client.inner(), &topic, timeout)
                 .map(|count| (atoms::ok(), count))
         });
-        reply::answer(env, result)
+        reply::answer(env, result.map_err(|e| ctx.explain(e)))
     })
 }
 
@@ -270,6 +302,7 @@ fn admin_partition_count(
 type Committed = (i32, Option<i64>);
 
 fn committed_offsets(
+    ctx: &OttlaContext,
     bootstrap: &str,
     props: &[(String, String)],
     group: String,
@@ -283,7 +316,8 @@ fn committed_offsets(
     props.push(("group.id".into(), group));
     props.push(("enable.auto.commit".into(), "false".into()));
     let consumer: BaseConsumer<OttlaContext> =
-        client_config(bootstrap, &props).create_with_context(OttlaContext)?;
+        client_config(bootstrap, &props).create_with_context(ctx.clone())?;
+    let _serve = crate::context::ServeOnDrop(&consumer);
     let count = crate::metadata::partition_count(consumer.client(), topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..count {
@@ -316,7 +350,8 @@ fn admin_committed_offsets(
 ) -> Atom {
     reply::spawn("ottla-admin", pid, tag, move |env| {
         let timeout = Duration::from_millis(timeout_ms);
-        let result = committed_offsets(&bootstrap, &props, group, &topic, timeout);
-        reply::answer(env, result)
+        let ctx = OttlaContext::default();
+        let result = committed_offsets(&ctx, &bootstrap, &props, group, &topic, timeout);
+        reply::answer(env, result.map_err(|e| ctx.explain(e)))
     })
 }

@@ -8,16 +8,17 @@
 //! go through one forwarding thread instead.
 
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
 
 use crate::atoms;
+use crate::error::Error;
 
 /// Builds the message term inside the environment that sends it.
 pub type MessageBuilder = Box<dyn for<'a> FnOnce(Env<'a>) -> Term<'a> + Send>;
@@ -93,9 +94,149 @@ pub fn log(level: rustler::Atom, facility: &str, text: &str) {
     }
 }
 
-/// The context of every client: routes librdkafka's logs and errors to Elixir's Logger.
+/// The context of every client: routes librdkafka's logs and errors to Elixir's Logger, and
+/// remembers why brokers refused the client (authentication, TLS, a wrong security
+/// protocol), so that a call failing for want of a broker can say why.
 #[derive(Clone, Default)]
-pub struct OttlaContext;
+pub struct OttlaContext {
+    refused: Arc<Mutex<Option<Error>>>,
+}
+
+impl OttlaContext {
+    /// `err`, with the reason brokers last refused this client when there is one: a call that
+    /// timed out or found no broker then fails with that cause (e.g. `:authentication`,
+    /// `:ssl`), which retrying does not cure.
+    pub fn explain(&self, err: Error) -> Error {
+        let cause = self.refused.lock().ok().and_then(|g| g.clone());
+        match cause {
+            Some(cause) if err.code != cause.code => Error {
+                code: cause.code.clone(),
+                message: format!("{} ({})", cause.message, err.message),
+                retriable: false,
+                possibly_persisted: err.possibly_persisted,
+            },
+            _ => err,
+        }
+    }
+
+    /// Called with librdkafka's log lines and client errors. A client that never polls its
+    /// main queue (admin, fetch) gets no error callbacks, only log lines: both are read.
+    fn remember_refusal(&self, error: Option<&KafkaError>, reason: &str) {
+        // librdkafka reports most refusals as a transport failure; the reason says which.
+        let code = match error.and_then(KafkaError::rdkafka_error_code) {
+            Some(RDKafkaErrorCode::Authentication) => Some("authentication"),
+            Some(RDKafkaErrorCode::SSL) => Some("ssl"),
+            _ if reason.contains("SASL authentication error")
+                || reason.contains("Authentication failed") =>
+            {
+                Some("authentication")
+            }
+            _ if reason.contains("SSL handshake failed")
+                || reason.contains("certificate verify failed") =>
+            {
+                Some("ssl")
+            }
+            _ if reason.contains("security.protocol") => Some("broker_transport_failure"),
+            _ => None,
+        };
+        if let Some(code) = code {
+            if let Ok(mut slot) = self.refused.lock() {
+                *slot = Some(Error::new(code, redact_reason(reason)));
+            }
+        }
+    }
+}
+
+/// Hands the log lines and errors waiting in a client's main queue to its context. A
+/// short-lived admin or fetch client polls nothing else, so without this its log lines (and
+/// why a broker refused it) would be lost with it.
+pub fn serve_main_queue(rk: *mut rdkafka::bindings::rd_kafka_t, ctx: &OttlaContext) {
+    use rdkafka::bindings as rd;
+    use std::ffi::CStr;
+    // SAFETY: `rk` is a live client; the queue handle and each event are released here.
+    unsafe {
+        // A consumer's main queue is forwarded to its consumer queue: events wait there.
+        let consumer = rd::rd_kafka_queue_get_consumer(rk);
+        let queue = if consumer.is_null() {
+            rd::rd_kafka_queue_get_main(rk)
+        } else {
+            consumer
+        };
+        if queue.is_null() {
+            return;
+        }
+        loop {
+            let event = rd::rd_kafka_queue_poll(queue, 0);
+            if event.is_null() {
+                break;
+            }
+            match rd::rd_kafka_event_type(event) {
+                rd::RD_KAFKA_EVENT_LOG => {
+                    let (mut fac, mut text, mut level) = (std::ptr::null(), std::ptr::null(), 0);
+                    if rd::rd_kafka_event_log(event, &mut fac, &mut text, &mut level) == 0
+                        && !fac.is_null()
+                        && !text.is_null()
+                    {
+                        let level = match level {
+                            0 => RDKafkaLogLevel::Emerg,
+                            1 => RDKafkaLogLevel::Alert,
+                            2 => RDKafkaLogLevel::Critical,
+                            3 => RDKafkaLogLevel::Error,
+                            4 => RDKafkaLogLevel::Warning,
+                            5 => RDKafkaLogLevel::Notice,
+                            6 => RDKafkaLogLevel::Info,
+                            _ => RDKafkaLogLevel::Debug,
+                        };
+                        let fac = CStr::from_ptr(fac).to_string_lossy();
+                        let text = CStr::from_ptr(text).to_string_lossy();
+                        ctx.log(level, &fac, &text);
+                    }
+                }
+                rd::RD_KAFKA_EVENT_ERROR => {
+                    let code = rd::rd_kafka_event_error(event);
+                    let text = rd::rd_kafka_event_error_string(event);
+                    if !text.is_null() {
+                        let text = CStr::from_ptr(text).to_string_lossy();
+                        ctx.error(KafkaError::Global(code.into()), &text);
+                    }
+                }
+                _ => {}
+            }
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_queue_destroy(queue);
+    }
+}
+
+/// Serves a short-lived consumer's main queue (see [`serve_main_queue`]) when dropped;
+/// declare it after the consumer.
+pub struct ServeOnDrop<'a>(pub &'a rdkafka::consumer::BaseConsumer<OttlaContext>);
+
+impl Drop for ServeOnDrop<'_> {
+    fn drop(&mut self) {
+        use rdkafka::consumer::Consumer;
+        serve_main_queue(self.0.client().native_ptr(), self.0.context());
+    }
+}
+
+/// What librdkafka may quote from a secret in a refusal: the part of an
+/// `sasl.oauthbearer.config` it could not parse, or a PEM block. Cut before it reaches an
+/// error (the log sink redacts log lines the same way).
+fn redact_reason(reason: &str) -> String {
+    let mut text = reason.to_string();
+    for marker in ["beginning at:", "-----BEGIN"] {
+        if let Some(at) = text.find(marker) {
+            let keep = if marker == "-----BEGIN" {
+                at
+            } else {
+                at + marker.len()
+            };
+            text.truncate(keep);
+            text.push_str(" [REDACTED]");
+        }
+    }
+    text
+}
 
 impl ClientContext for OttlaContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -109,10 +250,14 @@ impl ClientContext for OttlaContext {
             RDKafkaLogLevel::Info => atoms::info(),
             RDKafkaLogLevel::Debug => atoms::debug(),
         };
+        if level == atoms::error() || level == atoms::warning() {
+            self.remember_refusal(None, log_message);
+        }
         log(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.remember_refusal(Some(&error), reason);
         log(atoms::error(), "ERROR", &format!("{error}: {reason}"));
     }
 

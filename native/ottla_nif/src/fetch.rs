@@ -33,8 +33,10 @@ fn fetch_messages(
     timeout_ms: u64,
 ) -> Atom {
     reply::spawn("ottla-fetch", pid, tag, move |env| {
+        let ctx = OttlaContext::default();
         let result = fetch(
             env,
+            &ctx,
             bootstrap,
             props,
             &topic,
@@ -43,13 +45,14 @@ fn fetch_messages(
             max_messages,
             Duration::from_millis(timeout_ms),
         );
-        reply::answer(env, result)
+        reply::answer(env, result.map_err(|e| ctx.explain(e)))
     })
 }
 
 #[allow(clippy::too_many_arguments)]
 fn fetch<'a>(
     env: Env<'a>,
+    ctx: &OttlaContext,
     bootstrap: String,
     props: Vec<(String, String)>,
     topic: &str,
@@ -65,7 +68,8 @@ fn fetch<'a>(
     props.push(("enable.auto.offset.store".into(), "false".into()));
     props.push(("auto.offset.reset".into(), "earliest".into()));
     let consumer: BaseConsumer<OttlaContext> =
-        client_config(&bootstrap, &props).create_with_context(OttlaContext)?;
+        client_config(&bootstrap, &props).create_with_context(ctx.clone())?;
+    let _serve = crate::context::ServeOnDrop(&consumer);
 
     let partitions = partition_count(consumer.client(), topic, timeout)?;
     if partition >= partitions {

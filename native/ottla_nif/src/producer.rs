@@ -160,7 +160,10 @@ impl ProducerContext for ProducerCtx {
                 let status = unsafe { rd::rd_kafka_message_status(message.ptr()) };
                 let possibly =
                     status != rd::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED;
-                Some(Error::from(err.clone()).possibly_persisted(possibly))
+                Some(
+                    self.0
+                        .explain(Error::from(err.clone()).possibly_persisted(possibly)),
+                )
             }
         };
         batch.report(index, error);
@@ -372,6 +375,10 @@ fn send_on_thread(
         let count = match resource.partition_count(&topic, deadline) {
             Ok(count) => count,
             Err(error) => {
+                let error = match resource.client() {
+                    Ok(p) => p.context().0.explain(error),
+                    Err(_) => error,
+                };
                 batch.fail_unreported(&error);
                 batch.enqueued();
                 return;

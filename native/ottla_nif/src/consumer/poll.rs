@@ -46,7 +46,7 @@ pub struct GroupCtx {
 impl GroupCtx {
     pub fn new(shared: Arc<Shared>) -> Self {
         GroupCtx {
-            base: OttlaContext,
+            base: OttlaContext::default(),
             shared,
             commits: Mutex::new(Commits::default()),
             queues: Mutex::new(Queues::default()),
