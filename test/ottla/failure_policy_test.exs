@@ -229,17 +229,7 @@ defmodule Ottla.FailurePolicyTest do
 
       start_group!(topic, group, id: :b, assignment_strategy: :range)
 
-      {:ok, stats} =
-        wait_until(
-          fn ->
-            case Ottla.stats(a) do
-              {:ok, %{last_revoke_duration: ms}} = ok when is_integer(ms) -> ok
-              _ -> nil
-            end
-          end,
-          30_000,
-          "a revoke on the first member"
-        )
+      stats = wait_for_revoke!(a)
 
       assert stats.last_revoke_duration <= 3_000,
              "the revoke took #{stats.last_revoke_duration} ms with a drain_timeout of 2000 ms"

@@ -78,6 +78,20 @@ defmodule Ottla.TestSupport do
     name
   end
 
+  @doc "Waits until the consumer of connection `conn` has completed a revocation; its stats."
+  def wait_for_revoke!(conn) do
+    wait_until(
+      fn ->
+        case Ottla.stats(conn) do
+          {:ok, %{last_revoke_duration: ms} = stats} when is_integer(ms) -> stats
+          _ -> nil
+        end
+      end,
+      30_000,
+      "a revocation on #{inspect(conn)}"
+    )
+  end
+
   @doc "The committed offsets of a group, as a map partition => offset."
   def committed(group, topic) do
     {:ok, list} = Ottla.committed_offsets(endpoints(), group, topic)

@@ -72,35 +72,24 @@ defmodule Ottla.Group.Manager do
   defp assignment(%{mode: :group}), do: {:ok, []}
 
   defp assignment(%{mode: :assign, topics: [topic]} = opts) do
+    # A partition the topic does not have would never deliver anything: refused up front.
     partitions =
-      case opts.partition do
-        :all ->
-          with {:ok, count} <-
-                 Ottla.Admin.partition_count(
-                   opts.bootstrap,
-                   opts.connection_config,
-                   topic,
-                   10_000
-                 ),
-               do: {:ok, Enum.to_list(0..(count - 1))}
+      with {:ok, count} <-
+             Ottla.Admin.partition_count(opts.bootstrap, opts.connection_config, topic, 10_000) do
+        case opts.partition do
+          :all ->
+            {:ok, Enum.to_list(0..(count - 1))}
 
-        p ->
-          with {:ok, count} <-
-                 Ottla.Admin.partition_count(
-                   opts.bootstrap,
-                   opts.connection_config,
-                   topic,
-                   10_000
-                 ) do
-            if p < count,
-              do: {:ok, [p]},
-              else:
-                {:error,
-                 Ottla.Error.new(
-                   :unknown_partition,
-                   "partition #{p} does not exist: topic #{inspect(topic)} has #{count}"
-                 )}
-          end
+          p when p < count ->
+            {:ok, [p]}
+
+          p ->
+            {:error,
+             Ottla.Error.new(
+               :unknown_partition,
+               "partition #{p} does not exist: topic #{inspect(topic)} has #{count}"
+             )}
+        end
       end
 
     offset =
