@@ -93,8 +93,8 @@ defmodule Ottla do
 
   ## Options
 
-    * `:partitions` - number of partitions. Defaults to `1`.
-    * `:replicas` - replication factor. Defaults to `1`.
+    * `:partitions` - number of partitions, from 1 to 100,000. Defaults to `1`.
+    * `:replicas` - replication factor, from 1 to 32,767. Defaults to `1`.
     * `:config` - topic configs, e.g. `["retention.ms": 60_000]`. Defaults to `[]`.
     * `:timeout` - milliseconds. Defaults to `10000`.
   """
@@ -108,8 +108,10 @@ defmodule Ottla do
       )
 
     topic = Options.topic!(topic)
-    partitions = Options.integer!(opts[:partitions], :partitions, 1)
-    replicas = Options.integer!(opts[:replicas], :replicas, 1)
+    # Bounded: librdkafka aborts the VM on absurd sizes (the mock cluster allocates them all),
+    # and the protocol's replication factor is a 16-bit integer.
+    partitions = Options.integer!(opts[:partitions], :partitions, 1, 100_000)
+    replicas = Options.integer!(opts[:replicas], :replicas, 1, 32_767)
     topic_config = Options.config!(opts[:config])
     timeout = Options.timeout!(opts[:timeout], :timeout)
     {bootstrap, config, _} = Connection.resolve!(target)

@@ -329,6 +329,8 @@ defmodule OttlaTest do
             {fn -> Ottla.produce([:nope], "t", "x") end, ":endpoints"},
             {fn -> Ottla.fetch(:no_such_connection, "t") end, "connection"},
             {fn -> Ottla.create_topic(ep, "t", partitions: 0) end, ":partitions"},
+            {fn -> Ottla.create_topic(ep, "t", partitions: 2_147_483_647) end, ":partitions"},
+            {fn -> Ottla.create_topic(ep, "t", replicas: 40_000) end, ":replicas"},
             {fn -> Ottla.create_topic(ep, "t", config: [{"a", %{}}]) end, ":config"},
             {fn -> Ottla.fetch(ep, "t", partition: -2) end, ":partition"},
             {fn -> Ottla.fetch(ep, "t", offset: :middle) end, ":offset"},

@@ -27,7 +27,7 @@ defmodule Ottla.Testing do
 
   ## Options
 
-    * `:brokers` - number of brokers. Defaults to `1`.
+    * `:brokers` - number of brokers, from 1 to 32. Defaults to `1`.
   """
   @spec start_mock_cluster(keyword) ::
           {:ok, [{String.t(), :inet.port_number()}]} | {:error, Ottla.Error.t()}
@@ -48,7 +48,9 @@ defmodule Ottla.Testing do
   @spec start_link(keyword) :: GenServer.on_start()
   def start_link(opts) do
     opts = Ottla.Options.keyword!(opts, [brokers: 1], "Ottla.Testing options")
-    brokers = Ottla.Options.integer!(opts[:brokers], :brokers, 1)
+    # Each mock broker holds sockets and a thread: librdkafka aborts the VM when it cannot
+    # have them, so the count is bounded.
+    brokers = Ottla.Options.integer!(opts[:brokers], :brokers, 1, 32)
     GenServer.start_link(__MODULE__, brokers)
   end
 
