@@ -417,7 +417,20 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     }
 }
 
+/// Releases the queue handles (commit replies, partitions' queues) before the consumer they
+/// belong to, also when the thread unwinds from a panic: librdkafka must not be destroyed
+/// with queues outstanding.
+struct ReleaseQueues<'a>(&'a BaseConsumer<GroupCtx>);
+
+impl Drop for ReleaseQueues<'_> {
+    fn drop(&mut self) {
+        *self.0.context().commits() = Commits::default();
+        self.0.context().queues().clear();
+    }
+}
+
 pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
+    let release = ReleaseQueues(&consumer);
     let mut last_commit = Instant::now();
     let mut last_marks = Instant::now();
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
@@ -489,8 +502,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     }
     shared.lock().closing = true;
     // Queue handles must go before the client they belong to.
-    *consumer.context().commits() = Commits::default();
-    consumer.context().queues().clear();
+    drop(release);
     drop(consumer);
     shared.work.notify_all();
 }
