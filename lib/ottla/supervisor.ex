@@ -60,8 +60,10 @@ defmodule Ottla.Supervisor do
     * `:begin_offset` - where to start a partition the group never committed: `:earliest` or
       `:latest`. A committed offset always wins. Defaults to `:latest`.
     * `:max_batch` - most messages per `handle_messages` call. Defaults to `100`.
-    * `:max_backlog` - most messages buffered (in Rust) per partition; the partition is paused
-      at this size and resumed when it falls to half. Defaults to `1000`.
+    * `:max_backlog` - most messages buffered (in Rust) per partition: a partition whose
+      backlog is full is not read until its handler takes a batch, and what librdkafka prefetched for
+      it (up to `queued.min.messages`, set to this value unless configured) stays there.
+      Defaults to `1000`.
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.
     * `:drain_timeout` - ms a revoked partition's in-flight batch gets to be acked before its
