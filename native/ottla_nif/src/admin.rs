@@ -101,6 +101,20 @@ fn wait_for_metadata(
     }
 }
 
+/// Runs an admin call on a Rust thread with a fresh client context, and answers its result;
+/// a failure is explained by why a broker refused the client, if one did.
+fn answer_call<T, F>(pid: LocalPid, tag: u64, call: F) -> Atom
+where
+    T: rustler::Encoder,
+    F: FnOnce(&OttlaContext) -> Result<T> + Send + 'static,
+{
+    reply::spawn("ottla-admin", pid, tag, move |env| {
+        let ctx = OttlaContext::default();
+        let result = call(&ctx).map_err(|e| ctx.explain(e));
+        reply::answer(env, result)
+    })
+}
+
 /// Whether the leader of every partition of `topic` answers for it (a ListOffsets request
 /// goes to the partition's leader): metadata alone can show a topic before its leaders serve it.
 fn leaders_serve(client: &AdminClient<OttlaContext>, topic: &str, partitions: i32) -> bool {
@@ -185,20 +199,12 @@ fn admin_create_topic(
     topic_config: Vec<(String, String)>,
     timeout_ms: u64,
 ) -> Atom {
-    reply::spawn("ottla-admin", pid, tag, move |env| {
-        let timeout = Duration::from_millis(timeout_ms);
-        let ctx = OttlaContext::default();
-        let result = create_topic(
-            &ctx,
-            &bootstrap,
-            &props,
-            &topic,
-            partitions,
-            replicas,
-            &topic_config,
-            timeout,
-        );
-        reply::answer(env, result.map_err(|e| ctx.explain(e)))
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        let (name, config) = (&topic, &topic_config);
+        create_topic(
+            ctx, &bootstrap, &props, name, partitions, replicas, config, timeout,
+        )
     })
 }
 
@@ -234,11 +240,9 @@ fn admin_delete_topic(
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
-    reply::spawn("ottla-admin", pid, tag, move |env| {
-        let timeout = Duration::from_millis(timeout_ms);
-        let ctx = OttlaContext::default();
-        let result = delete_topic(&ctx, &bootstrap, &props, &topic, timeout);
-        reply::answer(env, result.map_err(|e| ctx.explain(e)))
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        delete_topic(ctx, &bootstrap, &props, &topic, timeout)
     })
 }
 
@@ -269,11 +273,9 @@ fn admin_list_topics(
     props: Vec<(String, String)>,
     timeout_ms: u64,
 ) -> Atom {
-    reply::spawn("ottla-admin", pid, tag, move |env| {
-        let timeout = Duration::from_millis(timeout_ms);
-        let ctx = OttlaContext::default();
-        let result = list_topics(&ctx, &bootstrap, &props, timeout);
-        reply::answer(env, result.map_err(|e| ctx.explain(e)))
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        list_topics(ctx, &bootstrap, &props, timeout)
     })
 }
 
@@ -287,14 +289,11 @@ fn admin_partition_count(
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
-    reply::spawn("ottla-admin", pid, tag, move |env| {
-        let timeout = Duration::from_millis(timeout_ms);
-        let ctx = OttlaContext::default();
-        let result = admin(&ctx, &bootstrap, &props).and_then(|client| {
-            crate::metadata::partition_count(client.inner(), &topic, timeout)
-                .map(|count| (atoms::ok(), count))
-        });
-        reply::answer(env, result.map_err(|e| ctx.explain(e)))
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        let client = admin(ctx, &bootstrap, &props)?;
+        let count = crate::metadata::partition_count(client.inner(), &topic, timeout)?;
+        Ok((atoms::ok(), count))
     })
 }
 
@@ -348,10 +347,8 @@ fn admin_committed_offsets(
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
-    reply::spawn("ottla-admin", pid, tag, move |env| {
-        let timeout = Duration::from_millis(timeout_ms);
-        let ctx = OttlaContext::default();
-        let result = committed_offsets(&ctx, &bootstrap, &props, group, &topic, timeout);
-        reply::answer(env, result.map_err(|e| ctx.explain(e)))
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        committed_offsets(ctx, &bootstrap, &props, group, &topic, timeout)
     })
 }
