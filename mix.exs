@@ -91,8 +91,7 @@ defmodule Ottla.MixProject do
       start_permanent: Mix.env() == :prod,
       compilers: [:ottla_nif] ++ Mix.compilers(),
       elixirc_paths: elixirc_paths(Mix.env()),
-      deps: [],
-      aliases: aliases()
+      deps: []
     ]
   end
 
@@ -105,8 +104,4 @@ defmodule Ottla.MixProject do
 
   defp elixirc_paths(:test), do: ["lib", "test/support"]
   defp elixirc_paths(_), do: ["lib"]
-
-  defp aliases do
-    [bench: ["run bench/run.exs"]]
-  end
 end

@@ -21,7 +21,7 @@ defmodule Ottla.Connection do
     {"request.required.acks", "all"},
     # The Java client's partitioner: the same key lands on the same partition.
     {"partitioner", "murmur2_random"},
-    {"linger.ms", "5"},
+    {"linger.ms", "0"},
     {"message.timeout.ms", "30000"}
   ]
 

@@ -30,7 +30,9 @@ defmodule Ottla.Supervisor do
       name. Elsa's form `[topic: "t", config: [...]]` (or a list of them) is accepted; the
       `:config` entries of all of them go to the connection's one librdkafka producer.
       Ottla sets `acks=all`, the Java client's key partitioner (`murmur2_random`),
-      `linger.ms=5` and `message.timeout.ms=30000` unless overridden. Without it,
+      `linger.ms=0` (a call's messages are its batch: the call waits for their verdicts, so
+      lingering for more would only delay it) and `message.timeout.ms=30000` unless
+      overridden. Without it,
       `Ottla.produce/4` on the connection returns `{:error, %Ottla.Error{code: :no_producer}, _}`.
     * `:group_consumer` - consume `:topics` as a member of consumer group `:group`; see
       "Group consumer options" below.
@@ -59,11 +61,11 @@ defmodule Ottla.Supervisor do
       Defaults to a function returning `:ok`.
     * `:begin_offset` - where to start a partition the group never committed: `:earliest` or
       `:latest`. A committed offset always wins. Defaults to `:latest`.
-    * `:max_batch` - most messages per `handle_messages` call. Defaults to `100`.
+    * `:max_batch` - most messages per `handle_messages` call. Defaults to `500`.
     * `:max_backlog` - most messages buffered (in Rust) per partition: a partition whose
       backlog is full is not read until its handler takes a batch, and what librdkafka prefetched for
       it (up to `queued.min.messages`, set to this value unless configured) stays there.
-      Defaults to `1000`.
+      Defaults to `2500` (see the README's "Benchmarks" for how the defaults were chosen).
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.
     * `:drain_timeout` - ms a revoked partition's in-flight batch gets to be acked before its

@@ -7,8 +7,8 @@ defmodule Ottla.Consumer.Options do
   @common [
     :handler,
     handler_init_args: [],
-    max_batch: 100,
-    max_backlog: 1000,
+    max_batch: 500,
+    max_backlog: 2500,
     drain_timeout: 5_000,
     shutdown_timeout: 10_000,
     commit_interval: 1_000,

@@ -62,13 +62,16 @@ defmodule Ottla.Group.Acknowledger do
       resource ->
         result = Native.consumer_ack(resource, topic, partition, generation_id, offset)
 
-        Ottla.Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
-          connection: connection,
-          topic: topic,
-          partition: partition,
-          generation_id: generation_id,
-          result: result
-        })
+        # Checked first, so that an ack builds no metadata when nobody listens.
+        if Ottla.Telemetry.enabled?() do
+          Ottla.Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
+            connection: connection,
+            topic: topic,
+            partition: partition,
+            generation_id: generation_id,
+            result: result
+          })
+        end
 
         :ok
     end

@@ -21,9 +21,48 @@ pub struct Msg(Arc<MsgData>);
 pub struct MsgData {
     pub offset: i64,
     pub timestamp: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    /// Key then value, in one allocation; `key_len`/`value_len` are `None` for a null one.
+    bytes: Box<[u8]>,
+    key_len: Option<usize>,
+    value_len: Option<usize>,
     pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl MsgData {
+    fn new(
+        offset: i64,
+        timestamp: Option<i64>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Self {
+        let mut bytes =
+            Vec::with_capacity(key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len));
+        bytes.extend_from_slice(key.unwrap_or_default());
+        bytes.extend_from_slice(value.unwrap_or_default());
+        MsgData {
+            offset,
+            timestamp,
+            bytes: bytes.into_boxed_slice(),
+            key_len: key.map(<[u8]>::len),
+            value_len: value.map(<[u8]>::len),
+            headers,
+        }
+    }
+
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key_len.map(|n| &self.bytes[..n])
+    }
+
+    pub fn value(&self) -> Option<&[u8]> {
+        let from = self.key_len.unwrap_or(0);
+        self.value_len.map(|n| &self.bytes[from..from + n])
+    }
+
+    /// Key and value bytes, back to back (what a batch binary holds of this message).
+    fn key_and_value(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl std::ops::Deref for Msg {
@@ -41,13 +80,13 @@ impl Offset for Msg {
 
 impl Msg {
     pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
-        Msg(Arc::new(MsgData {
-            offset: m.offset(),
-            timestamp: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers: headers(m),
-        }))
+        Msg(Arc::new(MsgData::new(
+            m.offset(),
+            m.timestamp().to_millis(),
+            m.key(),
+            m.payload(),
+            headers(m),
+        )))
     }
 }
 
@@ -62,17 +101,17 @@ impl Msg {
         unsafe {
             let msg = &*m;
             let bytes = |ptr: *mut std::ffi::c_void, len: usize| {
-                (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len).to_vec())
+                (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len))
             };
             let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
             let ts = rd::rd_kafka_message_timestamp(m, &mut kind);
-            Msg(Arc::new(MsgData {
-                offset: msg.offset,
-                timestamp: (ts >= 0).then_some(ts),
-                key: bytes(msg.key, msg.key_len),
-                value: bytes(msg.payload, msg.len),
-                headers: raw_headers(m),
-            }))
+            Msg(Arc::new(MsgData::new(
+                msg.offset,
+                (ts >= 0).then_some(ts),
+                bytes(msg.key, msg.key_len),
+                bytes(msg.payload, msg.len),
+                raw_headers(m),
+            )))
         }
     }
 }
@@ -129,18 +168,18 @@ pub fn binary<'a>(env: Env<'a>, bytes: Option<&[u8]>) -> Term<'a> {
 }
 
 /// The keys of an `%Ottla.Message{}` map, in the order `encode` and the consumer's batches
-/// give the values.
+/// give the values: the VM's own term order, so that building each map costs no sorting.
 pub fn keys(env: Env<'_>) -> [Term<'_>; 9] {
     [
         atoms::struct_().encode(env),
-        atoms::topic().encode(env),
-        atoms::partition().encode(env),
-        atoms::offset().encode(env),
-        atoms::key().encode(env),
-        atoms::value().encode(env),
-        atoms::timestamp().encode(env),
-        atoms::headers().encode(env),
         atoms::generation_id().encode(env),
+        atoms::headers().encode(env),
+        atoms::key().encode(env),
+        atoms::offset().encode(env),
+        atoms::partition().encode(env),
+        atoms::timestamp().encode(env),
+        atoms::topic().encode(env),
+        atoms::value().encode(env),
     ]
 }
 
@@ -153,19 +192,15 @@ pub fn encode_list<'a>(
     generation: Option<i32>,
     messages: &[Msg],
 ) -> Vec<Term<'a>> {
-    let total: usize = messages
-        .iter()
-        .map(|m| m.key.as_ref().map_or(0, Vec::len) + m.value.as_ref().map_or(0, Vec::len))
-        .sum();
+    let total: usize = messages.iter().map(|m| m.key_and_value().len()).sum();
     let mut owned = OwnedBinary::new(total);
     {
         let buf = owned.as_mut_slice();
         let mut at = 0;
         for m in messages {
-            for part in [&m.key, &m.value].into_iter().flatten() {
-                buf[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
+            let part = m.key_and_value();
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
         }
     }
     let whole = Binary::from_owned(owned, env);
@@ -177,7 +212,7 @@ pub fn encode_list<'a>(
     let empty: Vec<Term<'a>> = Vec::new();
     let empty = empty.encode(env);
     let mut at = 0;
-    let mut slice = |part: &Option<Vec<u8>>| -> Term<'a> {
+    let mut slice = |part: Option<&[u8]>| -> Term<'a> {
         match part {
             Some(bytes) => {
                 let t = whole
@@ -192,8 +227,8 @@ pub fn encode_list<'a>(
     };
     let mut list: Vec<Term<'a>> = Vec::with_capacity(messages.len());
     for m in messages {
-        let key = slice(&m.key);
-        let value = slice(&m.value);
+        let key = slice(m.key());
+        let value = slice(m.value());
         let headers = if m.headers.is_empty() {
             empty
         } else {
@@ -208,14 +243,14 @@ pub fn encode_list<'a>(
         };
         let values = [
             struct_name,
-            topic,
-            partition,
-            m.offset.encode(env),
-            key,
-            value,
-            m.timestamp.encode(env),
-            headers,
             generation,
+            headers,
+            key,
+            m.offset.encode(env),
+            partition,
+            m.timestamp.encode(env),
+            topic,
+            value,
         ];
         list.push(Term::map_from_arrays(env, &keys, &values).unwrap_or(nil));
     }

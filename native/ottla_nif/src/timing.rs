@@ -2,10 +2,14 @@
 //! and the CPU time of its scheduler thread; `nif_timing/0` reports (and resets) the counts.
 //! Wall time includes the OS preempting the scheduler thread (frequent on a loaded 2-core
 //! machine); CPU time is the NIF's own work. The test suite checks both while consuming.
+//!
+//! Timing is off until the first `nif_timing/0` call: reading a thread's CPU clock is a system
+//! call, which would otherwise cost every ack about as much as the ack itself.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+static ENABLED: AtomicBool = AtomicBool::new(false);
 static CALLS: AtomicU64 = AtomicU64::new(0);
 static MAX_WALL_NANOS: AtomicU64 = AtomicU64::new(0);
 static MAX_CPU_NANOS: AtomicU64 = AtomicU64::new(0);
@@ -24,25 +28,26 @@ fn thread_cpu_nanos() -> u64 {
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
-/// Records the time from its creation to its drop.
-pub struct Timed {
-    wall: Instant,
-    cpu: u64,
-}
+/// Records the time from its creation to its drop (when timing is on).
+pub struct Timed(Option<(Instant, u64)>);
 
 impl Timed {
     pub fn start() -> Self {
-        Timed {
-            wall: Instant::now(),
-            cpu: thread_cpu_nanos(),
-        }
+        Timed(
+            ENABLED
+                .load(Ordering::Relaxed)
+                .then(|| (Instant::now(), thread_cpu_nanos())),
+        )
     }
 }
 
 impl Drop for Timed {
     fn drop(&mut self) {
-        let wall = self.wall.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        let cpu = thread_cpu_nanos().saturating_sub(self.cpu);
+        let Some((started, cpu_at_start)) = self.0 else {
+            return;
+        };
+        let wall = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        let cpu = thread_cpu_nanos().saturating_sub(cpu_at_start);
         CALLS.fetch_add(1, Ordering::Relaxed);
         MAX_WALL_NANOS.fetch_max(wall, Ordering::Relaxed);
         MAX_CPU_NANOS.fetch_max(cpu, Ordering::Relaxed);
@@ -52,9 +57,11 @@ impl Drop for Timed {
     }
 }
 
-/// `{calls, max_wall_us, max_cpu_us, calls_over_1ms_wall}` since the last call; resets them.
+/// `{calls, max_wall_us, max_cpu_us, calls_over_1ms_wall}` since the last call; resets them,
+/// and turns timing on.
 #[rustler::nif]
 fn nif_timing() -> (u64, u64, u64, u64) {
+    ENABLED.store(true, Ordering::Relaxed);
     (
         CALLS.swap(0, Ordering::Relaxed),
         MAX_WALL_NANOS.swap(0, Ordering::Relaxed) / 1_000,

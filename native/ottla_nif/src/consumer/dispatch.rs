@@ -12,17 +12,17 @@ use ottla_core::partition::Event;
 use super::{Outgoing, Shared, Tp};
 use crate::atoms;
 
-/// Demand from the NIFs wakes this thread when the state lock is free; otherwise this wait
-/// bounds how late it notices.
-const IDLE_WAIT: Duration = Duration::from_millis(2);
+/// Demand, attachments and fetched messages wake this thread (`Shared::work`); this only
+/// bounds an idle wait, as a safety net.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
 
 pub fn run(shared: Arc<Shared>) {
     let mut env = OwnedEnv::new();
     let group = shared.settings.group;
     loop {
-        let outgoing = {
-            let mut st = shared.lock();
-            loop {
+        let outgoing = loop {
+            let wait = {
+                let mut st = shared.lock();
                 if shared.stop.load(Ordering::SeqCst) {
                     return;
                 }
@@ -35,13 +35,10 @@ pub fn run(shared: Arc<Shared>) {
                 if !st.outbox.is_empty() {
                     break std::mem::take(&mut st.outbox);
                 }
-                let wait = next_retry.map_or(IDLE_WAIT, |d| d.min(IDLE_WAIT));
-                st = shared
-                    .work
-                    .wait_timeout(st, wait)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
+                next_retry.map_or(IDLE_WAIT, |d| d.min(IDLE_WAIT))
+            };
+            // A wake-up given since the state was looked at is kept by `work`: none is lost.
+            shared.work.wait(wait);
         };
         for o in outgoing {
             let pid = o.pid;

@@ -100,6 +100,14 @@ impl State {
             return false;
         };
         slot.part.handle(event, &mut effects);
+        self.route(tp, effects);
+        true
+    }
+
+    fn route(&mut self, tp: &Tp, effects: Vec<Effect<Msg>>) {
+        let Some(slot) = self.partitions.get_mut(tp) else {
+            return;
+        };
         for effect in effects {
             match effect {
                 Effect::Deliver(messages) => {
@@ -122,6 +130,23 @@ impl State {
                 other => self.ops.push((tp.clone(), other)),
             }
         }
+    }
+
+    /// Hands a partition the messages taken from its queue, with one lookup; false when the
+    /// partition is not held (it was revoked meanwhile: its new owner fetches them).
+    pub fn fetched(&mut self, tp: &Tp, messages: Vec<Msg>) -> bool {
+        let Some(slot) = self.partitions.get_mut(tp) else {
+            return false;
+        };
+        let mut effects = Vec::new();
+        for msg in messages {
+            slot.part.handle(Event::Fetched(msg), &mut effects);
+        }
+        if effects.is_empty() {
+            return true;
+        }
+        // Fetching alone may ask for a pause or a seek: route those as `handle` does.
+        self.route(tp, effects);
         true
     }
 
@@ -180,8 +205,9 @@ pub struct Shared {
     /// The cells of the assigned partitions; written only on assignment and revocation.
     pub cells: RwLock<HashMap<Tp, Arc<AckCell>>>,
     pub acks: AckCounters,
-    /// Wakes the dispatcher: a partition may have a batch to send.
-    pub work: Condvar,
+    /// Wakes the dispatcher: a partition may have a batch to send. Not tied to the state
+    /// lock, so a NIF can wake it without waiting for that lock.
+    pub work: queues::Wake,
     /// Wakes the poll thread's bounded waits (revoke replies, drains).
     pub progress: Condvar,
     /// Wakes the poll thread's idle wait: messages arrived, or the dispatcher freed room.
@@ -240,17 +266,15 @@ impl Shared {
         st.last_rebalance_ms = Some(now_ms());
     }
 
-    /// Wakes the dispatcher if the state lock is free right now; otherwise whoever holds it
-    /// re-checks, or the dispatcher's short wait ends. Never blocks.
+    /// Wakes the dispatcher (demand or an ack came through a cell). Takes only the wake's
+    /// own lock, held for no more than setting a flag.
     pub fn poke(&self) {
-        if let Ok(_guard) = self.state.try_lock() {
-            self.work.notify_one();
-        }
+        self.work.notify();
     }
 
     pub fn signal_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.work.notify_all();
+        self.work.notify();
         self.progress.notify_all();
         self.wake.notify();
     }

@@ -73,7 +73,7 @@ fn consumer_new<'a>(
         state: Mutex::new(State::default()),
         cells: RwLock::new(HashMap::new()),
         acks: AckCounters::default(),
-        work: Condvar::new(),
+        work: Default::default(),
         progress: Condvar::new(),
         wake: Default::default(),
         stop: Default::default(),
@@ -143,7 +143,7 @@ fn consumer_attach(
         _ => return Err(Error::new("not_assigned", "this partition is not assigned here").into()),
     }
     st.handle(&tp, Event::WorkerAttached);
-    shared.work.notify_one();
+    shared.work.notify();
     Ok(atoms::ok())
 }
 
@@ -249,7 +249,7 @@ fn worker_event(
     {
         st.handle(&tp, event);
         if !st.outbox.is_empty() {
-            shared.work.notify_one();
+            shared.work.notify();
         }
     }
     atoms::ok()
@@ -333,6 +333,9 @@ fn consumer_worker_down(
             st.handle(&tp, Event::WorkerDown);
             acked = st.partitions.get(&tp).and_then(|s| s.part.acked());
         }
+    }
+    if !st.outbox.is_empty() {
+        shared.work.notify();
     }
     (atoms::ok(), acked)
 }
@@ -418,7 +421,7 @@ fn consumer_stats<'a>(
         rows.push(Term::map_from_pairs(env, &pairs)?);
     }
     if !st.outbox.is_empty() {
-        shared.work.notify_one();
+        shared.work.notify();
     }
     let acks = &shared.acks;
     let pairs: Vec<(Term<'a>, Term<'a>)> = vec![

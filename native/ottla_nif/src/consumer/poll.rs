@@ -308,12 +308,19 @@ fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
 }
 
 /// Feeds polled messages to their partitions, under one lock, then lets each deliver.
-fn intake(shared: &Shared, messages: Vec<(Tp, Msg)>) {
+/// `from_main` are messages of the main queue (partitions without a queue of their own);
+/// `taken` holds, per partition, the messages taken from its own queue.
+fn intake(shared: &Shared, from_main: &mut Vec<(Tp, Msg)>, taken: &mut Vec<(Tp, Vec<Msg>)>) {
     let mut st = shared.lock();
     let mut touched: Vec<Tp> = Vec::new();
-    for (tp, msg) in messages {
+    for (tp, msg) in from_main.drain(..) {
         // A partition no longer held was revoked meanwhile: its new owner fetches it.
         if st.handle(&tp, Event::Fetched(msg)) && !touched.contains(&tp) {
+            touched.push(tp);
+        }
+    }
+    for (tp, msgs) in taken.drain(..) {
+        if st.fetched(&tp, msgs) && !touched.contains(&tp) {
             touched.push(tp);
         }
     }
@@ -321,7 +328,7 @@ fn intake(shared: &Shared, messages: Vec<(Tp, Msg)>) {
         st.handle(tp, Event::Tick);
     }
     if !st.outbox.is_empty() {
-        shared.work.notify_one();
+        shared.work.notify();
     }
 }
 
@@ -434,6 +441,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut last_commit = Instant::now();
     let mut last_marks = Instant::now();
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
+    // Per partition taken from, its messages; and scratch space for librdkafka's pointers.
+    let mut taken: Vec<(Tp, Vec<Msg>)> = Vec::new();
+    let mut scratch: Vec<*mut rdkafka::bindings::rd_kafka_message_t> = Vec::new();
     let commit = shared.settings.commit;
     while !shared.stop.load(Ordering::SeqCst) {
         // The main queue: rebalances and errors, and messages of partitions without a queue
@@ -461,12 +471,17 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         let mut took = polled.len();
         {
             let queues = consumer.context().queues();
-            for (tp, room) in &rooms {
-                took += queues.take(tp, (*room).min(INTAKE_BATCH), &mut polled);
+            for (tp, room) in rooms {
+                let mut out = Vec::new();
+                let n = queues.take(&tp, room.min(INTAKE_BATCH), &mut scratch, &mut out);
+                if n > 0 {
+                    took += n;
+                    taken.push((tp, out));
+                }
             }
         }
-        if !polled.is_empty() {
-            intake(&shared, std::mem::take(&mut polled));
+        if took > 0 {
+            intake(&shared, &mut polled, &mut taken);
         }
         apply_ops(&shared, &consumer);
         if commit {
@@ -481,6 +496,10 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         if last_marks.elapsed() >= WATERMARK_INTERVAL {
             refresh_watermarks(&shared, &consumer);
             last_marks = Instant::now();
+        }
+        // Seeks, commits and watermarks may have given a partition a batch to send.
+        if !shared.lock().outbox.is_empty() {
+            shared.work.notify();
         }
         if took == 0 {
             // Nothing to take: sleep until librdkafka queues something, the dispatcher frees
@@ -504,5 +523,5 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     // Queue handles must go before the client they belong to.
     drop(release);
     drop(consumer);
-    shared.work.notify_all();
+    shared.work.notify();
 }

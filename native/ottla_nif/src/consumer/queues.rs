@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -18,32 +19,34 @@ use crate::atoms;
 use crate::context::log;
 use crate::message::Msg;
 
-/// Wakes the poll thread. librdkafka calls [`on_enqueue`] from its own threads when a queue
-/// gets its first element; the dispatcher calls [`Wake::notify`] after freeing room.
+/// Wakes a thread that waits for work: the poll thread (librdkafka calls [`on_enqueue`] from
+/// its own threads when a queue gets its first element; the dispatcher notifies after freeing
+/// room) or the dispatcher (demand and acks from the NIFs). A notification given while nobody
+/// waits is kept until the next wait; one already pending costs a single atomic swap.
 #[derive(Default)]
 pub struct Wake {
-    pending: Mutex<bool>,
+    pending: AtomicBool,
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl Wake {
     pub fn notify(&self) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        *pending = true;
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Taking the lock orders this with a waiter between its check and its wait.
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.cv.notify_one();
     }
 
     /// Waits for a notification (or `timeout`), and consumes it.
     pub fn wait(&self, timeout: Duration) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if !*pending {
-            pending = self
-                .cv
-                .wait_timeout(pending, timeout)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.pending.load(Ordering::Acquire) {
+            let _ = self.cv.wait_timeout(guard, timeout);
         }
-        *pending = false;
+        self.pending.swap(false, Ordering::AcqRel);
     }
 }
 
@@ -155,27 +158,35 @@ impl Queues {
     }
 
     /// Takes up to `max` messages of `tp` without waiting; appends them to `out`. Returns how
-    /// many it took.
-    pub fn take(&self, tp: &Tp, max: usize, out: &mut Vec<(Tp, Msg)>) -> usize {
+    /// many it took. `buf` is scratch space, kept by the caller between calls.
+    pub fn take(
+        &self,
+        tp: &Tp,
+        max: usize,
+        buf: &mut Vec<*mut rd::rd_kafka_message_t>,
+        out: &mut Vec<Msg>,
+    ) -> usize {
         let Some(q) = self.by_tp.get(tp) else {
             return 0;
         };
         if max == 0 {
             return 0;
         }
-        let mut buf: Vec<*mut rd::rd_kafka_message_t> = vec![std::ptr::null_mut(); max];
+        buf.clear();
+        buf.resize(max, std::ptr::null_mut());
         // SAFETY: `q` is live and `buf` has room for `max` pointers.
         let n = unsafe { rd::rd_kafka_consume_batch_queue(q.0, 0, buf.as_mut_ptr(), max) };
         if n <= 0 {
             return 0;
         }
-        let n = n as usize;
+        let n = (n as usize).min(max);
+        out.reserve(n);
         for &m in &buf[..n] {
             // SAFETY: librdkafka returned `n` live messages, each destroyed once below.
             unsafe {
                 let err = (*m).err;
                 if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    out.push((tp.clone(), Msg::from_raw(m)));
+                    out.push(Msg::from_raw(m));
                 } else if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
                     let text =
                         std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(err)).to_string_lossy();
