@@ -4,7 +4,8 @@
 # states:
 #
 #   Rust:  partitions × 2 × max_backlog × (key + value + 100 B)     (backlog + delivered, unacked)
-#          + librdkafka's prefetch, at most queued.max.messages.kbytes (16 MiB)
+#          + partitions × 3 MiB: librdkafka's prefetch, queued.max.messages.kbytes (2 MiB a
+#            partition) and one fetch response (max.partition.fetch.bytes, 1 MiB)
 #   BEAM:  partitions × 4 × max_batch × (key + value + 400 B)       (a worker's batch being
 #          + 8 MiB (code and processes of a connection)              handled, the next one, and
 #                                                                    garbage collection room)
@@ -44,7 +45,14 @@ defmodule Bench.Memory do
           topics: [topic],
           handler: Bench.Memory.Handler,
           handler_init_args: %{counter: counter},
-          begin_offset: :earliest
+          begin_offset: :earliest,
+          config:
+            for(
+              {k, v} <-
+                System.get_env()
+                |> Enum.filter(fn {k, _} -> String.starts_with?(k, "BENCH_RDKAFKA_") end),
+              do: {k |> String.trim_leading("BENCH_RDKAFKA_") |> String.replace("_", "."), v}
+            )
         ]
       )
 
@@ -60,7 +68,7 @@ defmodule Bench.Memory do
 
     {max_batch, max_backlog} = {500, 2500}
     message = Bench.key_bytes() + Bench.value_bytes()
-    rust_bound = @partitions * 2 * max_backlog * (message + 100) + 16 * 1_048_576
+    rust_bound = @partitions * (2 * max_backlog * (message + 100) + 3 * 1_048_576)
     beam_bound = @partitions * 4 * max_batch * (message + 400) + 8 * 1_048_576
     rss_peak = samples |> Enum.map(&elem(&1, 0)) |> Enum.max()
     beam_peak = samples |> Enum.map(&elem(&1, 1)) |> Enum.max()

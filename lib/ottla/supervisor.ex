@@ -63,9 +63,10 @@ defmodule Ottla.Supervisor do
       `:latest`. A committed offset always wins. Defaults to `:latest`.
     * `:max_batch` - most messages per `handle_messages` call. Defaults to `500`.
     * `:max_backlog` - most messages buffered (in Rust) per partition: a partition whose
-      backlog is full is not read until its handler takes a batch, and what librdkafka prefetched for
-      it (up to `queued.min.messages`, set to this value unless configured) stays there.
-      Defaults to `2500` (see the README's "Benchmarks" for how the defaults were chosen).
+      backlog is full is not read until its handler takes a batch, and what librdkafka
+      prefetched for it (up to `queued.max.messages.kbytes`, 2 MiB a partition unless
+      configured) stays there. Defaults to `2500` (see the README's "Benchmarks" for how the
+      defaults were chosen).
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.
     * `:drain_timeout` - ms a revoked partition's in-flight batch gets to be acked before its

@@ -209,16 +209,17 @@ defmodule Ottla.Consumer.Options do
     end
 
     # Tunables a user may override: librdkafka's fetch queue backoff is shortened because its
-    # 1 s default stalls a busy consumer.
-    # librdkafka's prefetch per partition matches the backlog: a partition whose backlog is
-    # full keeps at most that many more messages queued in librdkafka.
+    # 1 s default stalls a busy consumer. Each partition has a queue of its own, so librdkafka
+    # bounds its prefetch per partition: 2 MiB (plus the fetch response in flight, at most
+    # max.partition.fetch.bytes, 1 MiB) keeps the fetcher ahead of a fast handler (a bound in
+    # messages, or 1 MiB, let the handlers wait on fetches; see bench/consume.exs).
     max_backlog = Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000)
 
     tunables =
       [
         {"fetch.queue.backoff.ms", "10"},
-        {"queued.min.messages", Integer.to_string(max_backlog)},
-        {"queued.max.messages.kbytes", "16384"}
+        {"queued.min.messages", "100000"},
+        {"queued.max.messages.kbytes", "2048"}
       ] ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
 
     # What the guarantees rest on comes last (and is refused in user config): Ottla commits

@@ -14,7 +14,7 @@ use crate::atoms;
 
 /// Demand, attachments and fetched messages wake this thread (`Shared::work`); this only
 /// bounds an idle wait, as a safety net.
-const IDLE_WAIT: Duration = Duration::from_millis(200);
+const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn run(shared: Arc<Shared>) {
     let mut env = OwnedEnv::new();
