@@ -3,12 +3,14 @@
 # BEAM's memory every 100 ms for 20 s and checks their growth against the bound the README
 # states:
 #
-#   Rust:  partitions × 2 × max_backlog × (key + value + 100 B)     (backlog + delivered, unacked)
-#          + partitions × 3 MiB: librdkafka's prefetch, queued.max.messages.kbytes (2 MiB a
-#            partition) and one fetch response (max.partition.fetch.bytes, 1 MiB)
-#   BEAM:  partitions × 4 × max_batch × (key + value + 400 B)       (a worker's batch being
-#          + 8 MiB (code and processes of a connection)              handled, the next one, and
-#                                                                    garbage collection room)
+#   Rust:  partitions × 2 × max_backlog × (m + 100 B)          (backlog + delivered, unacked)
+#          + partitions × (min(10,000, 2 MiB / m) + 1 MiB / m) × (m + 600 B)
+#                          (librdkafka's prefetch: queued.min.messages or
+#                           queued.max.messages.kbytes, and one fetch response)
+#   BEAM:  partitions × 4 × max_batch × (m + 400 B)            (a worker's batch being handled,
+#          + 8 MiB (code and processes of a connection)        the next one, and room for GC)
+#
+# where m is the bytes of a message's key and value.
 #
 #   mix run bench/memory.exs        (scripts/bench memory starts the broker and builds the baseline)
 Code.require_file("support/bench.ex", __DIR__)
@@ -45,14 +47,7 @@ defmodule Bench.Memory do
           topics: [topic],
           handler: Bench.Memory.Handler,
           handler_init_args: %{counter: counter},
-          begin_offset: :earliest,
-          config:
-            for(
-              {k, v} <-
-                System.get_env()
-                |> Enum.filter(fn {k, _} -> String.starts_with?(k, "BENCH_RDKAFKA_") end),
-              do: {k |> String.trim_leading("BENCH_RDKAFKA_") |> String.replace("_", "."), v}
-            )
+          begin_offset: :earliest
         ]
       )
 
@@ -68,7 +63,8 @@ defmodule Bench.Memory do
 
     {max_batch, max_backlog} = {500, 2500}
     message = Bench.key_bytes() + Bench.value_bytes()
-    rust_bound = @partitions * (2 * max_backlog * (message + 100) + 3 * 1_048_576)
+    queued = min(10_000, div(2 * 1_048_576, message)) + div(1_048_576, message)
+    rust_bound = @partitions * (2 * max_backlog * (message + 100) + queued * (message + 600))
     beam_bound = @partitions * 4 * max_batch * (message + 400) + 8 * 1_048_576
     rss_peak = samples |> Enum.map(&elem(&1, 0)) |> Enum.max()
     beam_peak = samples |> Enum.map(&elem(&1, 1)) |> Enum.max()

@@ -210,15 +210,15 @@ defmodule Ottla.Consumer.Options do
 
     # Tunables a user may override: librdkafka's fetch queue backoff is shortened because its
     # 1 s default stalls a busy consumer. Each partition has a queue of its own, so librdkafka
-    # bounds its prefetch per partition: 2 MiB (plus the fetch response in flight, at most
-    # max.partition.fetch.bytes, 1 MiB) keeps the fetcher ahead of a fast handler (a bound in
-    # messages, or 1 MiB, let the handlers wait on fetches; see bench/consume.exs).
+    # bounds its prefetch per partition: 10,000 messages or 2 MiB, whichever comes first,
+    # keeps the fetcher ahead of a fast handler (a prefetch of max_backlog messages let the
+    # handlers wait on fetches; see bench/consume.exs and bench/memory.exs).
     max_backlog = Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000)
 
     tunables =
       [
         {"fetch.queue.backoff.ms", "10"},
-        {"queued.min.messages", "100000"},
+        {"queued.min.messages", "10000"},
         {"queued.max.messages.kbytes", "2048"}
       ] ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
 
