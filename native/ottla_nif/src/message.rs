@@ -12,90 +12,70 @@ use rustler::{Binary, Encoder, Env, Term};
 
 use crate::atoms;
 
-/// A message read from Kafka, copied out of librdkafka. Cheap to clone: a consumer's
-/// partition keeps delivered messages until they are acked, and the batch being encoded
-/// shares them.
+/// A message read from Kafka, copied out of librdkafka. Messages taken together share one
+/// [`Chunk`] (one allocation for their keys and values, one for their metadata), so a
+/// message costs no allocation of its own. Cheap to clone: a consumer's partition keeps
+/// delivered messages until they are acked, and the batch being encoded shares them. A chunk
+/// lives as long as any of its messages (all of one partition, consecutive).
 #[derive(Clone)]
-pub struct Msg(Arc<MsgData>);
-
-pub struct MsgData {
-    pub offset: i64,
-    pub timestamp: Option<i64>,
-    /// Key then value, in one allocation; `key_len`/`value_len` are `None` for a null one.
-    bytes: Box<[u8]>,
-    key_len: Option<usize>,
-    value_len: Option<usize>,
-    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+pub struct Msg {
+    chunk: Arc<Chunk>,
+    index: usize,
 }
 
-impl MsgData {
-    fn new(
+/// Messages copied out of librdkafka together.
+#[derive(Default)]
+pub struct Chunk {
+    /// Each message's key then value, back to back.
+    bytes: Vec<u8>,
+    metas: Vec<Meta>,
+}
+
+struct Meta {
+    offset: i64,
+    timestamp: Option<i64>,
+    /// Where the message's key (then value) starts in `bytes`.
+    start: usize,
+    /// `None` for a null key or value.
+    key_len: Option<usize>,
+    value_len: Option<usize>,
+    headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Chunk {
+    pub fn with_capacity(messages: usize) -> Self {
+        Chunk {
+            bytes: Vec::new(),
+            metas: Vec::with_capacity(messages),
+        }
+    }
+
+    fn push(
+        &mut self,
         offset: i64,
         timestamp: Option<i64>,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> Self {
-        let mut bytes =
-            Vec::with_capacity(key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len));
-        bytes.extend_from_slice(key.unwrap_or_default());
-        bytes.extend_from_slice(value.unwrap_or_default());
-        MsgData {
+    ) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(key.unwrap_or_default());
+        self.bytes.extend_from_slice(value.unwrap_or_default());
+        self.metas.push(Meta {
             offset,
             timestamp,
-            bytes: bytes.into_boxed_slice(),
+            start,
             key_len: key.map(<[u8]>::len),
             value_len: value.map(<[u8]>::len),
             headers,
-        }
+        });
     }
 
-    pub fn key(&self) -> Option<&[u8]> {
-        self.key_len.map(|n| &self.bytes[..n])
-    }
-
-    pub fn value(&self) -> Option<&[u8]> {
-        let from = self.key_len.unwrap_or(0);
-        self.value_len.map(|n| &self.bytes[from..from + n])
-    }
-
-    /// Key and value bytes, back to back (what a batch binary holds of this message).
-    fn key_and_value(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
-impl std::ops::Deref for Msg {
-    type Target = MsgData;
-    fn deref(&self) -> &MsgData {
-        &self.0
-    }
-}
-
-impl Offset for Msg {
-    fn offset(&self) -> i64 {
-        self.0.offset
-    }
-}
-
-impl Msg {
-    pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
-        Msg(Arc::new(MsgData::new(
-            m.offset(),
-            m.timestamp().to_millis(),
-            m.key(),
-            m.payload(),
-            headers(m),
-        )))
-    }
-}
-
-impl Msg {
     /// Copies a message taken from a librdkafka queue (`rd_kafka_consume_batch_queue`).
     ///
     /// # Safety
     /// `m` must point to a live message without an error.
-    pub unsafe fn from_raw(m: *const rd::rd_kafka_message_t) -> Self {
+    pub unsafe fn push_raw(&mut self, m: *const rd::rd_kafka_message_t) {
         // SAFETY: the caller guarantees a live message; payload and key are `len` bytes or
         // null, owned by the message.
         unsafe {
@@ -103,16 +83,98 @@ impl Msg {
             let bytes = |ptr: *mut std::ffi::c_void, len: usize| {
                 (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len))
             };
+            if self.bytes.capacity() == 0 {
+                // Room for as many messages of this one's size as the chunk was made for (up
+                // to a fetch response's worth; past that the buffer grows as usual).
+                let size = msg.key_len + msg.len;
+                self.bytes.reserve(
+                    size.saturating_mul(self.metas.capacity().max(1))
+                        .min(1 << 20),
+                );
+            }
             let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
             let ts = rd::rd_kafka_message_timestamp(m, &mut kind);
-            Msg(Arc::new(MsgData::new(
+            self.push(
                 msg.offset,
                 (ts >= 0).then_some(ts),
                 bytes(msg.key, msg.key_len),
                 bytes(msg.payload, msg.len),
                 raw_headers(m),
-            )))
+            );
         }
+    }
+
+    pub fn push_borrowed(&mut self, m: &BorrowedMessage<'_>) {
+        self.push(
+            m.offset(),
+            m.timestamp().to_millis(),
+            m.key(),
+            m.payload(),
+            headers(m),
+        );
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.metas.is_empty()
+    }
+
+    /// The chunk's messages, in the order they were pushed.
+    pub fn into_messages(self, out: &mut Vec<Msg>) {
+        let count = self.metas.len();
+        let chunk = Arc::new(self);
+        out.reserve(count);
+        out.extend((0..count).map(|index| Msg {
+            chunk: chunk.clone(),
+            index,
+        }));
+    }
+}
+
+impl Offset for Msg {
+    fn offset(&self) -> i64 {
+        self.meta().offset
+    }
+}
+
+impl Msg {
+    fn meta(&self) -> &Meta {
+        &self.chunk.metas[self.index]
+    }
+
+    pub fn from_borrowed(m: &BorrowedMessage<'_>) -> Self {
+        let mut chunk = Chunk::with_capacity(1);
+        chunk.push_borrowed(m);
+        Msg {
+            chunk: Arc::new(chunk),
+            index: 0,
+        }
+    }
+
+    pub fn timestamp(&self) -> Option<i64> {
+        self.meta().timestamp
+    }
+
+    pub fn headers(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
+        &self.meta().headers
+    }
+
+    pub fn key(&self) -> Option<&[u8]> {
+        let meta = self.meta();
+        meta.key_len
+            .map(|n| &self.chunk.bytes[meta.start..meta.start + n])
+    }
+
+    pub fn value(&self) -> Option<&[u8]> {
+        let meta = self.meta();
+        let from = meta.start + meta.key_len.unwrap_or(0);
+        meta.value_len.map(|n| &self.chunk.bytes[from..from + n])
+    }
+
+    /// Key and value bytes, back to back (what a batch binary holds of this message).
+    fn key_and_value(&self) -> &[u8] {
+        let meta = self.meta();
+        let len = meta.key_len.unwrap_or(0) + meta.value_len.unwrap_or(0);
+        &self.chunk.bytes[meta.start..meta.start + len]
     }
 }
 
@@ -229,10 +291,10 @@ pub fn encode_list<'a>(
     for m in messages {
         let key = slice(m.key());
         let value = slice(m.value());
-        let headers = if m.headers.is_empty() {
+        let headers = if m.headers().is_empty() {
             empty
         } else {
-            m.headers
+            m.headers()
                 .iter()
                 .map(|(k, v)| {
                     let k = binary(env, Some(k));
@@ -246,9 +308,9 @@ pub fn encode_list<'a>(
             generation,
             headers,
             key,
-            m.offset.encode(env),
+            m.offset().encode(env),
             partition,
-            m.timestamp.encode(env),
+            m.timestamp().encode(env),
             topic,
             value,
         ];

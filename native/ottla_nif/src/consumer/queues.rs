@@ -17,7 +17,7 @@ use rdkafka::bindings as rd;
 use super::Tp;
 use crate::atoms;
 use crate::context::log;
-use crate::message::Msg;
+use crate::message::{Chunk, Msg};
 
 /// Wakes a thread that waits for work: the poll thread (librdkafka calls [`on_enqueue`] from
 /// its own threads when a queue gets its first element; the dispatcher notifies after freeing
@@ -180,13 +180,13 @@ impl Queues {
             return 0;
         }
         let n = (n as usize).min(max);
-        out.reserve(n);
+        let mut chunk = Chunk::with_capacity(n);
         for &m in &buf[..n] {
             // SAFETY: librdkafka returned `n` live messages, each destroyed once below.
             unsafe {
                 let err = (*m).err;
                 if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    out.push(Msg::from_raw(m));
+                    chunk.push_raw(m);
                 } else if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
                     let text =
                         std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(err)).to_string_lossy();
@@ -198,6 +198,9 @@ impl Queues {
                 }
                 rd::rd_kafka_message_destroy(m);
             }
+        }
+        if !chunk.is_empty() {
+            chunk.into_messages(out);
         }
         n
     }
