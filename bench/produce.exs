@@ -90,9 +90,7 @@ defmodule Bench.Produce do
   def ottla(topic, total, procs) do
     # One call warms the producer's metadata for the topic, as the baseline's first send does.
     :ok = Ottla.produce(:bench_producer, topic, [{Bench.key(0), Bench.value()}])
-    cpu0 = Bench.cpu_seconds()
-    seconds = Bench.produce_with_ottla(:bench_producer, topic, total, procs, @call)
-    cpu = Bench.cpu_seconds() - cpu0
+    {seconds, cpu} = Bench.produce_with_ottla(:bench_producer, topic, total, procs, @call)
     %{rate: Bench.rate(total, seconds), cpu_us: cpu * 1.0e6 / total}
   end
 end

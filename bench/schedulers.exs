@@ -24,7 +24,7 @@ defmodule Bench.Schedulers do
 
     :ok = Ottla.produce(:bench_sched_producer, topic, [{Bench.key(0), Bench.value()}])
 
-    {seconds, produce} =
+    {{seconds, _cpu}, produce} =
       Bench.watch(fn ->
         Bench.produce_with_ottla(:bench_sched_producer, topic, total, 4, 1_000)
       end)

@@ -77,29 +77,38 @@ defmodule Bench do
 
   @doc """
   Produces `total` keyed messages to `topic` through connection `conn` from `procs`
-  processes, in calls of `call` messages; returns the seconds it took.
+  processes, in calls of `call` messages; returns `{seconds, cpu_seconds}` of the sending.
+  Each process builds its message lists before the clocks start, so they measure Ottla.
   """
   def produce_with_ottla(conn, topic, total, procs, call) do
     value = value()
-    t0 = System.monotonic_time(:microsecond)
+    parent = self()
 
-    1..procs
-    |> Enum.map(fn p ->
-      share = div(total, procs) + if(p <= rem(total, procs), do: 1, else: 0)
-      Task.async(fn -> send_share(conn, topic, value, p * 10_000_000, share, call) end)
-    end)
-    |> Enum.each(&Task.await(&1, :infinity))
+    tasks =
+      Enum.map(1..procs, fn p ->
+        share = div(total, procs) + if(p <= rem(total, procs), do: 1, else: 0)
 
-    (System.monotonic_time(:microsecond) - t0) / 1.0e6
-  end
+        Task.async(fn ->
+          calls =
+            (p * 10_000_000)
+            |> Stream.iterate(&(&1 + 1))
+            |> Stream.map(&{key(&1), value})
+            |> Enum.take(share)
+            |> Enum.chunk_every(call)
 
-  defp send_share(_conn, _topic, _value, _from, 0, _call), do: :ok
+          send(parent, {:ready, self()})
 
-  defp send_share(conn, topic, value, from, left, call) do
-    n = min(call, left)
-    messages = for i <- from..(from + n - 1), do: {key(i), value}
-    :ok = Ottla.produce(conn, topic, messages, timeout: 60_000)
-    send_share(conn, topic, value, from + n, left - n, call)
+          receive do
+            :go -> Enum.each(calls, &(:ok = Ottla.produce(conn, topic, &1, timeout: 60_000)))
+          end
+        end)
+      end)
+
+    for %Task{pid: pid} <- tasks, do: receive(do: ({:ready, ^pid} -> :ok))
+    {t0, cpu0} = {System.monotonic_time(:microsecond), cpu_seconds()}
+    for %Task{pid: pid} <- tasks, do: send(pid, :go)
+    Enum.each(tasks, &Task.await(&1, :infinity))
+    {(System.monotonic_time(:microsecond) - t0) / 1.0e6, cpu_seconds() - cpu0}
   end
 
   @doc "User + system CPU seconds of this OS process so far."
