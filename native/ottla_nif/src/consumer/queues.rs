@@ -26,7 +26,8 @@ use crate::message::{Chunk, Msg};
 #[derive(Default)]
 pub struct Wake {
     pending: AtomicBool,
-    lock: Mutex<()>,
+    /// Whether the waiter sleeps: only then does a notification make a system call.
+    sleeping: Mutex<bool>,
     cv: Condvar,
 }
 
@@ -36,16 +37,25 @@ impl Wake {
             return;
         }
         // Taking the lock orders this with a waiter between its check and its wait.
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.cv.notify_one();
+        let sleeping = self.sleeping.lock().unwrap_or_else(|e| e.into_inner());
+        if *sleeping {
+            self.cv.notify_one();
+        }
     }
 
     /// Waits for a notification (or `timeout`), and consumes it.
     pub fn wait(&self, timeout: Duration) {
-        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sleeping = self.sleeping.lock().unwrap_or_else(|e| e.into_inner());
         if !self.pending.load(Ordering::Acquire) {
-            let _ = self.cv.wait_timeout(guard, timeout);
+            *sleeping = true;
+            sleeping = self
+                .cv
+                .wait_timeout(sleeping, timeout)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+            *sleeping = false;
         }
+        drop(sleeping);
         self.pending.swap(false, Ordering::AcqRel);
     }
 }
