@@ -182,8 +182,7 @@ defmodule Ottla do
         )
 
       _mock ->
-        {:error,
-         Ottla.Error.new(:unsupported, "Ottla.Testing's mock cluster cannot grow topics")}
+        {:error, Ottla.Error.new(:unsupported, "Ottla.Testing's mock cluster cannot grow topics")}
     end
   end
 

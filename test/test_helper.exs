@@ -26,8 +26,12 @@ end
 # Tests tagged :outage (the single broker) and :fault (the cluster) stop and start brokers
 # with scripts/kafka, so they need brokers it runs, at the endpoints the suite uses.
 controlled = fn mode_args, endpoints ->
-  {_, status} = System.cmd(Path.expand("scripts/kafka"), ["status" | mode_args], stderr_to_stdout: true)
-  {ours, _} = System.cmd(Path.expand("scripts/kafka"), ["endpoints" | mode_args], stderr_to_stdout: true)
+  {_, status} =
+    System.cmd(Path.expand("scripts/kafka"), ["status" | mode_args], stderr_to_stdout: true)
+
+  {ours, _} =
+    System.cmd(Path.expand("scripts/kafka"), ["endpoints" | mode_args], stderr_to_stdout: true)
+
   if status == 0 and endpoints != nil and String.trim(ours) == endpoints, do: endpoints
 end
 

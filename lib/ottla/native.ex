@@ -49,6 +49,9 @@ defmodule Ottla.Native do
   def admin_partition_count(_pid, _tag, _bootstrap, _props, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
+  def admin_partition_leaders(_pid, _tag, _bootstrap, _props, _topic, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
   def admin_committed_offsets(_pid, _tag, _bootstrap, _props, _group, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 

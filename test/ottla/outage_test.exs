@@ -66,7 +66,9 @@ defmodule Ottla.OutageTest do
           await_values(left, timeout, first)
       after
         timeout ->
-          flunk("#{MapSet.size(values)} values never handled, e.g. #{inspect(Enum.take(values, 3))}")
+          flunk(
+            "#{MapSet.size(values)} values never handled, e.g. #{inspect(Enum.take(values, 3))}"
+          )
       end
     end
   end

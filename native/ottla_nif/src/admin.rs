@@ -357,6 +357,33 @@ fn admin_partition_count(
     })
 }
 
+/// Answers `{:ok, [{partition, leader_broker_id}]}` for `topic`, sorted by partition
+/// (`-1` for a partition without a leader).
+#[rustler::nif]
+fn admin_partition_leaders(
+    pid: LocalPid,
+    tag: u64,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    topic: String,
+    timeout_ms: u64,
+) -> Atom {
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        let client = admin(ctx, &bootstrap, &props)?;
+        crate::metadata::partition_count(client.inner(), &topic, timeout)?;
+        let md = metadata(&client, Some(&topic), timeout)?;
+        let mut leaders: Vec<(i32, i32)> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| (p.id(), p.leader())))
+            .collect();
+        leaders.sort();
+        Ok((atoms::ok(), leaders))
+    })
+}
+
 /// A partition and what its group committed, if anything.
 type Committed = (i32, Option<i64>);
 
