@@ -324,12 +324,20 @@ defmodule Ottla.FaultTest do
     end
   end
 
-  # Pairs of overlapping handler calls of one partition on two members.
+  # Overlapping handler calls of one partition on two members: a sweep over the calls in
+  # order of start, keeping those still running.
   defp overlaps(intervals) do
-    for {p, list} <- intervals,
-        [{s1, e1, m1}, {s2, _e2, m2}] <- list |> Enum.sort() |> Enum.chunk_every(2, 1, :discard),
-        m1 != m2 and s2 < e1,
-        do: {p, m1, m2}
+    for {p, list} <- intervals, reduce: [] do
+      found ->
+        list
+        |> Enum.sort()
+        |> Enum.reduce({[], found}, fn {s, e, m}, {active, found} ->
+          active = Enum.filter(active, fn {_s, e0, _m} -> e0 > s end)
+          clash = for {s0, _e0, m0} <- active, m0 != m, do: {p, m0, s0, m, s}
+          {[{s, e, m} | active], clash ++ found}
+        end)
+        |> elem(1)
+    end
   end
 
   # Per partition, the offsets in the order they were first delivered must rise.
