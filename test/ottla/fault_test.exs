@@ -517,6 +517,23 @@ defmodule Ottla.FaultTest do
         "#{peer_partitions} partitions for #{inspect(stall)} ms; produce failures=#{length(failed)})"
     )
 
+    # Where the duplicates came from: which members handled an offset more than once.
+    twice = for {pos, n} <- processed_at, n > 1, into: MapSet.new(), do: pos
+
+    by_members =
+      for {_, _, {:done, m, _pid, p, g, list}} <- events,
+          {o, _} <- list,
+          MapSet.member?(twice, {p, o}),
+          reduce: %{} do
+        acc -> Map.update(acc, {p, o}, [{m, g}], &[{m, g} | &1])
+      end
+      |> Enum.frequencies_by(fn {_, handlers} -> Enum.reverse(handlers) end)
+      |> Enum.sort_by(&(-elem(&1, 1)))
+      |> Enum.take(8)
+
+    if duplicates > 0,
+      do: IO.puts("duplicates handled by [{member, generation}]: #{inspect(by_members)}")
+
     assert unnamed == [],
            "produce errors named messages not sent: #{inspect(Enum.take(unnamed, 3))}"
 
