@@ -220,10 +220,9 @@ fn create_partitions(
 ) -> Result<Atom> {
     let deadline = Instant::now() + timeout;
     let client = admin(ctx, bootstrap, props)?;
-    let results = block_on(client.create_partitions(
-        [&NewPartitions::new(topic, partitions)],
-        &options(timeout),
-    ))?;
+    let results = block_on(
+        client.create_partitions([&NewPartitions::new(topic, partitions)], &options(timeout)),
+    )?;
     for result in results {
         if let Err((name, code)) = result {
             return Err(Error::from_code(
