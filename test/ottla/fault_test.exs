@@ -407,6 +407,10 @@ defmodule Ottla.FaultTest do
     {length(held), Enum.max(stalls, fn -> nil end)}
   end
 
+  defp exit_kind({:shutdown, _}), do: :shutdown
+  defp exit_kind(reason) when is_atom(reason), do: reason
+  defp exit_kind(_), do: :crash
+
   defp static?, do: System.get_env("OTTLA_FAULT_STATIC", "1") != "0"
 
   test "nothing acknowledged is lost while brokers, members and workers die" do
@@ -517,22 +521,29 @@ defmodule Ottla.FaultTest do
         "#{peer_partitions} partitions for #{inspect(stall)} ms; produce failures=#{length(failed)})"
     )
 
-    # Where the duplicates came from: which members handled an offset more than once.
+    # Where the duplicates came from: how the process that first handled a duplicated
+    # offset ended (:killed - a killed worker; :noconnection - the killed peer node; else a
+    # revocation or a stop), and which members handled it.
     twice = for {pos, n} <- processed_at, n > 1, into: MapSet.new(), do: pos
+    exits = for {_, _, {:down, pid, reason}} <- events, into: %{}, do: {pid, reason}
 
-    by_members =
-      for {_, _, {:done, m, _pid, p, g, list}} <- events,
+    handlers =
+      for {_, _, {:done, m, pid, p, g, list}} <- events,
           {o, _} <- list,
           MapSet.member?(twice, {p, o}),
           reduce: %{} do
-        acc -> Map.update(acc, {p, o}, [{m, g}], &[{m, g} | &1])
+        acc -> Map.update(acc, {p, o}, [{m, g, pid}], &[{m, g, pid} | &1])
       end
-      |> Enum.frequencies_by(fn {_, handlers} -> Enum.reverse(handlers) end)
-      |> Enum.sort_by(&(-elem(&1, 1)))
-      |> Enum.take(8)
+
+    causes =
+      Enum.frequencies_by(handlers, fn {_, list} ->
+        {m, g, pid} = List.last(list)
+        {m, g, exit_kind(Map.get(exits, pid, :running))}
+      end)
 
     if duplicates > 0,
-      do: IO.puts("duplicates handled by [{member, generation}]: #{inspect(by_members)}")
+      do:
+        IO.puts("duplicates by first handler {member, generation, its exit}: #{inspect(causes)}")
 
     assert unnamed == [],
            "produce errors named messages not sent: #{inspect(Enum.take(unnamed, 3))}"
