@@ -417,6 +417,21 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     }
 }
 
+/// librdkafka's consumer failed for good (e.g. fenced: another member joined under the same
+/// `group.instance.id`): the group has given its partitions to others. Forget them all, so
+/// nothing more is delivered, acked or committed here, and tell the manager:
+/// `{:ottla_consumer_fatal, reason, [{topic, partition}]}`. The consumer is not restarted:
+/// a restarted static member would fence the other one in turn.
+fn failed_for_good(shared: &Shared, code: rdkafka::types::RDKafkaErrorCode) {
+    let list: Vec<Tp> = shared.lock().partitions.keys().cloned().collect();
+    shared.remove_partitions(&list);
+    let reason = format!("{code} ({})", crate::error::code_name(code));
+    send_reliably(
+        &shared.settings.manager,
+        Box::new(move |env| (atoms::ottla_consumer_fatal(), reason, list).encode(env)),
+    );
+}
+
 /// Releases the queue handles (commit replies, partitions' queues) before the consumer they
 /// belong to, also when the thread unwinds from a panic: librdkafka must not be destroyed
 /// with queues outstanding.
@@ -435,12 +450,20 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut last_marks = Instant::now();
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
     let commit = shared.settings.commit;
+    let mut fatal = false;
     while !shared.stop.load(Ordering::SeqCst) {
         // The main queue: rebalances and errors, and messages of partitions without a queue
         // of their own. Never waits: the wait is on `shared.wake`, below.
         while polled.len() < INTAKE_BATCH {
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => polled.push(to_msg(&m)),
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    if !fatal {
+                        fatal = true;
+                        failed_for_good(&shared, code);
+                    }
+                    break;
+                }
                 Some(Err(err)) => {
                     log(atoms::warning(), "CONSUME", &err.to_string());
                     break;
