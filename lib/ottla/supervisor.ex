@@ -82,9 +82,10 @@ defmodule Ottla.Supervisor do
       to expire: after a broker outage the consumer resumes within seconds of the broker
       answering again, where a dynamic member waits for its old membership to time out. The
       price: a static member does not leave the group when it stops, so its partitions wait
-      up to `:session_timeout` for it to come back (or for the group to give them away); two
-      members running under one name fence each other (the older one stops). Defaults to
-      `nil` (dynamic membership).
+      up to `:session_timeout` for it to come back (or for the group to give them away). Two
+      members must never share a name: the broker fences the older one, which logs an error,
+      stops its workers, releases its partitions and consumes nothing more until its
+      connection is restarted. Defaults to `nil` (dynamic membership).
     * `:drain_timeout` - ms a revoked partition's in-flight batch gets to be acked before its
       acks are committed and its worker stopped; also bounds the wait for the revoked handler.
       Defaults to `5000`.
