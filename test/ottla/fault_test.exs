@@ -443,7 +443,7 @@ defmodule Ottla.FaultTest do
       started: now()
     }
 
-    {result, _log} =
+    {result, log} =
       with_log(fn ->
         start_supervised!(
           {Ottla.Supervisor,
@@ -484,6 +484,11 @@ defmodule Ottla.FaultTest do
 
     %{ctx: ctx, produced: {acked, failed, unnamed}, ends: ends, samples: {last, backwards}} =
       result
+
+    # The run's log (the test node's), for a run that needs explaining.
+    log_path = Path.join(System.tmp_dir!(), "ottla-fault-#{seed}.log")
+    File.write!(log_path, log)
+    IO.puts("fault suite: the test node's log is in #{log_path}")
 
     seconds = div(now() - ctx.started, 1000)
     events = Collector.events(collector)

@@ -33,6 +33,8 @@ const REPLY_MARGIN: Duration = Duration::from_millis(300);
 const REVOKE_COMMIT_WAIT: Duration = Duration::from_millis(500);
 /// How long shutdown waits for its final commit.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How long shutdown serves librdkafka between attempts at a refused final commit.
+const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(200);
 /// How often a bounded wait re-reads the ack cells.
 const RECHECK: Duration = Duration::from_millis(5);
 
@@ -161,12 +163,12 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
             queues.remove(tp);
         }
     }
-    let closing = {
+    let (closing, released) = {
         let mut st = shared.lock();
         for tp in &list {
             st.handle(tp, Event::Revoke);
         }
-        st.closing
+        (st.closing, st.released)
     };
 
     if !closing {
@@ -193,7 +195,9 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
         wait_until(shared, deadline + REPLY_MARGIN, |st| st.revoke_done >= id);
     }
 
-    if !lost && !closing && shared.settings.commit {
+    // While closing, the manager is not asked, but acks are still committed (a revocation
+    // served by the final commit's retries), unless the queues are gone (the client's close).
+    if !lost && !released && shared.settings.commit {
         let outcomes = {
             let mut commits = ctx.commits();
             let mut outcomes = start_commit(shared, consumer, &mut commits, Some(&list));
@@ -432,6 +436,36 @@ fn failed_for_good(shared: &Shared, code: rdkafka::types::RDKafkaErrorCode) {
     );
 }
 
+/// Commits every ack before the consumer closes, within `FINAL_COMMIT_WAIT`. A commit sent
+/// while a rebalance is under way is refused (`ILLEGAL_GENERATION`, `REBALANCE_IN_PROGRESS`),
+/// and so is one while the coordinator moves: then librdkafka is polled so it can finish the
+/// rebalance (its callbacks run in poll; what it revokes is committed there), and the
+/// commit is tried again. Without this, a member stopped during a rebalance left its last
+/// acks uncommitted and their messages were handled again by the next owner.
+fn final_commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
+    let ctx = consumer.context();
+    let deadline = Instant::now() + FINAL_COMMIT_WAIT;
+    loop {
+        let outcomes = {
+            let mut commits = ctx.commits();
+            let mut outcomes = start_commit(shared, consumer, &mut commits, None);
+            outcomes.extend(commits.collect(deadline.saturating_duration_since(Instant::now())));
+            outcomes
+        };
+        let refused = outcomes.iter().any(|o| !o.ok);
+        apply_commits(shared, outcomes);
+        if !refused || Instant::now() >= deadline {
+            return;
+        }
+        let pause_until = (Instant::now() + FINAL_COMMIT_RETRY).min(deadline);
+        while Instant::now() < pause_until {
+            // Rebalance events are served here; a message polled now is dropped unacked,
+            // so its next owner gets it.
+            let _ = consumer.poll(RECHECK * 4);
+        }
+    }
+}
+
 /// Releases the queue handles (commit replies, partitions' queues) before the consumer they
 /// belong to, also when the thread unwinds from a panic: librdkafka must not be destroyed
 /// with queues outstanding.
@@ -439,6 +473,7 @@ struct ReleaseQueues<'a>(&'a BaseConsumer<GroupCtx>);
 
 impl Drop for ReleaseQueues<'_> {
     fn drop(&mut self) {
+        self.0.context().shared.lock().released = true;
         *self.0.context().commits() = Commits::default();
         self.0.context().queues().clear();
     }
@@ -512,18 +547,12 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         }
     }
     // Shutdown: commit every ack (bounded), then close: leave the group, so the others
-    // rebalance at once.
-    if commit {
-        let ctx = consumer.context();
-        let outcomes = {
-            let mut commits = ctx.commits();
-            let mut outcomes = start_commit(&shared, &consumer, &mut commits, None);
-            outcomes.extend(commits.collect(FINAL_COMMIT_WAIT));
-            outcomes
-        };
-        apply_commits(&shared, outcomes);
-    }
+    // rebalance at once. From here on a revocation commits without asking the manager, which
+    // is stopping.
     shared.lock().closing = true;
+    if commit && !fatal {
+        final_commit(&shared, &consumer);
+    }
     // Queue handles must go before the client they belong to.
     drop(release);
     drop(consumer);
