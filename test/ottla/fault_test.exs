@@ -546,6 +546,24 @@ defmodule Ottla.FaultTest do
         {m, g, exit_kind(Map.get(exits, pid, :running))}
       end)
 
+    injected =
+      for {_, t, {:fault, f}} <- events do
+        what =
+          case f do
+            {:killed_worker, _pid} -> "kill worker"
+            {:killed_peer, _node} -> "kill -9 peer"
+            {:stopped_broker, id, led} -> "stop broker #{id} (leader of #{led})"
+            {:started_broker, id} -> "start broker #{id}"
+            {:grew_topic, n} -> "grow topic to #{n}"
+            {:joined, label} -> "join #{label}"
+            other -> to_string(other)
+          end
+
+        "#{div(t - ctx.started, 100) / 10}s #{what}"
+      end
+
+    IO.puts("faults: " <> Enum.join(injected, ", "))
+
     if duplicates > 0,
       do:
         IO.puts("duplicates by first handler {member, generation, its exit}: #{inspect(causes)}")

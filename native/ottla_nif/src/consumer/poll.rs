@@ -201,7 +201,24 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
         let outcomes = {
             let mut commits = ctx.commits();
             let mut outcomes = start_commit(shared, consumer, &mut commits, Some(&list));
-            outcomes.extend(commits.collect(REVOKE_COMMIT_WAIT));
+            // The commit may use what is left of the drain timeout (at least
+            // REVOKE_COMMIT_WAIT): an ack whose commit is not confirmed before the partition
+            // goes is handled again by its next owner.
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .max(REVOKE_COMMIT_WAIT);
+            outcomes.extend(commits.collect(wait));
+            let unconfirmed = commits.unconfirmed(&list);
+            if !unconfirmed.is_empty() {
+                log(
+                    atoms::warning(),
+                    "COMMIT",
+                    &format!(
+                        "revoked partitions' commit not confirmed in time, their next owner \
+                         may handle acked messages again: {unconfirmed:?}"
+                    ),
+                );
+            }
             outcomes
         };
         apply_commits(shared, outcomes);
