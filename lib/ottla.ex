@@ -139,6 +139,54 @@ defmodule Ottla do
   end
 
   @doc """
+  Grows `topic` to `partitions` partitions in total (Kafka cannot shrink a topic), and waits
+  until the leader of every partition serves it. Producers and group consumers pick the new
+  partitions up on their next metadata refresh (librdkafka's `topic.metadata.refresh.interval.ms`,
+  5 minutes by default; a consumer group rebalances when its leader sees them).
+
+  Returns `:ok`, or `{:error, %Ottla.Error{}}` (e.g. `code: :invalid_partitions` when the
+  topic has that many partitions already).
+
+  ## Options
+
+    * `:timeout` - milliseconds. Defaults to `10000`.
+
+  ## Example
+
+      :ok = Ottla.create_partitions([localhost: 9092], "greetings", 6)
+  """
+  @spec create_partitions(target, String.t(), pos_integer, keyword) ::
+          :ok | {:error, Ottla.Error.t()}
+  def create_partitions(target, topic, partitions, opts \\ []) do
+    opts =
+      Options.keyword!(opts, [timeout: @default_timeout], "Ottla.create_partitions/4 options")
+
+    topic = Options.topic!(topic)
+    partitions = Options.integer!(partitions, :partitions, 1, 100_000)
+    timeout = Options.timeout!(opts[:timeout], :timeout)
+    {bootstrap, config, _} = Connection.resolve!(target)
+
+    case Ottla.Testing.lookup(bootstrap) do
+      nil ->
+        Reply.await(
+          &Native.admin_create_partitions(
+            &1,
+            &2,
+            bootstrap,
+            config,
+            topic,
+            partitions,
+            timeout
+          ),
+          timeout
+        )
+
+      _mock ->
+        {:error, Ottla.Error.new(:unsupported, "Ottla.Testing's mock cluster cannot grow topics")}
+    end
+  end
+
+  @doc """
   Deletes a topic and waits until the cluster's metadata no longer lists it.
 
   ## Options

@@ -47,6 +47,25 @@ defmodule OttlaTest do
                Ottla.delete_topic(endpoints(), unique_topic())
     end
 
+    test "create_partitions grows a topic, and produce reaches the new partitions; shrinking is an error" do
+      topic = create_topic!(partitions: 2)
+      assert :ok = Ottla.create_partitions(endpoints(), topic, 4)
+      assert {:ok, topics} = Ottla.list_topics(endpoints())
+      assert {topic, 4} in topics
+      assert :ok = Ottla.produce(endpoints(), topic, {"k", "v"}, partition: 3)
+      assert {:ok, 1, [%{value: "v"}]} = Ottla.fetch(endpoints(), topic, partition: 3)
+
+      assert {:error, %Ottla.Error{code: :invalid_partitions}} =
+               Ottla.create_partitions(endpoints(), topic, 3)
+
+      assert {:error, %Ottla.Error{code: :unknown_topic_or_partition}} =
+               Ottla.create_partitions(endpoints(), unique_topic(), 3)
+
+      assert_raise ArgumentError, ~r/:partitions/, fn ->
+        Ottla.create_partitions(endpoints(), topic, 0)
+      end
+    end
+
     test "topic? is false for a topic that does not exist" do
       refute Ottla.topic?(endpoints(), unique_topic())
     end

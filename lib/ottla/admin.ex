@@ -13,4 +13,17 @@ defmodule Ottla.Admin do
       timeout
     )
   end
+
+  @doc """
+  The leader (broker id) of each partition of `topic`: `{:ok, [{partition, broker_id}]}`
+  (`-1` when a partition has none), or `{:error, %Ottla.Error{}}`.
+  """
+  @spec partition_leaders(String.t(), [{String.t(), String.t()}], String.t(), pos_integer) ::
+          {:ok, [{non_neg_integer, integer}]} | {:error, Ottla.Error.t()}
+  def partition_leaders(bootstrap, config, topic, timeout) do
+    Reply.await(
+      &Native.admin_partition_leaders(&1, &2, bootstrap, config, topic, timeout),
+      timeout
+    )
+  end
 end

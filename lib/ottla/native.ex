@@ -37,6 +37,9 @@ defmodule Ottla.Native do
       ),
       do: :erlang.nif_error(:nif_not_loaded)
 
+  def admin_create_partitions(_pid, _tag, _bootstrap, _props, _topic, _partitions, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
   def admin_delete_topic(_pid, _tag, _bootstrap, _props, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
@@ -44,6 +47,9 @@ defmodule Ottla.Native do
     do: :erlang.nif_error(:nif_not_loaded)
 
   def admin_partition_count(_pid, _tag, _bootstrap, _props, _topic, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def admin_partition_leaders(_pid, _tag, _bootstrap, _props, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def admin_committed_offsets(_pid, _tag, _bootstrap, _props, _group, _topic, _timeout),

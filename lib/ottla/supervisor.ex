@@ -69,6 +69,26 @@ defmodule Ottla.Supervisor do
       defaults were chosen).
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.
+    * `:session_timeout` - ms the group waits for a silent member before it gives the member's
+      partitions to others (librdkafka's `session.timeout.ms`; the heartbeat interval is a
+      tenth of it). Trade-off: a member that dies without leaving (`kill -9`, a lost host or
+      network) stalls its partitions for this long, and with `:instance_id` so does any member
+      that stops and does not come back; a shorter one moves partitions sooner but lets a
+      network hiccup of that length cost a rebalance. The broker bounds it
+      (`group.min.session.timeout.ms`, 6 s by default). Defaults to `10000` (librdkafka's
+      own default is 45 s).
+    * `:instance_id` - static membership (KIP-345, librdkafka's `group.instance.id`): a name
+      for this member that is unique in the group and stable across its restarts (a pod or
+      host name plus the connection, say). A member that comes back under the same name
+      (after a restart, or after a broker outage made it lose its session) takes its
+      partitions back at once, without a rebalance and without waiting for its old session
+      to expire: after a broker outage the consumer resumes within seconds of the broker
+      answering again, where a dynamic member waits for its old membership to time out. The
+      price: a static member does not leave the group when it stops, so its partitions wait
+      up to `:session_timeout` for it to come back (or for the group to give them away). Two
+      members must never share a name: the broker fences the older one, which logs an error,
+      stops its workers, releases its partitions and consumes nothing more until its
+      connection is restarted. Defaults to `nil` (dynamic membership).
     * `:drain_timeout` - ms a revoked partition's in-flight batch gets to be acked before its
       acks are committed and its worker stopped; also bounds the wait for the revoked handler.
       Defaults to `5000`.

@@ -512,6 +512,40 @@ defmodule Ottla.GroupConsumerTest do
     )
   end
 
+  describe "static membership (:instance_id)" do
+    test "two members under one :instance_id: the older is fenced, stops its workers and holds nothing; the newer gets everything" do
+      topic = create_topic!(partitions: 2)
+      group = group_name()
+      instance = "fenced-#{System.unique_integer([:positive])}"
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          old = start_group!(topic, group, instance_id: instance, id: :old)
+          wait_until(fn -> match?({:ok, %{partitions: [_, _]}}, Ottla.stats(old)) end)
+          new = start_group!(topic, group, instance_id: instance, id: :new)
+          wait_until(fn -> match?({:ok, %{partitions: []}}, Ottla.stats(old)) end)
+          wait_until(fn -> match?({:ok, %{partitions: [_, _]}}, Ottla.stats(new)) end)
+          produce_spread!(topic, 2, 10)
+
+          delivered =
+            collect_batches(&(Enum.sum(Enum.map(Map.values(&1), fn l -> length(l) end)) >= 20))
+
+          assert delivered == all_offsets(2, 10)
+          assert {:ok, %{partitions: []}} = Ottla.stats(old)
+
+          workers =
+            DynamicSupervisor.which_children(
+              {:via, Registry, {Ottla.Registry, {:workers, old, :group}}}
+            )
+
+          assert workers == [], "the fenced member still runs workers: #{inspect(workers)}"
+        end)
+
+      assert log =~ "failed for good"
+      assert log =~ "fenced"
+    end
+  end
+
   describe "backpressure" do
     test "a sleeping handler pauses its partition at max_backlog while others flow" do
       topic = create_topic!(partitions: 2)

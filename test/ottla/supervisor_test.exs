@@ -65,6 +65,9 @@ defmodule Ottla.SupervisorTest do
              Ottla.produce(name, "any-topic", "x")
   end
 
+  defp gc(extra \\ []),
+    do: Keyword.merge([group: "g", topics: ["t"], handler: Ottla.TestHandler], extra)
+
   describe "bad options" do
     test "raise ArgumentError naming the option" do
       for {opts, name} <- [
@@ -75,11 +78,41 @@ defmodule Ottla.SupervisorTest do
             {[connection: :x, endpoints: endpoints(), config: [{"k", self()}]], ":config"},
             {[connection: :x, endpoints: endpoints(), producer: :yes], ":producer"},
             {[connection: :x, endpoints: endpoints(), producer: [topic: 1]], "topic"},
-            {[connection: :x, endpoints: endpoints(), unknown: 1], "unknown"}
+            {[connection: :x, endpoints: endpoints(), unknown: 1], "unknown"},
+            {[connection: :x, endpoints: endpoints(), group_consumer: gc(instance_id: "")],
+             ":instance_id"},
+            {[connection: :x, endpoints: endpoints(), group_consumer: gc(instance_id: "a b")],
+             ":instance_id"},
+            {[connection: :x, endpoints: endpoints(), group_consumer: gc(instance_id: :a)],
+             ":instance_id"},
+            {[connection: :x, endpoints: endpoints(), group_consumer: gc(session_timeout: 0)],
+             ":session_timeout"}
           ] do
         error = assert_raise ArgumentError, fn -> Ottla.Supervisor.start_link(opts) end
         assert error.message =~ name, "expected #{inspect(name)} in: #{error.message}"
       end
+    end
+
+    test ":session_timeout and :instance_id become librdkafka's session, heartbeat and group.instance.id; :config wins" do
+      conn = [connection: :x, bootstrap: endpoints(), config: [], producer: nil]
+      props = Ottla.Consumer.Options.group!(gc(), conn).props
+      assert {"session.timeout.ms", "10000"} in props
+      assert {"heartbeat.interval.ms", "1000"} in props
+      refute List.keymember?(props, "group.instance.id", 0)
+
+      props =
+        Ottla.Consumer.Options.group!(
+          gc(instance_id: "host-1.orders", session_timeout: 30_000),
+          conn
+        ).props
+
+      assert {"group.instance.id", "host-1.orders"} in props
+      assert {"heartbeat.interval.ms", "3000"} in props
+      # librdkafka applies properties in order: the user's config comes after the defaults.
+      props =
+        Ottla.Consumer.Options.group!(gc(config: ["session.timeout.ms": 45_000]), conn).props
+
+      assert List.last(for {"session.timeout.ms", v} <- props, do: v) == "45000"
     end
 
     test "an invalid librdkafka property makes start_link fail with an Ottla.Error" do

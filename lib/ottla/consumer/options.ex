@@ -37,7 +37,9 @@ defmodule Ottla.Consumer.Options do
           assignments_revoked_handler: fn -> :ok end,
           begin_offset: :latest,
           assignment_strategy: :cooperative_sticky,
-          offsets: :kafka
+          offsets: :kafka,
+          instance_id: nil,
+          session_timeout: 10_000
         ] ++ @common,
         ":group_consumer options"
       )
@@ -88,13 +90,22 @@ defmodule Ottla.Consumer.Options do
               "invalid :assignment_strategy #{inspect(opts[:assignment_strategy])}: " <>
                 "expected :cooperative_sticky, :range or :roundrobin"
 
-    defaults = [
-      {"group.id", group},
-      {"auto.offset.reset", Atom.to_string(begin)},
-      {"partition.assignment.strategy", strategy}
+    session = Options.integer!(opts[:session_timeout], :session_timeout, 1_000, 3_600_000)
+
+    defaults =
+      [
+        {"group.id", group},
+        {"auto.offset.reset", Atom.to_string(begin)},
+        {"partition.assignment.strategy", strategy}
+      ] ++ instance_id!(opts[:instance_id])
+
+    # Session and heartbeat are tunables (a user's config overrides them), the rest is not.
+    session_tunables = [
+      {"session.timeout.ms", Integer.to_string(session)},
+      {"heartbeat.interval.ms", Integer.to_string(max(div(session, 10), 100))}
     ]
 
-    common!(opts, conn, defaults)
+    common!(opts, conn, defaults, session_tunables)
     |> Map.merge(%{
       mode: :group,
       group: group,
@@ -197,7 +208,25 @@ defmodule Ottla.Consumer.Options do
       else: []
   end
 
-  defp common!(opts, conn, defaults) do
+  # Static membership (KIP-345): the member keeps its identity across restarts and broker
+  # outages, so the group gives its partitions back without waiting for its old session.
+  defp instance_id!(nil), do: []
+
+  defp instance_id!(id) when is_binary(id) and byte_size(id) in 1..249 do
+    if String.match?(id, ~r/^[A-Za-z0-9._-]+$/),
+      do: [{"group.instance.id", id}],
+      else: bad_instance_id!(id)
+  end
+
+  defp instance_id!(other), do: bad_instance_id!(other)
+
+  defp bad_instance_id!(other) do
+    raise ArgumentError,
+          "invalid :instance_id #{inspect(other)}: expected nil or a name of 1 to 249 " <>
+            "letters, digits, '.', '_' or '-', unique in the group and stable across restarts"
+  end
+
+  defp common!(opts, conn, defaults, session_tunables \\ []) do
     handler = opts[:handler]
 
     unless is_atom(handler) and not is_nil(handler) and Code.ensure_loaded?(handler) and
@@ -219,8 +248,11 @@ defmodule Ottla.Consumer.Options do
       [
         {"fetch.queue.backoff.ms", "10"},
         {"queued.min.messages", "10000"},
-        {"queued.max.messages.kbytes", "2048"}
-      ] ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
+        {"queued.max.messages.kbytes", "2048"},
+        # librdkafka's reconnect backoff grows to 10 s: after a broker outage the consumer
+        # would find the broker back up to 10 s late.
+        {"reconnect.backoff.max.ms", "1000"}
+      ] ++ session_tunables ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
 
     # What the guarantees rest on comes last (and is refused in user config): Ottla commits
     # acked offsets only.

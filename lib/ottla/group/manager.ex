@@ -234,6 +234,22 @@ defmodule Ottla.Group.Manager do
     {:stop, {:assignment_received_handler, topic, partition, result}, state}
   end
 
+  def handle_info({:ottla_consumer_fatal, reason, tps}, state) do
+    # librdkafka's consumer cannot go on (e.g. fenced by another member under the same
+    # :instance_id); the NIF has dropped its partitions. Stop their workers, so no handler
+    # works on partitions the group gave to others, and stay stopped: a restart would fence
+    # the other member in turn.
+    Logger.error(
+      "the consumer failed for good and stops consuming: #{reason}; #{length(tps)} " <>
+        "partitions released. Restart the connection once the cause is fixed (two members " <>
+        "under one :instance_id fence each other)"
+    )
+
+    deadline = System.monotonic_time(:millisecond) + state.drain_timeout
+    stop_workers(Map.values(state.partitions), deadline)
+    {:noreply, %{state | partitions: %{}}}
+  end
+
   def handle_info({:ottla_consumer_down, thread}, state) do
     Logger.error("the consumer's #{thread} thread failed; restarting the consumer")
     {:stop, {:consumer_down, thread}, state}

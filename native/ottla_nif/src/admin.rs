@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_executor::block_on;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::metadata::Metadata;
 use std::ffi::CString;
@@ -208,6 +208,65 @@ fn admin_create_topic(
     })
 }
 
+/// Grows `topic` to `partitions` partitions; waits until the metadata shows them all with a
+/// leader that serves them, so producers and consumers refreshing their metadata find them.
+fn create_partitions(
+    ctx: &OttlaContext,
+    bootstrap: &str,
+    props: &[(String, String)],
+    topic: &str,
+    partitions: usize,
+    timeout: Duration,
+) -> Result<Atom> {
+    let deadline = Instant::now() + timeout;
+    let client = admin(ctx, bootstrap, props)?;
+    let results = block_on(
+        client.create_partitions([&NewPartitions::new(topic, partitions)], &options(timeout)),
+    )?;
+    for result in results {
+        if let Err((name, code)) = result {
+            return Err(Error::from_code(
+                code,
+                format!("could not grow topic {name:?} to {partitions} partitions: {code}"),
+            ));
+        }
+    }
+    wait_for_metadata(
+        &client,
+        topic,
+        deadline,
+        |state| matches!(state, Some((n, true)) if n == partitions),
+    )?;
+    while !leaders_serve(&client, topic, partitions as i32) {
+        if Instant::now() >= deadline {
+            return Err(Error::from_code(
+                RDKafkaErrorCode::OperationTimedOut,
+                format!("topic {topic:?} grew, but not every partition's leader serves it yet"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(atoms::ok())
+}
+
+/// Grows a topic to `partitions` partitions; answers `:ok` once every partition's leader
+/// serves it.
+#[rustler::nif]
+fn admin_create_partitions(
+    pid: LocalPid,
+    tag: u64,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    topic: String,
+    partitions: usize,
+    timeout_ms: u64,
+) -> Atom {
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        create_partitions(ctx, &bootstrap, &props, &topic, partitions, timeout)
+    })
+}
+
 fn delete_topic(
     ctx: &OttlaContext,
     bootstrap: &str,
@@ -294,6 +353,33 @@ fn admin_partition_count(
         let client = admin(ctx, &bootstrap, &props)?;
         let count = crate::metadata::partition_count(client.inner(), &topic, timeout)?;
         Ok((atoms::ok(), count))
+    })
+}
+
+/// Answers `{:ok, [{partition, leader_broker_id}]}` for `topic`, sorted by partition
+/// (`-1` for a partition without a leader).
+#[rustler::nif]
+fn admin_partition_leaders(
+    pid: LocalPid,
+    tag: u64,
+    bootstrap: String,
+    props: Vec<(String, String)>,
+    topic: String,
+    timeout_ms: u64,
+) -> Atom {
+    let timeout = Duration::from_millis(timeout_ms);
+    answer_call(pid, tag, move |ctx| {
+        let client = admin(ctx, &bootstrap, &props)?;
+        crate::metadata::partition_count(client.inner(), &topic, timeout)?;
+        let md = metadata(&client, Some(&topic), timeout)?;
+        let mut leaders: Vec<(i32, i32)> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| (p.id(), p.leader())))
+            .collect();
+        leaders.sort();
+        Ok((atoms::ok(), leaders))
     })
 }
 

@@ -78,6 +78,20 @@ impl Commits {
         Vec::new()
     }
 
+    /// Which of `tps` have a commit still waiting for Kafka's answer.
+    pub fn unconfirmed(&self, tps: &[Tp]) -> Vec<Tp> {
+        let mut out: Vec<Tp> = self
+            .pending
+            .iter()
+            .flat_map(|p| p.offsets.iter().map(|(tp, _)| tp))
+            .filter(|tp| tps.contains(tp))
+            .cloned()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Collects the results of finished commits, waiting up to `wait` for all of them.
     pub fn collect(&mut self, wait: Duration) -> Vec<Outcome> {
         let deadline = Instant::now() + wait;

@@ -87,6 +87,9 @@ pub struct State {
     pub revoke_seq: u64,
     pub revoke_done: u64,
     pub closing: bool,
+    /// The commit and partition queues were released before the consumer's close: nothing
+    /// may create new ones (a revocation during close must not commit).
+    pub released: bool,
     /// librdkafka's latest statistics, when `statistics.interval.ms` is set.
     pub statistics: Option<crate::context::StatsSummary>,
 }

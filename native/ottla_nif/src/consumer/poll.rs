@@ -33,6 +33,8 @@ const REPLY_MARGIN: Duration = Duration::from_millis(300);
 const REVOKE_COMMIT_WAIT: Duration = Duration::from_millis(500);
 /// How long shutdown waits for its final commit.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How long shutdown serves librdkafka between attempts at a refused final commit.
+const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(200);
 /// How often a bounded wait re-reads the ack cells.
 const RECHECK: Duration = Duration::from_millis(5);
 
@@ -161,12 +163,12 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
             queues.remove(tp);
         }
     }
-    let closing = {
+    let (closing, released) = {
         let mut st = shared.lock();
         for tp in &list {
             st.handle(tp, Event::Revoke);
         }
-        st.closing
+        (st.closing, st.released)
     };
 
     if !closing {
@@ -193,11 +195,30 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
         wait_until(shared, deadline + REPLY_MARGIN, |st| st.revoke_done >= id);
     }
 
-    if !lost && !closing && shared.settings.commit {
+    // While closing, the manager is not asked, but acks are still committed (a revocation
+    // served by the final commit's retries), unless the queues are gone (the client's close).
+    if !lost && !released && shared.settings.commit {
         let outcomes = {
             let mut commits = ctx.commits();
             let mut outcomes = start_commit(shared, consumer, &mut commits, Some(&list));
-            outcomes.extend(commits.collect(REVOKE_COMMIT_WAIT));
+            // The commit may use what is left of the drain timeout (at least
+            // REVOKE_COMMIT_WAIT): an ack whose commit is not confirmed before the partition
+            // goes is handled again by its next owner.
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .max(REVOKE_COMMIT_WAIT);
+            outcomes.extend(commits.collect(wait));
+            let unconfirmed = commits.unconfirmed(&list);
+            if !unconfirmed.is_empty() {
+                log(
+                    atoms::warning(),
+                    "COMMIT",
+                    &format!(
+                        "revoked partitions' commit not confirmed in time, their next owner \
+                         may handle acked messages again: {unconfirmed:?}"
+                    ),
+                );
+            }
             outcomes
         };
         apply_commits(shared, outcomes);
@@ -424,6 +445,51 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     }
 }
 
+/// librdkafka's consumer failed for good (e.g. fenced: another member joined under the same
+/// `group.instance.id`): the group has given its partitions to others. Forget them all, so
+/// nothing more is delivered, acked or committed here, and tell the manager:
+/// `{:ottla_consumer_fatal, reason, [{topic, partition}]}`. The consumer is not restarted:
+/// a restarted static member would fence the other one in turn.
+fn failed_for_good(shared: &Shared, code: rdkafka::types::RDKafkaErrorCode) {
+    let list: Vec<Tp> = shared.lock().partitions.keys().cloned().collect();
+    shared.remove_partitions(&list);
+    let reason = format!("{code} ({})", crate::error::code_name(code));
+    send_reliably(
+        &shared.settings.manager,
+        Box::new(move |env| (atoms::ottla_consumer_fatal(), reason, list).encode(env)),
+    );
+}
+
+/// Commits every ack before the consumer closes, within `FINAL_COMMIT_WAIT`. A commit sent
+/// while a rebalance is under way is refused (`ILLEGAL_GENERATION`, `REBALANCE_IN_PROGRESS`),
+/// and so is one while the coordinator moves: then librdkafka is polled so it can finish the
+/// rebalance (its callbacks run in poll; what it revokes is committed there), and the
+/// commit is tried again. Without this, a member stopped during a rebalance left its last
+/// acks uncommitted and their messages were handled again by the next owner.
+fn final_commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
+    let ctx = consumer.context();
+    let deadline = Instant::now() + FINAL_COMMIT_WAIT;
+    loop {
+        let outcomes = {
+            let mut commits = ctx.commits();
+            let mut outcomes = start_commit(shared, consumer, &mut commits, None);
+            outcomes.extend(commits.collect(deadline.saturating_duration_since(Instant::now())));
+            outcomes
+        };
+        let refused = outcomes.iter().any(|o| !o.ok);
+        apply_commits(shared, outcomes);
+        if !refused || Instant::now() >= deadline {
+            return;
+        }
+        let pause_until = (Instant::now() + FINAL_COMMIT_RETRY).min(deadline);
+        while Instant::now() < pause_until {
+            // Rebalance events are served here; a message polled now is dropped unacked,
+            // so its next owner gets it.
+            let _ = consumer.poll(RECHECK * 4);
+        }
+    }
+}
+
 /// Releases the queue handles (commit replies, partitions' queues) before the consumer they
 /// belong to, also when the thread unwinds from a panic: librdkafka must not be destroyed
 /// with queues outstanding.
@@ -431,6 +497,7 @@ struct ReleaseQueues<'a>(&'a BaseConsumer<GroupCtx>);
 
 impl Drop for ReleaseQueues<'_> {
     fn drop(&mut self) {
+        self.0.context().shared.lock().released = true;
         *self.0.context().commits() = Commits::default();
         self.0.context().queues().clear();
     }
@@ -445,12 +512,20 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut taken: Vec<(Tp, Vec<Msg>)> = Vec::new();
     let mut scratch: Vec<*mut rdkafka::bindings::rd_kafka_message_t> = Vec::new();
     let commit = shared.settings.commit;
+    let mut fatal = false;
     while !shared.stop.load(Ordering::SeqCst) {
         // The main queue: rebalances and errors, and messages of partitions without a queue
         // of their own. Never waits: the wait is on `shared.wake`, below.
         while polled.len() < INTAKE_BATCH {
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => polled.push(to_msg(&m)),
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    if !fatal {
+                        fatal = true;
+                        failed_for_good(&shared, code);
+                    }
+                    break;
+                }
                 Some(Err(err)) => {
                     log(atoms::warning(), "CONSUME", &err.to_string());
                     break;
@@ -508,18 +583,12 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         }
     }
     // Shutdown: commit every ack (bounded), then close: leave the group, so the others
-    // rebalance at once.
-    if commit {
-        let ctx = consumer.context();
-        let outcomes = {
-            let mut commits = ctx.commits();
-            let mut outcomes = start_commit(&shared, &consumer, &mut commits, None);
-            outcomes.extend(commits.collect(FINAL_COMMIT_WAIT));
-            outcomes
-        };
-        apply_commits(&shared, outcomes);
-    }
+    // rebalance at once. From here on a revocation commits without asking the manager, which
+    // is stopping.
     shared.lock().closing = true;
+    if commit && !fatal {
+        final_commit(&shared, &consumer);
+    }
     // Queue handles must go before the client they belong to.
     drop(release);
     drop(consumer);
