@@ -23,7 +23,8 @@ defmodule Ottla.Testing do
 
   @doc """
   Starts a mock cluster owned by a process linked to the caller and returns its endpoints.
-  It stops when that process stops (`stop_mock_cluster/1`, or the caller exits).
+  It stops when that process stops (`stop_mock_cluster/1`), or when the caller exits,
+  for whatever reason.
 
   ## Options
 
@@ -51,7 +52,7 @@ defmodule Ottla.Testing do
     # Each mock broker holds sockets and a thread: librdkafka aborts the VM when it cannot
     # have them, so the count is bounded.
     brokers = Ottla.Options.integer!(opts[:brokers], :brokers, 1, 32)
-    GenServer.start_link(__MODULE__, brokers)
+    GenServer.start_link(__MODULE__, {brokers, self()})
   end
 
   @doc "The endpoints of the mock cluster owned by `pid`."
@@ -59,7 +60,11 @@ defmodule Ottla.Testing do
   def endpoints(pid), do: GenServer.call(pid, :endpoints)
 
   @impl true
-  def init(brokers) do
+  def init({brokers, owner}) do
+    # Linked to its owner, but a link does not stop it when the owner ends normally: the
+    # monitor does, so a cluster never outlives the process that started it.
+    Process.monitor(owner)
+
     case Ottla.Native.mock_cluster_start(brokers) do
       {:ok, cluster, bootstrap} ->
         {:ok, _} = Registry.register(Ottla.Registry, {__MODULE__, bootstrap}, nil)
@@ -94,6 +99,10 @@ defmodule Ottla.Testing do
     {:reply, Ottla.Native.mock_cluster_create_topic(state.cluster, topic, partitions, replicas),
      state}
   end
+
+  @impl true
+  def handle_info({:DOWN, _ref, :process, _owner, _reason}, state), do: {:stop, :normal, state}
+  def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
   def terminate(_reason, state), do: Ottla.Native.mock_cluster_stop(state.cluster)

@@ -43,14 +43,10 @@ defmodule Ottla.Consumer.Options do
       )
       |> with_brod_config(raw)
 
-    group = opts[:group]
-
-    unless is_binary(group) and group != "",
-      do: raise(ArgumentError, "invalid :group #{inspect(group)}: expected a non-empty string")
-
+    group = Options.name!(opts[:group], :group)
     topics = opts[:topics]
 
-    unless is_list(topics) and topics != [],
+    unless is_list(topics) and topics != [] and Options.proper_list?(topics),
       do:
         raise(
           ArgumentError,
