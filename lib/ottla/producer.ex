@@ -264,9 +264,18 @@ defmodule Ottla.Producer do
 
   defp pick(partitioner, count, key) do
     result =
-      if is_atom(partitioner),
-        do: partitioner.partition(count, key),
-        else: partitioner.(count, key)
+      try do
+        if is_atom(partitioner),
+          do: partitioner.partition(count, key),
+          else: partitioner.(count, key)
+      rescue
+        # Not a partitioner after all (a module with an unrelated partition/2, a function
+        # that fails on these arguments): the argument is wrong.
+        e ->
+          raise ArgumentError,
+                "the :partitioner #{inspect(partitioner)} raised for key #{inspect(key)}: " <>
+                  Exception.message(e)
+      end
 
     case result do
       p when is_integer(p) and p >= 0 and p < count ->

@@ -55,9 +55,19 @@ defmodule Ottla.Testing do
     GenServer.start_link(__MODULE__, {brokers, self()})
   end
 
-  @doc "The endpoints of the mock cluster owned by `pid`."
+  @doc """
+  The endpoints of the mock cluster owned by `pid`. Raises `ArgumentError` when `pid` is not
+  a running mock cluster.
+  """
   @spec endpoints(pid) :: [{String.t(), :inet.port_number()}]
-  def endpoints(pid), do: GenServer.call(pid, :endpoints)
+  def endpoints(pid) when is_pid(pid) do
+    GenServer.call(pid, :endpoints)
+  catch
+    :exit, _ -> raise ArgumentError, "#{inspect(pid)} is not a running mock cluster"
+  end
+
+  def endpoints(other),
+    do: raise(ArgumentError, "invalid pid #{inspect(other)}: expected a mock cluster's pid")
 
   @impl true
   def init({brokers, owner}) do

@@ -41,6 +41,7 @@ rustler::atoms! {
     unheld_acks,
     undelivered_acks,
     ottla_consumer_down,
+    ottla_consumer_failed,
     ottla_closed,
     ottla_reply,
     held,

@@ -21,6 +21,7 @@ use super::queues::Queues;
 use super::{now_ms, Msg, Shared, State, Tp};
 use crate::atoms;
 use crate::context::{log, send_reliably, OttlaContext};
+use crate::error::Error;
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Messages taken from librdkafka per lock of the state.
@@ -417,6 +418,34 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     }
 }
 
+/// An error after which this consumer can never consume (a group the broker refuses as
+/// configured: e.g. a `session.timeout.ms` outside the broker's bounds, a group id it
+/// rejects, or a fatal librdkafka error), as the error to report; `None` for the others,
+/// which librdkafka retries on its own.
+fn fatal_group_error(err: &KafkaError) -> Option<Error> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    let code = err.rdkafka_error_code()?;
+    matches!(
+        code,
+        Code::InvalidSessionTimeout
+            | Code::InvalidGroupId
+            | Code::InconsistentGroupProtocol
+            | Code::GroupAuthorizationFailed
+            | Code::Fatal
+    )
+    .then(|| Error::from(err.clone()))
+}
+
+/// Stops the consumer and tells the manager why (`{:ottla_consumer_failed, error}`), so that
+/// a consumer that cannot consume fails loudly instead of running idle.
+fn fail(shared: &Shared, error: Error) {
+    shared.signal_stop();
+    send_reliably(
+        &shared.settings.manager,
+        Box::new(move |env| (atoms::ottla_consumer_failed(), error).encode(env)),
+    );
+}
+
 /// Releases the queue handles (commit replies, partitions' queues) before the consumer they
 /// belong to, also when the thread unwinds from a panic: librdkafka must not be destroyed
 /// with queues outstanding.
@@ -436,6 +465,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let mut polled: Vec<(Tp, Msg)> = Vec::with_capacity(INTAKE_BATCH);
     let commit = shared.settings.commit;
     while !shared.stop.load(Ordering::SeqCst) {
+        if shared.test_panic.swap(false, Ordering::SeqCst) {
+            panic!("test-only panic of the poll thread (consumer_test_panic)");
+        }
         // The main queue: rebalances and errors, and messages of partitions without a queue
         // of their own. Never waits: the wait is on `shared.wake`, below.
         while polled.len() < INTAKE_BATCH {
@@ -443,6 +475,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
                 Some(Ok(m)) => polled.push(to_msg(&m)),
                 Some(Err(err)) => {
                     log(atoms::warning(), "CONSUME", &err.to_string());
+                    if let Some(error) = fatal_group_error(&err) {
+                        fail(&shared, error);
+                    }
                     break;
                 }
                 None => break,

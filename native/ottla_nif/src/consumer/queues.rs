@@ -169,7 +169,8 @@ impl Queues {
         if n <= 0 {
             return 0;
         }
-        let n = n as usize;
+        // librdkafka returns at most `max`; the bound keeps the slice in range regardless.
+        let n = (n as usize).min(max);
         for &m in &buf[..n] {
             // SAFETY: librdkafka returned `n` live messages, each destroyed once below.
             unsafe {
