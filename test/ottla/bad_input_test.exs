@@ -2,6 +2,8 @@ defmodule Ottla.BadInputTest do
   # Not async: it runs many calls against the shared broker, in a VM of its own.
   use ExUnit.Case, async: false
 
+  import Bitwise
+
   alias Ottla.BadInput
 
   @moduletag timeout: 900_000
@@ -62,6 +64,230 @@ defmodule Ottla.BadInputTest do
           end)
 
         flunk("#{length(defects)} call(s) did something undocumented (seed #{seed}):\n#{shown}")
+      end
+    end
+  end
+
+  # Each defect the generator (or the probe before it) found, as a small test of its own.
+  describe "regressions" do
+    import Ottla.TestSupport
+
+    test "improper lists in endpoints, headers, config and messages raise ArgumentError" do
+      ep = endpoints()
+
+      assert_raise ArgumentError, ~r/endpoints/, fn ->
+        Ottla.list_topics([{"127.0.0.1", 9092} | :tail])
+      end
+
+      assert_raise ArgumentError, ~r/headers/, fn ->
+        Ottla.produce(ep, "t", %{value: "v", headers: [{"h", "v"} | :tail]})
+      end
+
+      assert_raise ArgumentError, ~r/config/, fn ->
+        Ottla.produce(ep, "t", "v", config: [{"client.id", "x"} | :tail])
+      end
+
+      assert_raise ArgumentError, ~r/config/, fn ->
+        Ottla.create_topic(ep, "t", config: [{"retention.ms", 1} | :tail])
+      end
+
+      assert_raise ArgumentError, ~r/messages/, fn -> Ottla.produce(ep, "t", ["a" | "b"]) end
+
+      assert_raise ArgumentError, ~r/ssl/, fn ->
+        Ottla.list_topics(ep) &&
+          Ottla.produce(ep, "t", "v", config: [ssl: [{:verify, :verify_peer} | :x]])
+      end
+    end
+
+    test "hosts that are not text raise ArgumentError naming the endpoints" do
+      for host <- [[-1], [0xD800], [:a], [?a | ?b], <<255>>, "a\0b"] do
+        assert_raise ArgumentError, ~r/endpoints/, fn -> Ottla.list_topics([{host, 9092}]) end
+      end
+
+      assert_raise ArgumentError, ~r/endpoints/, fn -> Ottla.list_topics(<<255, ?:, ?1>>) end
+    end
+
+    test "non-UTF-8 or NUL topics, groups, header names and config values name the argument" do
+      ep = endpoints()
+      assert_raise ArgumentError, ~r/topic/, fn -> Ottla.fetch(ep, <<255, 254>>) end
+      assert_raise ArgumentError, ~r/topic/, fn -> Ottla.fetch(ep, "a\0b") end
+      assert_raise ArgumentError, ~r/group/, fn -> Ottla.committed_offsets(ep, <<255>>, "t") end
+
+      assert_raise ArgumentError, ~r/client.id/, fn ->
+        Ottla.produce(ep, "t", "v", config: ["client.id": <<255>>])
+      end
+
+      assert_raise ArgumentError, ~r/header name/, fn ->
+        Ottla.produce(ep, "t", %{value: "v", headers: [{<<255>>, "v"}]})
+      end
+    end
+
+    test "a secret of the wrong shape is refused without being shown" do
+      error =
+        assert_raise ArgumentError, fn ->
+          Ottla.produce(endpoints(), "t", "v", config: [ssl: [password: %{secret: "hunter2"}]])
+        end
+
+      refute error.message =~ "hunter2"
+    end
+
+    test "a timestamp beyond 64 bits and a generation id beyond 32 bits raise ArgumentError" do
+      assert_raise ArgumentError, ~r/timestamp/, fn ->
+        Ottla.produce(endpoints(), "t", %{value: "v", timestamp: 1 <<< 63})
+      end
+
+      assert_raise ArgumentError, ~r/generation_id/, fn ->
+        Ottla.Group.Acknowledger.ack(:no_such_connection, "t", 0, 1 <<< 31, 1)
+      end
+    end
+
+    test "absurd mock sizes are refused before librdkafka sees them" do
+      {:ok, mock} = Ottla.Testing.start_mock_cluster()
+
+      assert_raise ArgumentError, ~r/partitions/, fn ->
+        Ottla.create_topic(mock, "t", partitions: 2_147_483_647)
+      end
+
+      assert_raise ArgumentError, ~r/replicas/, fn ->
+        Ottla.create_topic(mock, "t", replicas: 32_768)
+      end
+
+      assert_raise ArgumentError, ~r/brokers/, fn ->
+        Ottla.Testing.start_mock_cluster(brokers: 100_000)
+      end
+
+      assert_raise ArgumentError, ~r/brokers/, fn ->
+        Ottla.Testing.start_mock_cluster(brokers: 33)
+      end
+    end
+
+    test "a topic with a NUL byte is refused by the consumer NIF itself, not with a panic" do
+      tuning = %{
+        max_batch: 1,
+        max_backlog: 1,
+        drain_timeout: 0,
+        commit_interval: 1000,
+        commit: false,
+        max_attempts: 0,
+        retry_backoff: 1,
+        max_retry_backoff: 1
+      }
+
+      assert {:error, %Ottla.Error{code: :invalid_topic}} =
+               Ottla.Native.consumer_new(
+                 endpoints(),
+                 [{"group.id", "g"}],
+                 self(),
+                 ["a\0b"],
+                 [],
+                 tuning
+               )
+
+      assert_raise ArgumentError, ~r/topic/, fn ->
+        Ottla.Supervisor.start_link(
+          connection: :nul_topic,
+          endpoints: endpoints(),
+          group_consumer: [group: "g", topics: ["a\0b"], handler: Ottla.BadInput.Handler]
+        )
+      end
+    end
+
+    test "Testing.endpoints/1 and Fetch searches raise ArgumentError for a wrong argument" do
+      assert_raise ArgumentError, ~r/pid/, fn -> Ottla.Testing.endpoints(:x) end
+
+      assert_raise ArgumentError, ~r/mock cluster/, fn ->
+        Ottla.Testing.endpoints(:c.pid(0, 32_767, 1))
+      end
+
+      assert_raise ArgumentError, ~r/fun/, fn -> Ottla.Fetch.search(endpoints(), "t", :x) end
+
+      assert_raise ArgumentError, ~r/term/, fn ->
+        Ottla.Fetch.search_keys(endpoints(), "t", nil)
+      end
+    end
+
+    test "a partitioner module that raises gives ArgumentError naming :partitioner" do
+      topic = create_topic!(partitions: 2)
+
+      assert_raise ArgumentError, ~r/partitioner/, fn ->
+        Ottla.produce(endpoints(), topic, {"k", "v"},
+          partitioner: Ottla.BadInput.RaisingPartitioner
+        )
+      end
+    end
+
+    test "a consumer for a partition the topic does not have is refused at start" do
+      Process.flag(:trap_exit, true)
+      topic = create_topic!(partitions: 3)
+
+      assert {:error, reason} =
+               Ottla.Supervisor.start_link(
+                 connection: :partition_99,
+                 endpoints: endpoints(),
+                 consumer: [topic: topic, partition: 99, handler: Ottla.BadInput.Handler]
+               )
+
+      assert inspect(reason) =~ "unknown_partition"
+    end
+
+    test "a group consumer the broker refuses (session.timeout.ms: 1) stops with the error" do
+      Process.flag(:trap_exit, true)
+      topic = create_topic!()
+
+      {:ok, sup} =
+        Ottla.Supervisor.start_link(
+          connection: :session_1,
+          endpoints: endpoints(),
+          group_consumer: [
+            group: group_name(),
+            topics: [topic],
+            handler: Ottla.BadInput.Handler,
+            config: ["session.timeout.ms": 1]
+          ]
+        )
+
+      [manager] =
+        for {{Ottla.Group.Manager, :group}, pid, _, _} <- Supervisor.which_children(sup), do: pid
+
+      ref = Process.monitor(manager)
+      assert_receive {:DOWN, ^ref, :process, ^manager, reason}, 30_000
+      assert {:consumer_failed, %Ottla.Error{code: :invalid_session_timeout}} = reason
+      # It keeps failing: its supervisor gives up, and the connection stops.
+      assert_receive {:EXIT, ^sup, _}, 60_000
+    end
+
+    test "a mock cluster stops when its owner exits normally" do
+      parent = self()
+
+      {owner, ref} =
+        spawn_monitor(fn ->
+          {:ok, endpoints} = Ottla.Testing.start_mock_cluster()
+          send(parent, {:endpoints, endpoints})
+        end)
+
+      assert_receive {:endpoints, endpoints}
+      assert_receive {:DOWN, ^ref, :process, ^owner, :normal}
+      bootstrap = Ottla.Options.bootstrap!(endpoints)
+      wait_until(fn -> Ottla.Testing.lookup(bootstrap) == nil end, 5_000, "the mock to stop")
+      assert {:error, %Ottla.Error{}} = Ottla.list_topics(endpoints, timeout: 500)
+    end
+
+    test "killing Ottla's registry does not stop the application (in a VM of its own)" do
+      paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
+      {:ok, peer, _} = :peer.start_link(%{connection: :standard_io, args: paths})
+
+      try do
+        {:ok, _} = :peer.call(peer, Application, :ensure_all_started, [:ottla])
+        :ok = :peer.call(peer, Logger, :configure, [[level: :none]])
+        old = :peer.call(peer, Process, :whereis, [Ottla.Registry])
+        true = :peer.call(peer, Process, :exit, [old, :kill])
+        :ok = :peer.call(peer, Process, :sleep, [500])
+        running = :peer.call(peer, Application, :started_applications, [])
+        assert Enum.any?(running, &match?({:ottla, _, _}, &1))
+        new = :peer.call(peer, Process, :whereis, [Ottla.Registry])
+        assert is_pid(new) and new != old
+      after
+        :peer.stop(peer)
       end
     end
   end

@@ -810,6 +810,12 @@ defmodule Ottla.BadInput.Funs do
   def revoked, do: :ok
 end
 
+defmodule Ottla.BadInput.RaisingPartitioner do
+  @moduledoc false
+  # A module with a partition/2 that is no partitioner: it raises.
+  def partition(_count, key), do: String.to_integer(key)
+end
+
 defmodule Ottla.BadInput.Handler do
   @moduledoc false
   # Acks every batch; sends nothing.
