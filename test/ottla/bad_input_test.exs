@@ -272,6 +272,26 @@ defmodule Ottla.BadInputTest do
       assert {:error, %Ottla.Error{}} = Ottla.list_topics(endpoints, timeout: 500)
     end
 
+    test "the mock cluster NIFs refuse absurd sizes themselves (in a VM of its own)" do
+      paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
+      {:ok, peer, _} = :peer.start_link(%{connection: :standard_io, args: paths})
+
+      try do
+        {:ok, _} = :peer.call(peer, Application, :ensure_all_started, [:ottla])
+
+        assert {:error, %Ottla.Error{code: :invalid_arg}} =
+                 :peer.call(peer, Ottla.Native, :mock_cluster_start, [100_000])
+
+        assert {:error, %Ottla.Error{code: :invalid_arg}} =
+                 :peer.call(peer, Ottla.BadInput.Runner, :mock_topic, [2_147_483_647, 1])
+
+        assert {:error, %Ottla.Error{code: :invalid_arg}} =
+                 :peer.call(peer, Ottla.BadInput.Runner, :mock_topic, [1, 32_768])
+      after
+        :peer.stop(peer)
+      end
+    end
+
     test "killing Ottla's registry does not stop the application (in a VM of its own)" do
       paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
       {:ok, peer, _} = :peer.start_link(%{connection: :standard_io, args: paths})

@@ -168,6 +168,12 @@ defmodule Ottla.BadInput.Runner do
     end
   end
 
+  @doc "Asks the mock cluster NIF itself (no Elixir bounds) for a topic of this size."
+  def mock_topic(partitions, replicas) do
+    {:ok, cluster, _bootstrap} = Ottla.Native.mock_cluster_start(1)
+    Ottla.Native.mock_cluster_create_topic(cluster, "t", partitions, replicas)
+  end
+
   @doc "Takes a few elements of an `Ottla.Fetch` stream (built by `fun` with `args`)."
   def take_stream(fun, args), do: Ottla.Fetch |> apply(fun, args) |> Enum.take(5)
 end

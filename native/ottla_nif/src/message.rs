@@ -163,6 +163,7 @@ pub fn encode_list<'a>(
         let mut at = 0;
         for m in messages {
             for part in [&m.key, &m.value].into_iter().flatten() {
+                // In range: `total` is the sum of these very lengths.
                 buf[at..at + part.len()].copy_from_slice(part);
                 at += part.len();
             }

@@ -80,6 +80,7 @@ impl Commits {
 
     /// Collects the results of finished commits, waiting up to `wait` for all of them.
     pub fn collect(&mut self, wait: Duration) -> Vec<Outcome> {
+        // `wait` is one of this module's constants or zero.
         let deadline = Instant::now() + wait;
         let mut out = Vec::new();
         let mut still = Vec::new();

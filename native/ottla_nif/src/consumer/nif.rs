@@ -86,7 +86,9 @@ fn consumer_new<'a>(
 
     // librdkafka takes topic names as C strings, and the rdkafka crate panics on a NUL byte
     // (Elixir refuses such names; this keeps the NIF safe on its own).
-    let named = topics.iter().chain(assignment.iter().map(|(topic, _, _)| topic));
+    let named = topics
+        .iter()
+        .chain(assignment.iter().map(|(topic, _, _)| topic));
     if let Some(topic) = named.into_iter().find(|t| t.contains('\0')) {
         return Err(Error::new(
             "invalid_topic",

@@ -301,6 +301,9 @@ fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
     }
 }
 
+/// `topic()` cannot panic here (the rdkafka crate's `expect` on a non-UTF-8 name): librdkafka
+/// names a fetched message's topic with the name this consumer subscribed to or was assigned,
+/// which Elixir checked is UTF-8 without NUL.
 fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
     (
         (m.topic().to_string(), m.partition()),
