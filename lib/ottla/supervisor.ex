@@ -145,7 +145,7 @@ defmodule Ottla.Supervisor do
     registration =
       case opts[:name] do
         nil -> [name: via(name)]
-        supervisor_name -> [name: supervisor_name]
+        supervisor_name -> [name: supervisor_name!(supervisor_name)]
       end
 
     Supervisor.start_link(__MODULE__, {conn_opts, consumers, opts[:name] != nil}, registration)
@@ -216,6 +216,23 @@ defmodule Ottla.Supervisor do
       end)
 
     Supervisor.init([connection | consumer_children], strategy: :rest_for_one)
+  end
+
+  # What OTP accepts as a name, checked before a process is started with it (a :via module
+  # that cannot register would crash the start).
+  defp supervisor_name!(name) when is_atom(name) and name not in [true, false], do: name
+  defp supervisor_name!({:global, _} = name), do: name
+
+  defp supervisor_name!({:via, module, _} = name) when is_atom(module) do
+    if Code.ensure_loaded?(module) and function_exported?(module, :register_name, 2),
+      do: name,
+      else: supervisor_name!({:bad_via, name})
+  end
+
+  defp supervisor_name!(other) do
+    raise ArgumentError,
+          "invalid :name #{inspect(other)}: expected an atom, {:global, term} or " <>
+            "{:via, module, term}"
   end
 
   defp producer_config!(nil), do: nil

@@ -40,6 +40,15 @@ defmodule Ottla.BadInputTest do
           "(replay: OTTLA_FUZZ_SEED=#{seed}); outcomes: #{kinds}; defects: #{length(result.defects)}"
       )
 
+      if System.get_env("OTTLA_FUZZ_VERBOSE") do
+        functions =
+          result.functions
+          |> Enum.sort()
+          |> Enum.map_join(", ", fn {function, n} -> "#{function} #{n}" end)
+
+        IO.puts("bad input: calls by function: #{functions}")
+      end
+
       crash =
         case result.died do
           nil ->
@@ -358,14 +367,15 @@ defmodule Ottla.BadInputTest do
     died? = Enum.any?(results, &match?({:peer_died, _}, &1))
     records = Enum.flat_map(results, fn {_, records} -> records end)
 
-    kinds = Enum.frequencies_by(records, fn {_, kind, _} -> kind end)
-    defects = for {index, _, {:defect, why, code}} <- records, do: {index, why, code}
+    kinds = Enum.frequencies_by(records, fn {_, kind, _, _} -> kind end)
+    functions = Enum.frequencies_by(records, fn {_, _, _, function} -> function end)
+    defects = for {index, _, {:defect, why, code}, _} <- records, do: {index, why, code}
 
     died =
       if died?,
         do: in_flight |> :ets.tab2list() |> Enum.map(&elem(&1, 1)) |> Enum.sort()
 
-    %{done: length(records), kinds: kinds, defects: defects, died: died}
+    %{done: length(records), kinds: kinds, functions: functions, defects: defects, died: died}
   end
 
   defp lane(lane, peer, ctx, seed, todo, queue, in_flight, acc) do
@@ -402,7 +412,7 @@ defmodule Ottla.BadInputTest do
             end
 
           lane(lane, peer, ctx, seed, todo, queue, in_flight, [
-            {index, BadInput.kind(outcome), verdict} | acc
+            {index, BadInput.kind(outcome), verdict, BadInput.function(call)} | acc
           ])
       end
     end

@@ -22,7 +22,12 @@ defmodule Ottla.BadInput do
 
   @doc "Call `index` of `seed`."
   def call(seed, index, ctx) do
-    :rand.seed(:exsss, {seed, index, 7919})
+    # :rand's seeding from small integers is nearly linear ({1, 11} and {3, 5} gave the same
+    # stream): hash the pair, so that different seeds give different calls.
+    <<a::64, b::64, c::64, _::binary>> =
+      :crypto.hash(:sha256, :erlang.term_to_binary({seed, index}))
+
+    :rand.seed(:exsss, {a, b, c})
 
     {mfa, expect, budget} =
       weighted([
@@ -658,6 +663,12 @@ defmodule Ottla.BadInput do
   def fun(:revoked), do: &Ottla.BadInput.Funs.revoked/0
 
   @funs [:keep_all, :arity2, :bad_partition, :offsets, :assigned, :revoked]
+
+  @doc "The public function a call exercises, e.g. `Ottla.produce/4`."
+  def function(%{mfa: {Ottla.BadInput.Runner, :take_stream, [fun, args]}}),
+    do: "Ottla.Fetch.#{fun}/#{length(args)}"
+
+  def function(%{mfa: {m, f, args}}), do: "#{inspect(m)}.#{f}/#{length(args)}"
 
   ## Reproducers
 
