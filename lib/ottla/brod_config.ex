@@ -247,10 +247,12 @@ defmodule Ottla.BrodConfig do
   defp option(_key, _value, _name), do: :pass
 
   # ssl and sasl together make SASL_SSL; each alone SSL or SASL_PLAINTEXT.
+  # Entries that are not pairs pass through untouched: `Ottla.Options.config!/2` refuses
+  # them, naming them.
   defp security(props) do
-    ssl = Enum.find_value(props, fn {k, v} -> k == :ssl && v end)
-    sasl = Enum.find_value(props, fn {k, v} -> k == :sasl && v end)
-    rest = Enum.reject(props, fn {k, _} -> k in [:ssl, :sasl] end)
+    ssl = Enum.find_value(props, fn entry -> match?({:ssl, _}, entry) && elem(entry, 1) end)
+    sasl = Enum.find_value(props, fn entry -> match?({:sasl, _}, entry) && elem(entry, 1) end)
+    rest = Enum.reject(props, &match?({key, _} when key in [:ssl, :sasl], &1))
 
     protocol =
       case {ssl, sasl} do

@@ -148,7 +148,19 @@ defmodule Ottla.Supervisor do
         supervisor_name -> [name: supervisor_name!(supervisor_name)]
       end
 
-    Supervisor.start_link(__MODULE__, {conn_opts, consumers, opts[:name] != nil}, registration)
+    # Under the user's :name, the connection name is claimed in init: a name already taken
+    # is refused here, without starting anything.
+    case opts[:name] && Registry.lookup(Ottla.Registry, {__MODULE__, name}) do
+      [{pid, _}] ->
+        {:error, {:already_started, pid}}
+
+      _ ->
+        Supervisor.start_link(
+          __MODULE__,
+          {conn_opts, consumers, opts[:name] != nil},
+          registration
+        )
+    end
   end
 
   @doc """
@@ -184,7 +196,11 @@ defmodule Ottla.Supervisor do
   def init({conn_opts, consumers, named?}) do
     if named? do
       # Registered under the user's name: claim the connection name in the registry too.
-      {:ok, _} = Registry.register(Ottla.Registry, {__MODULE__, conn_opts[:connection]}, nil)
+      case Registry.register(Ottla.Registry, {__MODULE__, conn_opts[:connection]}, nil) do
+        {:ok, _} -> :ok
+        # Started meanwhile by another process: the start fails as a via name's would.
+        {:error, {:already_registered, pid}} -> exit({:already_started, pid})
+      end
     end
 
     # Shutdown budgets: the connection flushes its producer for up to 10 s; the manager

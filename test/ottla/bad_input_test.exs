@@ -225,6 +225,33 @@ defmodule Ottla.BadInputTest do
       end
     end
 
+    test "a supervisor :name OTP cannot register under raises ArgumentError before starting" do
+      for name <- [{:via, :no_such_module, 1}, "name", 1, true] do
+        assert_raise ArgumentError, ~r/:name/, fn ->
+          Ottla.Supervisor.start_link(connection: :bad_name, endpoints: endpoints(), name: name)
+        end
+      end
+    end
+
+    test "a connection name already running, under a supervisor :name, is already_started" do
+      Process.flag(:trap_exit, true)
+      name = conn_name()
+      {:ok, first} = Ottla.Supervisor.start_link(connection: name, endpoints: endpoints())
+
+      assert {:error, {:already_started, ^first}} =
+               Ottla.Supervisor.start_link(
+                 connection: name,
+                 endpoints: endpoints(),
+                 name: :"#{name}_supervisor"
+               )
+    end
+
+    test "config entries that are not pairs raise ArgumentError naming the config" do
+      assert_raise ArgumentError, ~r/config/, fn ->
+        Ottla.produce(endpoints(), "t", "v", config: [1, 2])
+      end
+    end
+
     test "a consumer for a partition the topic does not have is refused at start" do
       Process.flag(:trap_exit, true)
       topic = create_topic!(partitions: 3)
