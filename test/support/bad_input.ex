@@ -340,7 +340,8 @@ defmodule Ottla.BadInput do
       {1, fn -> kept ++ [{:no_such_option, 1}] end},
       {1, fn -> improper(kept) end},
       {1, fn -> [{"timeout", 1000} | kept] end},
-      {1, &bad/0}
+      # [] would mean the default timeout (10 to 30 s) with a broker that never answers.
+      {1, fn -> with [] <- bad(), do: [timeout: timeout()] end}
     ])
   end
 
@@ -414,6 +415,7 @@ defmodule Ottla.BadInput do
       pick([
         :fuzz_conn,
         :fuzz_consumer,
+        :fuzz_group,
         :fuzz_noprod,
         :never_started,
         :fuzz_stopped,

@@ -65,6 +65,19 @@ defmodule Ottla.BadInput.Runner do
           consumer: [topic: topic, handler: Ottla.BadInput.Handler, begin_offset: :earliest]
         )
 
+      {:ok, _} =
+        Ottla.Supervisor.start_link(
+          connection: :fuzz_group,
+          endpoints: endpoints,
+          group_consumer: [
+            group: "fuzz-group-#{seed}-#{System.os_time(:millisecond)}",
+            topics: [topic],
+            handler: Ottla.BadInput.Handler,
+            begin_offset: :earliest,
+            config: ["session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000]
+          ]
+        )
+
       {:ok, stopped} =
         Ottla.Supervisor.start_link(connection: :fuzz_stopped, endpoints: endpoints)
 
