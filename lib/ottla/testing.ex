@@ -84,7 +84,7 @@ defmodule Ottla.Testing do
               [h, p] = String.split(e, ":"),
               do: {h, String.to_integer(p)}
 
-        {:ok, %{cluster: cluster, endpoints: endpoints}}
+        {:ok, %{cluster: cluster, endpoints: endpoints, groups: %{}}}
 
       {:error, error} ->
         {:stop, error}
@@ -102,8 +102,33 @@ defmodule Ottla.Testing do
     end
   end
 
+  @doc false
+  # Claims `strategy` for consumer group `group` on the mock cluster behind `bootstrap` (if it
+  # is one): `:ok`, or `{:error, strategy}` when the group already uses another one. The mock
+  # aborts the VM when one group's members ask for different strategies, so a group keeps
+  # its first one for the cluster's life.
+  @spec claim_group(String.t(), String.t(), atom) :: :ok | {:error, atom}
+  def claim_group(bootstrap, group, strategy) do
+    case lookup(bootstrap) do
+      nil -> :ok
+      pid -> GenServer.call(pid, {:claim_group, group, strategy})
+    end
+  catch
+    # The cluster stopped meanwhile: nothing to claim.
+    :exit, _ -> :ok
+  end
+
   @impl true
   def handle_call(:endpoints, _from, state), do: {:reply, state.endpoints, state}
+
+  def handle_call({:claim_group, group, strategy}, _from, state) do
+    groups = state.groups
+
+    case Map.get(groups, group, strategy) do
+      ^strategy -> {:reply, :ok, Map.put(state, :groups, Map.put(groups, group, strategy))}
+      other -> {:reply, {:error, other}, state}
+    end
+  end
 
   def handle_call({:create_topic, topic, partitions, replicas}, _from, state) do
     {:reply, Ottla.Native.mock_cluster_create_topic(state.cluster, topic, partitions, replicas),

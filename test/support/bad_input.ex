@@ -251,8 +251,90 @@ defmodule Ottla.BadInput do
         end
       )
 
-    pick([base, base, base, bad()])
+    weighted([{2, fn -> base end}, {3, fn -> valid_start(ctx) end}, {1, &bad/0}])
   end
+
+  # Options that would start a connection, with at most one of them made bad: reaches the
+  # starts themselves (clients, consumers joining, failed starts cleaning up) far more often
+  # than independent random options.
+  defp valid_start(ctx) do
+    endpoints = pick([ctx.endpoints, ctx.endpoints, ctx.mock])
+    topic = if endpoints == ctx.mock, do: ctx.mock_topic, else: ctx.topic
+    session = ["session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000]
+
+    group =
+      mutated(
+        [
+          group: "fuzz-sg-#{:rand.uniform(3)}",
+          topics: [topic],
+          handler: Ottla.BadInput.Handler,
+          config: session
+        ],
+        [
+          begin_offset: pick([:earliest, :latest]),
+          max_batch: Enum.random(1..100),
+          assignment_strategy: pick([:cooperative_sticky, :range, :roundrobin]),
+          drain_timeout: Enum.random(0..500),
+          shutdown_timeout: Enum.random(0..500),
+          on_failure: pick([:retry, :skip, {:dead_letter, topic}]),
+          offsets: pick([:kafka, {:elsewhere, fun(:offsets)}])
+        ],
+        fn -> group_consumer(ctx) |> pick_pair() end
+      )
+
+    consumer =
+      mutated(
+        [topic: topic, handler: Ottla.BadInput.Handler],
+        [
+          partition: pick([:all, 0, 1]),
+          begin_offset: pick([:earliest, :latest, 0]),
+          config: session
+        ],
+        fn -> consumer(ctx) |> pick_pair() end
+      )
+
+    mutated(
+      [connection: pick([:fuzz_s1, :fuzz_s2, :fuzz_s3]), endpoints: endpoints],
+      [
+        producer: [topic: topic],
+        group_consumer: group,
+        consumer: consumer,
+        config: ["client.id": "fuzz"],
+        name: pick([:fuzz_sup_name, {:global, :fuzz_sup}])
+      ],
+      fn ->
+        pick_pair(
+          connection: pick([:fuzz_conn, nil, "c"]),
+          endpoints: bad_endpoints(),
+          config: client_config(),
+          producer: bad(),
+          group_consumer: group_consumer(ctx),
+          consumer: consumer(ctx),
+          name: pick([{:via, :nope, 1}, "n", 1])
+        )
+      end
+    )
+  end
+
+  # `required` and some of `optional`; in half of the cases one entry replaced by `bad_pair`'s.
+  defp mutated(required, optional, bad_pair) do
+    kept = required ++ Enum.filter(optional, fn _ -> :rand.uniform(2) == 1 end)
+
+    if :rand.uniform(2) == 1 do
+      case bad_pair.() do
+        {key, value} -> Keyword.put(kept, key, value)
+        nil -> kept
+      end
+    else
+      kept
+    end
+  end
+
+  defp pick_pair(list) when is_list(list) and list != [] do
+    if Keyword.keyword?(list), do: pick(list), else: nil
+  end
+
+  defp pick_pair(_), do: nil
 
   defp group_consumer(ctx) do
     opts(
@@ -761,6 +843,9 @@ defmodule Ottla.BadInput do
   end
 
   @doc "The kind of an outcome, for the summary."
+  def kind({:returned, {:ok, pid}}) when is_pid(pid), do: :started
+  def kind({:returned, {:error, {:already_started, _}}}), do: :already_started
+  def kind({:returned, {:error, {:shutdown, _}}}), do: :start_failed
   def kind({:returned, {:error, %Ottla.Error{code: code}}}), do: {:error, code}
   def kind({:returned, {:error, %Ottla.Error{code: code}, _}}), do: {:error, code}
   def kind({:returned, {:error, _}}), do: :error_other

@@ -187,6 +187,47 @@ defmodule Ottla.BadInput.Runner do
     Ottla.Native.mock_cluster_create_topic(cluster, "t", partitions, replicas)
   end
 
+  @doc """
+  Two group members with different assignment strategies on one mock cluster group, and a
+  third with the first one's, given time to join: `{first, second, third}` outcomes.
+  """
+  def mock_mixed_strategies do
+    {:ok, mock} = Ottla.Testing.start_mock_cluster()
+    :ok = Ottla.create_topic(mock, "t", partitions: 2)
+
+    start = fn connection, strategy ->
+      Ottla.Supervisor.start_link(
+        connection: connection,
+        endpoints: mock,
+        group_consumer: [
+          group: "g",
+          topics: ["t"],
+          handler: Ottla.BadInput.Handler,
+          assignment_strategy: strategy
+        ]
+      )
+    end
+
+    outcome = fn fun ->
+      try do
+        case fun.() do
+          {:ok, pid} when is_pid(pid) -> :started
+          other -> other
+        end
+      rescue
+        e -> {:raised, e.__struct__, Exception.message(e)}
+      end
+    end
+
+    Process.flag(:trap_exit, true)
+    first = outcome.(fn -> start.(:mock_g1, :range) end)
+    second = outcome.(fn -> start.(:mock_g2, :cooperative_sticky) end)
+    third = outcome.(fn -> start.(:mock_g3, :range) end)
+    # The mock rebalances a group session.timeout.ms - 1 s after a member joins (5 s here).
+    Process.sleep(8_000)
+    {first, second, third}
+  end
+
   @doc "Takes a few elements of an `Ottla.Fetch` stream (built by `fun` with `args`)."
   def take_stream(fun, args), do: Ottla.Fetch |> apply(fun, args) |> Enum.take(5)
 end

@@ -84,6 +84,8 @@ defmodule Ottla.Consumer.Options do
               "invalid :assignment_strategy #{inspect(opts[:assignment_strategy])}: " <>
                 "expected :cooperative_sticky, :range or :roundrobin"
 
+    mock_group!(Keyword.fetch!(conn, :bootstrap), group, opts[:assignment_strategy])
+
     defaults = [
       {"group.id", group},
       {"auto.offset.reset", Atom.to_string(begin)},
@@ -183,6 +185,22 @@ defmodule Ottla.Consumer.Options do
   defp offsets_fun!({m, f, a} = mfa) when is_atom(m) and is_atom(f) and is_list(a), do: mfa
 
   defp offsets_fun!(other), do: offsets!({:elsewhere_fun, other})
+
+  # librdkafka's mock cluster aborts the VM (an assertion, rd_kafka_mock_cgrp_classic_elect_leader)
+  # when members of one group ask for different assignment strategies, where a broker answers
+  # INCONSISTENT_GROUP_PROTOCOL. On a mock cluster a group keeps its first strategy.
+  defp mock_group!(bootstrap, group, strategy) do
+    case Ottla.Testing.claim_group(bootstrap, group, strategy) do
+      :ok ->
+        :ok
+
+      {:error, other} ->
+        raise ArgumentError,
+              "invalid :assignment_strategy #{inspect(strategy)}: group #{inspect(group)} on " <>
+                "this mock cluster uses #{inspect(other)} (librdkafka's mock cluster aborts " <>
+                "the VM when one group mixes strategies)"
+    end
+  end
 
   # librdkafka's mock cluster (Ottla.Testing) does not act on a member's LeaveGroup: the next
   # member waits for the old one's session to time out (45 s by librdkafka's default). On the
