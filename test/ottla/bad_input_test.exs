@@ -263,6 +263,16 @@ defmodule Ottla.BadInputTest do
       end
     end
 
+    test "a consumer's :begin_offset beyond 64 bits raises ArgumentError, not a NIF badarg" do
+      assert_raise ArgumentError, ~r/begin_offset/, fn ->
+        Ottla.Supervisor.start_link(
+          connection: :huge_offset,
+          endpoints: endpoints(),
+          consumer: [topic: "t", handler: Ottla.BadInput.Handler, begin_offset: 1 <<< 70]
+        )
+      end
+    end
+
     test "a consumer for a partition the topic does not have is refused at start" do
       Process.flag(:trap_exit, true)
       topic = create_topic!(partitions: 3)

@@ -260,7 +260,13 @@ defmodule Ottla.BadInput do
   defp valid_start(ctx) do
     endpoints = pick([ctx.endpoints, ctx.endpoints, ctx.mock])
     topic = if endpoints == ctx.mock, do: ctx.mock_topic, else: ctx.topic
-    session = ["session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000]
+
+    session =
+      pick([
+        ["session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000],
+        ["session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000],
+        ["group.protocol": "consumer"]
+      ])
 
     group =
       mutated(
@@ -662,6 +668,8 @@ defmodule Ottla.BadInput do
       {4, fn -> ["session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000] end},
       {2, &client_config/0},
       {1, fn -> ["enable.auto.commit": true] end},
+      {1, fn -> ["group.protocol": "consumer"] end},
+      {1, fn -> ["group.protocol": "consumer", "session.timeout.ms": 10_000] end},
       {1, fn -> ["fetch.max.bytes": -1] end}
     ])
   end

@@ -118,12 +118,14 @@ defmodule Ottla.Consumer.Options do
     unless partition == :all, do: Options.integer!(partition, :partition, 0)
     begin = opts[:begin_offset]
 
-    unless begin in [:earliest, :latest] or (is_integer(begin) and begin >= 0),
-      do:
-        raise(
-          ArgumentError,
-          "invalid :begin_offset #{inspect(begin)}: expected :earliest, :latest or an offset"
-        )
+    # Offsets are 64-bit: a bigger integer would reach the NIF as a bare badarg.
+    unless begin in [:earliest, :latest] or
+             (is_integer(begin) and begin in 0..9_223_372_036_854_775_807),
+           do:
+             raise(
+               ArgumentError,
+               "invalid :begin_offset #{inspect(begin)}: expected :earliest, :latest or an offset"
+             )
 
     # librdkafka wants a group id even to assign partitions; nothing is ever committed to it.
     group_id = "ottla-#{Keyword.fetch!(conn, :connection)}-#{System.unique_integer([:positive])}"
