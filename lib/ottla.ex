@@ -305,9 +305,7 @@ defmodule Ottla do
 
     timeout = Options.timeout!(opts[:timeout], :timeout)
 
-    unless is_binary(group) and group != "",
-      do: raise(ArgumentError, "invalid group #{inspect(group)}: expected a non-empty string")
-
+    group = Options.name!(group, :group)
     topic = Options.topic!(topic)
     {bootstrap, config, _} = Connection.resolve!(target)
 

@@ -66,6 +66,10 @@ defmodule Ottla.BrodConfig do
   """
   @spec translate(term, atom) :: {list, keyword}
   def translate(config, name) when is_list(config) do
+    unless Ottla.Options.proper_list?(config) do
+      raise ArgumentError, "invalid #{inspect(name)}: #{inspect(config)} is not a proper list"
+    end
+
     {props, opts} =
       Enum.reduce(config, {[], []}, fn entry, {props, opts} ->
         case entry do
@@ -132,6 +136,9 @@ defmodule Ottla.BrodConfig do
   defp option(:ssl, false, _name), do: :ignore
 
   defp option(:ssl, opts, name) when is_list(opts) do
+    unless Ottla.Options.proper_list?(opts),
+      do: bad!(name, :ssl, opts, "a keyword list of ssl options")
+
     props =
       Enum.flat_map(opts, fn
         {:cacertfile, path} ->
@@ -144,7 +151,12 @@ defmodule Ottla.BrodConfig do
           [{"ssl.key.location", path!(path, :keyfile, name)}]
 
         {:password, password} ->
-          [{"ssl.key.password", to_string(password)}]
+          # Never shown: a wrong shape is named by its key only.
+          case is_list(password) && Ottla.Options.chars(password) do
+            _ when is_binary(password) -> [{"ssl.key.password", password}]
+            binary when is_binary(binary) -> [{"ssl.key.password", binary}]
+            _ -> bad!(name, :ssl, :password, "a string or charlist password")
+          end
 
         {:verify, :verify_peer} ->
           [{"enable.ssl.certificate.verification", "true"}]
@@ -235,10 +247,12 @@ defmodule Ottla.BrodConfig do
   defp option(_key, _value, _name), do: :pass
 
   # ssl and sasl together make SASL_SSL; each alone SSL or SASL_PLAINTEXT.
+  # Entries that are not pairs pass through untouched: `Ottla.Options.config!/2` refuses
+  # them, naming them.
   defp security(props) do
-    ssl = Enum.find_value(props, fn {k, v} -> k == :ssl && v end)
-    sasl = Enum.find_value(props, fn {k, v} -> k == :sasl && v end)
-    rest = Enum.reject(props, fn {k, _} -> k in [:ssl, :sasl] end)
+    ssl = Enum.find_value(props, fn entry -> match?({:ssl, _}, entry) && elem(entry, 1) end)
+    sasl = Enum.find_value(props, fn entry -> match?({:sasl, _}, entry) && elem(entry, 1) end)
+    rest = Enum.reject(props, &match?({key, _} when key in [:ssl, :sasl], &1))
 
     protocol =
       case {ssl, sasl} do
@@ -264,7 +278,14 @@ defmodule Ottla.BrodConfig do
   defp non_neg!(value, key, name), do: bad!(name, key, value, "a non-negative integer")
 
   defp path!(path, _key, _name) when is_binary(path), do: path
-  defp path!(path, _key, _name) when is_list(path), do: List.to_string(path)
+
+  defp path!(path, key, name) when is_list(path) do
+    case Ottla.Options.chars(path) do
+      binary when is_binary(binary) -> binary
+      _ -> bad!(name, key, path, "a file path")
+    end
+  end
+
   defp path!(other, key, name), do: bad!(name, key, other, "a file path")
 
   defp check_name(value, name) do

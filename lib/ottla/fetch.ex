@@ -125,18 +125,33 @@ defmodule Ottla.Fetch do
   @doc "The messages of `fetch_stream/3` for which `fun` returns a truthy value (a `Stream`)."
   @spec search(Ottla.target(), String.t(), (Ottla.Message.t() -> as_boolean(term)), keyword) ::
           Enumerable.t()
-  def search(target, topic, fun, opts \\ []) when is_function(fun, 1),
+  def search(target, topic, fun, opts \\ [])
+
+  def search(target, topic, fun, opts) when is_function(fun, 1),
     do: Stream.filter(fetch_stream(target, topic, opts), fun)
+
+  def search(_target, _topic, fun, _opts),
+    do: raise(ArgumentError, "invalid fun #{inspect(fun)}: expected a function of 1 argument")
 
   @doc "The messages whose key contains `term` (a `Stream`); see `fetch_stream/3`."
   @spec search_keys(Ottla.target(), String.t(), String.t(), keyword) :: Enumerable.t()
-  def search_keys(target, topic, term, opts \\ []) when is_binary(term),
+  def search_keys(target, topic, term, opts \\ [])
+
+  def search_keys(target, topic, term, opts) when is_binary(term),
     do: search(target, topic, &(is_binary(&1.key) and String.contains?(&1.key, term)), opts)
+
+  def search_keys(_target, _topic, term, _opts),
+    do: raise(ArgumentError, "invalid term #{inspect(term)}: expected a string")
 
   @doc "The messages whose value contains `term` (a `Stream`); see `fetch_stream/3`."
   @spec search_values(Ottla.target(), String.t(), String.t(), keyword) :: Enumerable.t()
-  def search_values(target, topic, term, opts \\ []) when is_binary(term),
+  def search_values(target, topic, term, opts \\ [])
+
+  def search_values(target, topic, term, opts) when is_binary(term),
     do: search(target, topic, &(is_binary(&1.value) and String.contains?(&1.value, term)), opts)
+
+  def search_values(_target, _topic, term, _opts),
+    do: raise(ArgumentError, "invalid term #{inspect(term)}: expected a string")
 
   defp max_offset, do: 9_223_372_036_854_775_807
 end

@@ -97,4 +97,8 @@ defmodule Ottla.Native do
   def consumer_revoke_done(_consumer, _id), do: :erlang.nif_error(:nif_not_loaded)
   def consumer_stats(_consumer), do: :erlang.nif_error(:nif_not_loaded)
   def consumer_close(_consumer, _pid, _tag), do: :erlang.nif_error(:nif_not_loaded)
+
+  # Test-only: the consumer's poll thread panics at its next turn (a forced-panic test shows
+  # the consumer restarting with nothing lost). Nothing in the library calls it.
+  def consumer_test_panic(_consumer), do: :erlang.nif_error(:nif_not_loaded)
 end

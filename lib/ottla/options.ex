@@ -8,6 +8,11 @@ defmodule Ottla.Options do
   @doc "Turns endpoints into librdkafka's `host:port,host:port`; raises `ArgumentError`."
   @spec bootstrap!(term) :: String.t()
   def bootstrap!(endpoints) when is_binary(endpoints) do
+    unless text?(endpoints) do
+      raise ArgumentError,
+            "invalid :endpoints #{inspect(endpoints)}: expected UTF-8 text without NUL bytes"
+    end
+
     parts = endpoints |> String.split(",", trim: true) |> Enum.map(&String.trim/1)
 
     if parts == [] do
@@ -22,8 +27,13 @@ defmodule Ottla.Options do
     end)
   end
 
-  def bootstrap!([_ | _] = endpoints),
-    do: Enum.map_join(endpoints, ",", &endpoint!(&1, endpoints))
+  def bootstrap!([_ | _] = endpoints) do
+    unless proper_list?(endpoints) do
+      raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: not a proper list"
+    end
+
+    Enum.map_join(endpoints, ",", &endpoint!(&1, endpoints))
+  end
 
   def bootstrap!(other) do
     raise ArgumentError,
@@ -48,13 +58,13 @@ defmodule Ottla.Options do
           host
 
         is_list(host) and host != [] ->
-          List.to_string(host)
+          charlist_host(host, endpoints)
 
         true ->
           raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: host #{inspect(host)}"
       end
 
-    if String.contains?(host, [",", " "]) do
+    if not text?(host) or String.contains?(host, [",", " "]) do
       raise ArgumentError, "invalid :endpoints #{inspect(endpoints)}: host #{inspect(host)}"
     end
 
@@ -67,14 +77,37 @@ defmodule Ottla.Options do
             "with a port from 1 to 65535"
   end
 
+  defp charlist_host(host, endpoints) do
+    case chars(host) do
+      binary when is_binary(binary) ->
+        binary
+
+      _ ->
+        raise ArgumentError,
+              "invalid :endpoints #{inspect(endpoints)}: host #{inspect(host)} is not a charlist"
+    end
+  end
+
   @doc "Turns librdkafka properties into `[{String.t(), String.t()}]`; raises naming `name`."
   @spec config!(term, atom) :: [{String.t(), String.t()}]
   def config!(config, name \\ :config)
 
   def config!(config, name) when is_list(config) or is_map(config) do
+    unless is_map(config) or proper_list?(config) do
+      raise ArgumentError, "invalid #{inspect(name)}: #{inspect(config)} is not a proper list"
+    end
+
     Enum.map(config, fn
       {key, value} when (is_atom(key) or is_binary(key)) and not is_nil(key) ->
-        {to_string(key), config_value!(key, value, name)}
+        key = to_string(key)
+
+        unless text?(key) and key != "" do
+          raise ArgumentError,
+                "invalid #{inspect(name)} property #{inspect(key)}: expected a non-empty " <>
+                  "UTF-8 name without NUL bytes"
+        end
+
+        {key, config_value!(key, value, name)}
 
       other ->
         raise ArgumentError,
@@ -90,7 +123,18 @@ defmodule Ottla.Options do
         "invalid #{inspect(name)}: expected a keyword list or map, got #{inspect(other)}"
       )
 
-  defp config_value!(_key, value, _name) when is_binary(value), do: value
+  # librdkafka takes properties as C strings: a value must be UTF-8 text without NUL bytes.
+  defp config_value!(key, value, name) when is_binary(value) do
+    unless text?(value) do
+      shown = if Ottla.Secrets.secret?(key), do: Ottla.Secrets.redacted(), else: inspect(value)
+
+      raise ArgumentError,
+            "invalid #{inspect(name)} value for #{inspect(key)}: #{shown} " <>
+              "(expected UTF-8 text without NUL bytes)"
+    end
+
+    value
+  end
 
   defp config_value!(_key, value, _name) when is_integer(value) or is_float(value),
     do: to_string(value)
@@ -176,17 +220,57 @@ defmodule Ottla.Options do
   def connection!(other, label),
     do: raise(ArgumentError, "invalid #{label} #{inspect(other)}: expected an atom")
 
-  @doc "Raises unless `topic` is a non-empty binary."
+  @doc "Raises unless `topic` is a non-empty UTF-8 string of at most 249 bytes, without NUL."
   @spec topic!(term) :: String.t()
-  def topic!(topic) when is_binary(topic) and byte_size(topic) > 0 and byte_size(topic) <= 249,
-    do: topic
+  def topic!(topic) when is_binary(topic) and byte_size(topic) > 0 and byte_size(topic) <= 249 do
+    if text?(topic), do: topic, else: bad_topic!(topic)
+  end
 
-  def topic!(topic),
+  def topic!(topic), do: bad_topic!(topic)
+
+  defp bad_topic!(topic),
     do:
       raise(
         ArgumentError,
-        "invalid topic #{inspect(topic)}: expected a non-empty string of at most 249 bytes"
+        "invalid topic #{inspect(topic)}: expected a non-empty UTF-8 string of at most 249 " <>
+          "bytes, without NUL bytes"
       )
+
+  @doc """
+  Raises unless `value` is a non-empty UTF-8 string without NUL bytes (a name librdkafka
+  takes as a C string), naming it `name`.
+  """
+  @spec name!(term, atom) :: String.t()
+  def name!(value, name) do
+    unless is_binary(value) and value != "" and text?(value) do
+      raise ArgumentError,
+            "invalid #{inspect(name)} #{inspect(value)}: expected a non-empty UTF-8 string " <>
+              "without NUL bytes"
+    end
+
+    value
+  end
+
+  @doc "Whether `binary` is UTF-8 text without NUL bytes (what a C string can carry)."
+  @spec text?(binary) :: boolean
+  def text?(binary), do: String.valid?(binary) and not String.contains?(binary, <<0>>)
+
+  @doc "A charlist (or other chardata) as a binary, or `nil` when it is not one."
+  @spec chars(term) :: binary | nil
+  def chars(list) do
+    case proper_list?(list) && :unicode.characters_to_binary(list) do
+      binary when is_binary(binary) -> binary
+      _ -> nil
+    end
+  rescue
+    ArgumentError -> nil
+  end
+
+  @doc "Whether `term` is a proper list (`[a | b]` with a non-list tail is not)."
+  @spec proper_list?(term) :: boolean
+  def proper_list?([]), do: true
+  def proper_list?([_ | tail]), do: proper_list?(tail)
+  def proper_list?(_), do: false
 
   @doc """
   Raises unless `value` is an integer from `min` to `max` (Kafka's int32 range by default),

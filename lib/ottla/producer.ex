@@ -15,6 +15,8 @@ defmodule Ottla.Producer do
   alias Ottla.{Connection, Native, Options}
 
   @opts [:partition, :connection, partitioner: :default, timeout: 30_000, config: []]
+  # librdkafka's timestamps are 64-bit milliseconds.
+  @max_timestamp 9_223_372_036_854_775_807
 
   @doc """
   Produces through a connection's producer, or, when the connection has none, through a
@@ -43,6 +45,11 @@ defmodule Ottla.Producer do
     partitioner = partitioner!(opts[:partitioner])
     extra_config = Options.kafka_config!(opts[:config])
     originals = if is_list(messages), do: messages, else: [messages]
+
+    unless Options.proper_list?(originals),
+      do:
+        raise(ArgumentError, "invalid messages #{inspect(messages, limit: 5)}: not a proper list")
+
     encoded = Enum.map(originals, &encode!/1)
 
     resolved =
@@ -257,9 +264,18 @@ defmodule Ottla.Producer do
 
   defp pick(partitioner, count, key) do
     result =
-      if is_atom(partitioner),
-        do: partitioner.partition(count, key),
-        else: partitioner.(count, key)
+      try do
+        if is_atom(partitioner),
+          do: partitioner.partition(count, key),
+          else: partitioner.(count, key)
+      rescue
+        # Not a partitioner after all (a module with an unrelated partition/2, a function
+        # that fails on these arguments): the argument is wrong.
+        e ->
+          raise ArgumentError,
+                "the :partitioner #{inspect(partitioner)} raised for key #{inspect(key)}: " <>
+                  Exception.message(e)
+      end
 
     case result do
       p when is_integer(p) and p >= 0 and p < count ->
@@ -302,8 +318,9 @@ defmodule Ottla.Producer do
     value = bytes!(value, message)
     timestamp = Map.get(message, :timestamp)
 
-    unless is_nil(timestamp) or (is_integer(timestamp) and timestamp >= 0),
-      do: bad_message!(message, "its :timestamp is not a non-negative integer (ms)")
+    unless is_nil(timestamp) or (is_integer(timestamp) and timestamp in 0..@max_timestamp),
+      do:
+        bad_message!(message, "its :timestamp is not an integer from 0 to #{@max_timestamp} (ms)")
 
     {key, value, headers!(Map.get(message, :headers) || [], message), timestamp, -1}
   end
@@ -328,10 +345,21 @@ defmodule Ottla.Producer do
     do: bad_message!(message, "a key or value is neither a binary nor iodata")
 
   defp headers!(headers, message) when is_list(headers) do
+    unless Options.proper_list?(headers),
+      do: bad_message!(message, "its :headers must be a proper list")
+
     Enum.map(headers, fn
+      # Kafka's header names are strings; values are any bytes.
       {name, value}
-      when (is_binary(name) or is_atom(name)) and (is_binary(value) or is_nil(value)) ->
-        {to_string(name), value}
+      when (is_binary(name) or is_atom(name)) and
+             (is_binary(value) or is_nil(value)) ->
+        name = to_string(name)
+
+        # Read back as a C string: a NUL byte would cut it.
+        unless Options.text?(name),
+          do: bad_message!(message, "a header name is not UTF-8 without NUL: #{inspect(name)}")
+
+        {name, value}
 
       _ ->
         bad_message!(message, "its :headers must be a list of {name, binary} pairs")

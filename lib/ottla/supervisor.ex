@@ -168,10 +168,22 @@ defmodule Ottla.Supervisor do
     registration =
       case opts[:name] do
         nil -> [name: via(name)]
-        supervisor_name -> [name: supervisor_name]
+        supervisor_name -> [name: supervisor_name!(supervisor_name)]
       end
 
-    Supervisor.start_link(__MODULE__, {conn_opts, consumers, opts[:name] != nil}, registration)
+    # Under the user's :name, the connection name is claimed in init: a name already taken
+    # is refused here, without starting anything.
+    case opts[:name] && Registry.lookup(Ottla.Registry, {__MODULE__, name}) do
+      [{pid, _}] ->
+        {:error, {:already_started, pid}}
+
+      _ ->
+        Supervisor.start_link(
+          __MODULE__,
+          {conn_opts, consumers, opts[:name] != nil},
+          registration
+        )
+    end
   end
 
   @doc """
@@ -207,7 +219,11 @@ defmodule Ottla.Supervisor do
   def init({conn_opts, consumers, named?}) do
     if named? do
       # Registered under the user's name: claim the connection name in the registry too.
-      {:ok, _} = Registry.register(Ottla.Registry, {__MODULE__, conn_opts[:connection]}, nil)
+      case Registry.register(Ottla.Registry, {__MODULE__, conn_opts[:connection]}, nil) do
+        {:ok, _} -> :ok
+        # Started meanwhile by another process: the start fails as a via name's would.
+        {:error, {:already_registered, pid}} -> exit({:already_started, pid})
+      end
     end
 
     # Shutdown budgets: the connection flushes its producer for up to 10 s; the manager
@@ -239,6 +255,23 @@ defmodule Ottla.Supervisor do
       end)
 
     Supervisor.init([connection | consumer_children], strategy: :rest_for_one)
+  end
+
+  # What OTP accepts as a name, checked before a process is started with it (a :via module
+  # that cannot register would crash the start).
+  defp supervisor_name!(name) when is_atom(name) and name not in [true, false], do: name
+  defp supervisor_name!({:global, _} = name), do: name
+
+  defp supervisor_name!({:via, module, _} = name) when is_atom(module) do
+    if Code.ensure_loaded?(module) and function_exported?(module, :register_name, 2),
+      do: name,
+      else: supervisor_name!({:bad_via, name})
+  end
+
+  defp supervisor_name!(other) do
+    raise ArgumentError,
+          "invalid :name #{inspect(other)}: expected an atom, {:global, term} or " <>
+            "{:via, module, term}"
   end
 
   defp producer_config!(nil), do: nil

@@ -23,7 +23,8 @@ defmodule Ottla.Testing do
 
   @doc """
   Starts a mock cluster owned by a process linked to the caller and returns its endpoints.
-  It stops when that process stops (`stop_mock_cluster/1`, or the caller exits).
+  It stops when that process stops (`stop_mock_cluster/1`), or when the caller exits,
+  for whatever reason.
 
   ## Options
 
@@ -51,15 +52,29 @@ defmodule Ottla.Testing do
     # Each mock broker holds sockets and a thread: librdkafka aborts the VM when it cannot
     # have them, so the count is bounded.
     brokers = Ottla.Options.integer!(opts[:brokers], :brokers, 1, 32)
-    GenServer.start_link(__MODULE__, brokers)
+    GenServer.start_link(__MODULE__, {brokers, self()})
   end
 
-  @doc "The endpoints of the mock cluster owned by `pid`."
+  @doc """
+  The endpoints of the mock cluster owned by `pid`. Raises `ArgumentError` when `pid` is not
+  a running mock cluster.
+  """
   @spec endpoints(pid) :: [{String.t(), :inet.port_number()}]
-  def endpoints(pid), do: GenServer.call(pid, :endpoints)
+  def endpoints(pid) when is_pid(pid) do
+    GenServer.call(pid, :endpoints)
+  catch
+    :exit, _ -> raise ArgumentError, "#{inspect(pid)} is not a running mock cluster"
+  end
+
+  def endpoints(other),
+    do: raise(ArgumentError, "invalid pid #{inspect(other)}: expected a mock cluster's pid")
 
   @impl true
-  def init(brokers) do
+  def init({brokers, owner}) do
+    # Linked to its owner, but a link does not stop it when the owner ends normally: the
+    # monitor does, so a cluster never outlives the process that started it.
+    Process.monitor(owner)
+
     case Ottla.Native.mock_cluster_start(brokers) do
       {:ok, cluster, bootstrap} ->
         {:ok, _} = Registry.register(Ottla.Registry, {__MODULE__, bootstrap}, nil)
@@ -69,7 +84,7 @@ defmodule Ottla.Testing do
               [h, p] = String.split(e, ":"),
               do: {h, String.to_integer(p)}
 
-        {:ok, %{cluster: cluster, endpoints: endpoints}}
+        {:ok, %{cluster: cluster, endpoints: endpoints, groups: %{}}}
 
       {:error, error} ->
         {:stop, error}
@@ -87,13 +102,42 @@ defmodule Ottla.Testing do
     end
   end
 
+  @doc false
+  # Claims `strategy` for consumer group `group` on the mock cluster behind `bootstrap` (if it
+  # is one): `:ok`, or `{:error, strategy}` when the group already uses another one. The mock
+  # aborts the VM when one group's members ask for different strategies, so a group keeps
+  # its first one for the cluster's life.
+  @spec claim_group(String.t(), String.t(), atom) :: :ok | {:error, atom}
+  def claim_group(bootstrap, group, strategy) do
+    case lookup(bootstrap) do
+      nil -> :ok
+      pid -> GenServer.call(pid, {:claim_group, group, strategy})
+    end
+  catch
+    # The cluster stopped meanwhile: nothing to claim.
+    :exit, _ -> :ok
+  end
+
   @impl true
   def handle_call(:endpoints, _from, state), do: {:reply, state.endpoints, state}
+
+  def handle_call({:claim_group, group, strategy}, _from, state) do
+    groups = state.groups
+
+    case Map.get(groups, group, strategy) do
+      ^strategy -> {:reply, :ok, Map.put(state, :groups, Map.put(groups, group, strategy))}
+      other -> {:reply, {:error, other}, state}
+    end
+  end
 
   def handle_call({:create_topic, topic, partitions, replicas}, _from, state) do
     {:reply, Ottla.Native.mock_cluster_create_topic(state.cluster, topic, partitions, replicas),
      state}
   end
+
+  @impl true
+  def handle_info({:DOWN, _ref, :process, _owner, _reason}, state), do: {:stop, :normal, state}
+  def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
   def terminate(_reason, state), do: Ottla.Native.mock_cluster_stop(state.cluster)

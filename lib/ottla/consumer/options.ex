@@ -45,14 +45,10 @@ defmodule Ottla.Consumer.Options do
       )
       |> with_brod_config(raw)
 
-    group = opts[:group]
-
-    unless is_binary(group) and group != "",
-      do: raise(ArgumentError, "invalid :group #{inspect(group)}: expected a non-empty string")
-
+    group = Options.name!(opts[:group], :group)
     topics = opts[:topics]
 
-    unless is_list(topics) and topics != [],
+    unless is_list(topics) and topics != [] and Options.proper_list?(topics),
       do:
         raise(
           ArgumentError,
@@ -91,6 +87,7 @@ defmodule Ottla.Consumer.Options do
                 "expected :cooperative_sticky, :range or :roundrobin"
 
     session = Options.integer!(opts[:session_timeout], :session_timeout, 1_000, 3_600_000)
+    mock_group!(Keyword.fetch!(conn, :bootstrap), group, opts[:assignment_strategy])
 
     defaults =
       [
@@ -131,12 +128,14 @@ defmodule Ottla.Consumer.Options do
     unless partition == :all, do: Options.integer!(partition, :partition, 0)
     begin = opts[:begin_offset]
 
-    unless begin in [:earliest, :latest] or (is_integer(begin) and begin >= 0),
-      do:
-        raise(
-          ArgumentError,
-          "invalid :begin_offset #{inspect(begin)}: expected :earliest, :latest or an offset"
-        )
+    # Offsets are 64-bit: a bigger integer would reach the NIF as a bare badarg.
+    unless begin in [:earliest, :latest] or
+             (is_integer(begin) and begin in 0..9_223_372_036_854_775_807),
+           do:
+             raise(
+               ArgumentError,
+               "invalid :begin_offset #{inspect(begin)}: expected :earliest, :latest or an offset"
+             )
 
     # librdkafka wants a group id even to assign partitions; nothing is ever committed to it.
     group_id = "ottla-#{Keyword.fetch!(conn, :connection)}-#{System.unique_integer([:positive])}"
@@ -198,6 +197,22 @@ defmodule Ottla.Consumer.Options do
   defp offsets_fun!({m, f, a} = mfa) when is_atom(m) and is_atom(f) and is_list(a), do: mfa
 
   defp offsets_fun!(other), do: offsets!({:elsewhere_fun, other})
+
+  # librdkafka's mock cluster aborts the VM (an assertion, rd_kafka_mock_cgrp_classic_elect_leader)
+  # when members of one group ask for different assignment strategies, where a broker answers
+  # INCONSISTENT_GROUP_PROTOCOL. On a mock cluster a group keeps its first strategy.
+  defp mock_group!(bootstrap, group, strategy) do
+    case Ottla.Testing.claim_group(bootstrap, group, strategy) do
+      :ok ->
+        :ok
+
+      {:error, other} ->
+        raise ArgumentError,
+              "invalid :assignment_strategy #{inspect(strategy)}: group #{inspect(group)} on " <>
+                "this mock cluster uses #{inspect(other)} (librdkafka's mock cluster aborts " <>
+                "the VM when one group mixes strategies)"
+    end
+  end
 
   # librdkafka's mock cluster (Ottla.Testing) does not act on a member's LeaveGroup: the next
   # member waits for the old one's session to time out (45 s by librdkafka's default). On the

@@ -265,7 +265,9 @@ defmodule Ottla.Consumer.Worker do
       {tag, handler_state} when tag in [:no_ack, :noop, :continue] ->
         %{state | handler_state: handler_state}
 
-      {:seek, offset, handler_state} when is_integer(offset) and offset >= 0 ->
+      # Offsets are 64-bit: a bigger one falls to the clause naming what is expected.
+      {:seek, offset, handler_state}
+      when is_integer(offset) and offset >= 0 and offset <= 9_223_372_036_854_775_807 ->
         Native.consumer_seek(
           state.resource,
           state.topic,

@@ -37,12 +37,14 @@ defmodule Ottla.Group.Acknowledger do
   """
   @spec ack(atom, String.t(), non_neg_integer, integer | nil, non_neg_integer) :: :ok
   def ack(connection, topic, partition, generation_id, offset) do
-    unless is_integer(generation_id) or is_nil(generation_id),
-      do:
-        raise(
-          ArgumentError,
-          "invalid generation_id #{inspect(generation_id)}: expected an integer or nil"
-        )
+    # Generations are 32-bit (see the moduledoc); no other number can match one.
+    unless is_nil(generation_id) or
+             (is_integer(generation_id) and generation_id in -2_147_483_648..2_147_483_647),
+           do:
+             raise(
+               ArgumentError,
+               "invalid generation_id #{inspect(generation_id)}: expected a 32-bit integer or nil"
+             )
 
     topic = Options.topic!(topic)
     partition = Options.integer!(partition, :partition, 0)

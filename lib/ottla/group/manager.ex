@@ -250,6 +250,14 @@ defmodule Ottla.Group.Manager do
     {:noreply, %{state | partitions: %{}}}
   end
 
+  def handle_info({:ottla_consumer_failed, %Ottla.Error{} = error}, state) do
+    # The group refuses this consumer as configured (e.g. a session.timeout.ms outside the
+    # broker's bounds): it would never consume. Fail loudly; the supervisor restarts it and,
+    # if it keeps failing, gives up.
+    Logger.error("the consumer cannot consume: #{Exception.message(error)}")
+    {:stop, {:consumer_failed, error}, state}
+  end
+
   def handle_info({:ottla_consumer_down, thread}, state) do
     Logger.error("the consumer's #{thread} thread failed; restarting the consumer")
     {:stop, {:consumer_down, thread}, state}

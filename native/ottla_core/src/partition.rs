@@ -512,6 +512,7 @@ impl<M: Offset + Clone> Partition<M> {
             // Unacked messages below `from` (a worker that skipped them) are dropped: a later
             // redelivery of them must seek back. (Only past those: after a handler's seek,
             // `from` may lie ahead of what was fetched again, which comes again anyway.)
+            // In range: `below` is a partition point, at most `in_flight.len()`.
             if let Some(dropped) = below.checked_sub(1).map(|i| self.in_flight[i].offset()) {
                 self.kept_from = Some(self.kept_from.map_or(dropped + 1, |k| k.max(dropped + 1)));
             }

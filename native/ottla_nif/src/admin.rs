@@ -149,7 +149,7 @@ fn create_topic(
     topic_config: &[(String, String)],
     timeout: Duration,
 ) -> Result<Atom> {
-    let deadline = Instant::now() + timeout;
+    let deadline = reply::deadline_after(timeout);
     let client = admin(ctx, bootstrap, props)?;
     let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
     for (key, value) in topic_config {
@@ -274,7 +274,7 @@ fn delete_topic(
     topic: &str,
     timeout: Duration,
 ) -> Result<Atom> {
-    let deadline = Instant::now() + timeout;
+    let deadline = reply::deadline_after(timeout);
     let client = admin(ctx, bootstrap, props)?;
     let results = block_on(client.delete_topics(&[topic], &options(timeout)))?;
     for result in results {

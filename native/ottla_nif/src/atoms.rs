@@ -42,6 +42,7 @@ rustler::atoms! {
     undelivered_acks,
     ottla_consumer_down,
     ottla_consumer_fatal,
+    ottla_consumer_failed,
     ottla_closed,
     ottla_reply,
     held,

@@ -61,7 +61,7 @@ fn fetch<'a>(
     max_messages: usize,
     timeout: Duration,
 ) -> Result<Term<'a>> {
-    let deadline = Instant::now() + timeout;
+    let deadline = reply::deadline_after(timeout);
     let mut props = props;
     props.push(("group.id".into(), "ottla-fetch".into()));
     props.push(("enable.auto.commit".into(), "false".into()));

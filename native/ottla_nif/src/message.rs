@@ -260,6 +260,7 @@ pub fn encode_list<'a>(
         let buf = owned.as_mut_slice();
         let mut at = 0;
         for m in messages {
+            // In range: `total` is the sum of these very lengths.
             let part = m.key_and_value();
             buf[at..at + part.len()].copy_from_slice(part);
             at += part.len();

@@ -19,6 +19,12 @@ use rustler::{Atom, Encoder, Env, NifResult, ResourceArc, Term};
 use crate::atoms;
 use crate::error::{Error, Result};
 
+/// Bounds on what a mock cluster is asked for (`Ottla.Testing` and `Ottla.create_topic/3`
+/// check the same ones).
+const MAX_BROKERS: i32 = 32;
+const MAX_PARTITIONS: i32 = 100_000;
+const MAX_REPLICAS: i32 = 32_767;
+
 enum Command {
     CreateTopic {
         topic: String,
@@ -65,6 +71,14 @@ struct RawMock {
 
 impl RawMock {
     fn new(brokers: i32) -> Result<Self> {
+        // librdkafka aborts the process (not an error) when it cannot allocate or open what
+        // absurd sizes need: the same bounds as Elixir's, kept here too.
+        if !(1..=MAX_BROKERS).contains(&brokers) {
+            return Err(Error::new(
+                "invalid_arg",
+                format!("a mock cluster has 1 to {MAX_BROKERS} brokers, not {brokers}"),
+            ));
+        }
         let host: BaseProducer = ClientConfig::new().create()?;
         // SAFETY: `host` is a live client; librdkafka returns null on failure.
         let ptr = unsafe { rd::rd_kafka_mock_cluster_new(host.client().native_ptr(), brokers) };
@@ -88,6 +102,15 @@ impl RawMock {
     }
 
     fn create_topic(&self, topic: &str, partitions: i32, replicas: i32) -> Result<()> {
+        if !(1..=MAX_PARTITIONS).contains(&partitions) || !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(Error::new(
+                "invalid_arg",
+                format!(
+                    "a mock topic has 1 to {MAX_PARTITIONS} partitions and 1 to {MAX_REPLICAS} \
+                     replicas, not {partitions} and {replicas}"
+                ),
+            ));
+        }
         let name = CString::new(topic)
             .map_err(|_| Error::new("invalid_topic", "the topic name contains a NUL byte"))?;
         // SAFETY: the cluster is live and `name` outlives the call.

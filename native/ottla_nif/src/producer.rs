@@ -371,6 +371,7 @@ fn send_on_thread(
     messages: Vec<OwnedOut>,
     deadline: Instant,
 ) {
+    let guard = batch.clone();
     let run = move || {
         let count = match resource.partition_count(&topic, deadline) {
             Ok(count) => count,
@@ -416,9 +417,17 @@ fn send_on_thread(
         }
         batch.enqueued();
     };
+    // A panic on this thread (the rdkafka crate panics on some malformed metadata from a
+    // broker) must not leave the caller waiting for verdicts until its timeout: every
+    // message without one fails.
     let spawned = std::thread::Builder::new()
         .name("ottla-produce".into())
-        .spawn(run);
+        .spawn(move || {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                guard.fail_unreported(&Error::new("internal", "the produce failed inside the NIF"));
+                guard.enqueued();
+            }
+        });
     if let Err(err) = spawned {
         // The closure (and the batch's last reference held by it) is gone: nothing will
         // answer, and the caller's wait ends at its timeout.
@@ -467,7 +476,7 @@ fn producer_partition_count(
     timeout_ms: u64,
 ) -> Atom {
     reply::spawn("ottla-metadata", pid, tag, move |env| {
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let deadline = reply::deadline_after(Duration::from_millis(timeout_ms));
         let result = resource
             .partition_count(&topic, deadline)
             .map(|count| (atoms::ok(), count));
@@ -492,7 +501,7 @@ fn producer_send<'a>(
     // Waits on the thread end a little before the caller's: a message that could not be
     // handed to librdkafka then has its own verdict when the caller stops waiting.
     let margin = (timeout_ms / 10).min(500);
-    let deadline = Instant::now() + Duration::from_millis(timeout_ms - margin);
+    let deadline = reply::deadline_after(Duration::from_millis(timeout_ms - margin));
     let batch = Batch::new(pid, tag, messages.len());
     let outs: Vec<Out<'_>> = messages
         .iter()

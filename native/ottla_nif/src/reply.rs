@@ -3,6 +3,8 @@
 //! returns `:ok` at once; the thread answers `{:ottla_reply, tag, result}` to the caller,
 //! which waits with `receive … after` (see `Ottla.Reply`).
 
+use std::time::{Duration, Instant};
+
 use rustler::{Atom, Encoder, Env, LocalPid, OwnedEnv, Term};
 
 use crate::atoms;
@@ -31,6 +33,16 @@ where
         Ok(_) => atoms::ok(),
         Err(_) => atoms::error(),
     }
+}
+
+/// The instant `timeout` from now. A timeout too far for `Instant` (only a caller bypassing
+/// Elixir's validation, which bounds timeouts to a day, can give one) is cut to a year instead
+/// of panicking.
+pub fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// `value` for a success, `{:error, %Ottla.Error{}}` for a failure.

@@ -94,6 +94,7 @@ impl Commits {
 
     /// Collects the results of finished commits, waiting up to `wait` for all of them.
     pub fn collect(&mut self, wait: Duration) -> Vec<Outcome> {
+        // `wait` is one of this module's constants or zero.
         let deadline = Instant::now() + wait;
         let mut out = Vec::new();
         let mut still = Vec::new();
@@ -153,8 +154,16 @@ fn read_event(event: *mut rd::rd_kafka_event_t, sent: &[(Tp, i64)], out: &mut Ve
         }));
         return;
     }
-    // SAFETY: `list` is a valid list of `cnt` elements.
-    let elems = unsafe { std::slice::from_raw_parts((*list).elems, (*list).cnt.max(0) as usize) };
+    // SAFETY: `list` is a valid list of `cnt` elements (`elems` may be null when it is empty,
+    // which `from_raw_parts` must never be given).
+    let elems = unsafe {
+        let (ptr, cnt) = ((*list).elems, (*list).cnt);
+        if ptr.is_null() || cnt <= 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(ptr, cnt as usize)
+        }
+    };
     for (tp, offset) in sent {
         let elem = elems.iter().find(|e| {
             // SAFETY: each element's topic is a NUL-terminated string owned by the list.

@@ -216,6 +216,9 @@ pub struct Shared {
     /// Wakes the poll thread's idle wait: messages arrived, or the dispatcher freed room.
     pub wake: queues::Wake,
     pub stop: AtomicBool,
+    /// Test-only: the poll thread panics at its next turn (`consumer_test_panic`), so tests
+    /// can show that a panic there loses nothing.
+    pub test_panic: AtomicBool,
 }
 
 impl Shared {

@@ -77,12 +77,25 @@ fn consumer_new<'a>(
         progress: Condvar::new(),
         wake: Default::default(),
         stop: Default::default(),
+        test_panic: Default::default(),
     });
     let consumer: BaseConsumer<poll::GroupCtx> = client_config(&bootstrap, &props)
         .create_with_context(poll::GroupCtx::new(shared.clone()))
         .map_err(Error::from)?;
     poll::watch_main(&consumer, &shared);
 
+    // librdkafka takes topic names as C strings, and the rdkafka crate panics on a NUL byte
+    // (Elixir refuses such names; this keeps the NIF safe on its own).
+    let named = topics
+        .iter()
+        .chain(assignment.iter().map(|(topic, _, _)| topic));
+    if let Some(topic) = named.into_iter().find(|t| t.contains('\0')) {
+        return Err(Error::new(
+            "invalid_topic",
+            format!("the topic name {topic:?} contains a NUL byte"),
+        )
+        .into());
+    }
     if group {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(Error::from)?;
@@ -477,5 +490,15 @@ fn consumer_close(resource: ResourceArc<ConsumerResource>, pid: LocalPid, tag: u
         // bounded.
         return atoms::error();
     }
+    atoms::ok()
+}
+
+/// Test-only (hidden as `Ottla.Native.consumer_test_panic/1`): makes the consumer's poll
+/// thread panic at its next turn, to show that the panic is caught, the consumer restarts and
+/// nothing is lost. Nothing in the library calls it.
+#[rustler::nif]
+fn consumer_test_panic(resource: ResourceArc<ConsumerResource>) -> Atom {
+    resource.shared.test_panic.store(true, Ordering::SeqCst);
+    resource.shared.wake.notify();
     atoms::ok()
 }

@@ -21,6 +21,7 @@ use super::queues::Queues;
 use super::{now_ms, Msg, Shared, State, Tp};
 use crate::atoms;
 use crate::context::{log, send_reliably, OttlaContext};
+use crate::error::Error;
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Messages taken from librdkafka per lock of the state.
@@ -321,6 +322,9 @@ fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
     }
 }
 
+/// `topic()` cannot panic here (the rdkafka crate's `expect` on a non-UTF-8 name): librdkafka
+/// names a fetched message's topic with the name this consumer subscribed to or was assigned,
+/// which Elixir checked is UTF-8 without NUL.
 fn to_msg(m: &BorrowedMessage<'_>) -> (Tp, Msg) {
     (
         (m.topic().to_string(), m.partition()),
@@ -490,6 +494,34 @@ fn final_commit(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     }
 }
 
+/// An error after which this consumer can never consume (a group the broker refuses as
+/// configured: e.g. a `session.timeout.ms` outside the broker's bounds, a group id it
+/// rejects, or a fatal librdkafka error), as the error to report; `None` for the others,
+/// which librdkafka retries on its own.
+fn fatal_group_error(err: &KafkaError) -> Option<Error> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    let code = err.rdkafka_error_code()?;
+    matches!(
+        code,
+        Code::InvalidSessionTimeout
+            | Code::InvalidGroupId
+            | Code::InconsistentGroupProtocol
+            | Code::GroupAuthorizationFailed
+            | Code::Fatal
+    )
+    .then(|| Error::from(err.clone()))
+}
+
+/// Stops the consumer and tells the manager why (`{:ottla_consumer_failed, error}`), so that
+/// a consumer that cannot consume fails loudly instead of running idle.
+fn fail(shared: &Shared, error: Error) {
+    shared.signal_stop();
+    send_reliably(
+        &shared.settings.manager,
+        Box::new(move |env| (atoms::ottla_consumer_failed(), error).encode(env)),
+    );
+}
+
 /// Releases the queue handles (commit replies, partitions' queues) before the consumer they
 /// belong to, also when the thread unwinds from a panic: librdkafka must not be destroyed
 /// with queues outstanding.
@@ -514,6 +546,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     let commit = shared.settings.commit;
     let mut fatal = false;
     while !shared.stop.load(Ordering::SeqCst) {
+        if shared.test_panic.swap(false, Ordering::SeqCst) {
+            panic!("test-only panic of the poll thread (consumer_test_panic)");
+        }
         // The main queue: rebalances and errors, and messages of partitions without a queue
         // of their own. Never waits: the wait is on `shared.wake`, below.
         while polled.len() < INTAKE_BATCH {
@@ -528,6 +563,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
                 }
                 Some(Err(err)) => {
                     log(atoms::warning(), "CONSUME", &err.to_string());
+                    if let Some(error) = fatal_group_error(&err) {
+                        fail(&shared, error);
+                    }
                     break;
                 }
                 None => break,

@@ -189,6 +189,7 @@ impl Queues {
         if n <= 0 {
             return 0;
         }
+        // librdkafka returns at most `max`; the bound keeps the slice in range regardless.
         let n = (n as usize).min(max);
         let mut chunk = Chunk::with_capacity(n);
         for &m in &buf[..n] {
