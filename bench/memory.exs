@@ -4,7 +4,7 @@
 # states:
 #
 #   Rust:  partitions × 2 × max_backlog × (m + 100 B)          (backlog + delivered, unacked)
-#          + partitions × (min(10,000, 2 MiB / m) + 1 MiB / m) × (m + 600 B)
+#          + partitions × (min(20,000, 4 MiB / m) + 1 MiB / m) × (m + 600 B)
 #                          (librdkafka's prefetch: queued.min.messages or
 #                           queued.max.messages.kbytes, and one fetch response)
 #   BEAM:  partitions × 4 × max_batch × (m + 400 B)            (a worker's batch being handled,
@@ -63,7 +63,7 @@ defmodule Bench.Memory do
 
     {max_batch, max_backlog} = {500, 2500}
     message = Bench.key_bytes() + Bench.value_bytes()
-    queued = min(10_000, div(2 * 1_048_576, message)) + div(1_048_576, message)
+    queued = min(20_000, div(4 * 1_048_576, message)) + div(1_048_576, message)
     rust_bound = @partitions * (2 * max_backlog * (message + 100) + queued * (message + 600))
     beam_bound = @partitions * 4 * max_batch * (message + 400) + 8 * 1_048_576
     rss_peak = samples |> Enum.map(&elem(&1, 0)) |> Enum.max()

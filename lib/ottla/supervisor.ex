@@ -64,8 +64,8 @@ defmodule Ottla.Supervisor do
     * `:max_batch` - most messages per `handle_messages` call. Defaults to `500`.
     * `:max_backlog` - most messages buffered (in Rust) per partition: a partition whose
       backlog is full is not read until its handler takes a batch, and what librdkafka
-      prefetched for it (up to `queued.min.messages` or `queued.max.messages.kbytes`: 10,000
-      messages or 2 MiB a partition unless configured) stays there. Defaults to `2500` (see the README's "Benchmarks" for how the
+      prefetched for it (up to `queued.min.messages` or `queued.max.messages.kbytes`: 20,000
+      messages or 4 MiB a partition unless configured) stays there. Defaults to `2500` (see the README's "Benchmarks" for how the
       defaults were chosen).
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.

@@ -254,16 +254,16 @@ defmodule Ottla.Consumer.Options do
 
     # Tunables a user may override: librdkafka's fetch queue backoff is shortened because its
     # 1 s default stalls a busy consumer. Each partition has a queue of its own, so librdkafka
-    # bounds its prefetch per partition: 10,000 messages or 2 MiB, whichever comes first,
-    # keeps the fetcher ahead of a fast handler (a prefetch of max_backlog messages let the
-    # handlers wait on fetches; see bench/consume.exs and bench/memory.exs).
+    # bounds its prefetch per partition: 20,000 messages or 4 MiB, whichever comes first,
+    # keeps the fetcher ahead of fast handlers (a prefetch of max_backlog messages, or of
+    # 10,000, let them wait on fetches; see bench/consume.exs and bench/memory.exs).
     max_backlog = Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000)
 
     tunables =
       [
         {"fetch.queue.backoff.ms", "10"},
-        {"queued.min.messages", "10000"},
-        {"queued.max.messages.kbytes", "2048"},
+        {"queued.min.messages", "20000"},
+        {"queued.max.messages.kbytes", "4096"},
         # librdkafka's reconnect backoff grows to 10 s: after a broker outage the consumer
         # would find the broker back up to 10 s late.
         {"reconnect.backoff.max.ms", "1000"}
