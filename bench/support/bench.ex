@@ -80,9 +80,12 @@ defmodule Bench do
   processes, in calls of `call` messages; returns `{seconds, cpu_seconds}` of the sending.
   Each process builds its message lists before the clocks start, so they measure Ottla.
   """
-  def produce_with_ottla(conn, topic, total, procs, call) do
+  def produce_with_ottla(conn, topic, total, procs, call, opts \\ []) do
     value = value()
     parent = self()
+    # Without prebuilt lists each call's list is built just before it (the schedulers
+    # benchmark: large prebuilt heaps make garbage collections that are not Ottla's).
+    prebuilt? = Keyword.get(opts, :prebuilt, true)
 
     tasks =
       Enum.map(1..procs, fn p ->
@@ -92,10 +95,11 @@ defmodule Bench do
           calls =
             (p * 10_000_000)
             |> Stream.iterate(&(&1 + 1))
-            |> Stream.map(&{key(&1), value})
-            |> Enum.take(share)
-            |> Enum.chunk_every(call)
+            |> Stream.take(share)
+            |> Stream.chunk_every(call)
+            |> Stream.map(fn keys -> Enum.map(keys, &{key(&1), value}) end)
 
+          calls = if prebuilt?, do: Enum.to_list(calls), else: calls
           send(parent, {:ready, self()})
 
           receive do
