@@ -50,7 +50,12 @@ defmodule Ottla.Producer do
       do:
         raise(ArgumentError, "invalid messages #{inspect(messages, limit: 5)}: not a proper list")
 
-    encoded = Enum.map(originals, &encode!/1)
+    # Binaries and {key, value} pairs of binaries go to the NIF as they are (it reads them in
+    # place); other shapes (iodata, maps) and calls that set partitions are encoded here.
+    encoded =
+      if is_nil(partition) and partitioner == :default and all_plain?(originals),
+        do: originals,
+        else: Enum.map(originals, &encode!/1)
 
     resolved =
       case target do
@@ -96,10 +101,25 @@ defmodule Ottla.Producer do
   end
 
   defp payload_bytes(encoded) do
-    Enum.reduce(encoded, 0, fn {key, value, _, _, _}, sum ->
-      sum + if(key, do: byte_size(key), else: 0) + if(value, do: byte_size(value), else: 0)
+    Enum.reduce(encoded, 0, fn
+      value, sum when is_binary(value) -> sum + byte_size(value)
+      {key, value}, sum -> sum + size_of(key) + size_of(value)
+      {key, value, _, _, _}, sum -> sum + size_of(key) + size_of(value)
     end)
   end
+
+  defp size_of(nil), do: 0
+  defp size_of(binary), do: byte_size(binary)
+
+  # A list of binaries and {binary | nil, binary | nil} pairs: what the NIF reads as is.
+  defp all_plain?([]), do: true
+  defp all_plain?([value | rest]) when is_binary(value), do: all_plain?(rest)
+
+  defp all_plain?([{key, value} | rest])
+       when (is_binary(key) or is_nil(key)) and (is_binary(value) or is_nil(value)),
+       do: all_plain?(rest)
+
+  defp all_plain?(_), do: false
 
   @doc """
   Whether `connection` runs and has a producer, as Elsa's `ready?/1`. Ottla's producer is
@@ -182,8 +202,19 @@ defmodule Ottla.Producer do
       {:ok, tuples} ->
         left = max(timeout - (System.monotonic_time(:millisecond) - started), 0)
         tag = System.unique_integer([:positive])
-        {:pending, batch} = Native.producer_send(producer, self(), tag, topic, tuples, left)
-        await(batch, tag, originals, left)
+
+        case Native.producer_send(producer, self(), tag, topic, tuples, left) do
+          {:pending, batch} ->
+            await(batch, tag, originals, left)
+
+          :needs_encoding ->
+            # Not reached with the shapes all_plain?/1 lets through; a safe path all the same.
+            encoded = Enum.map(originals, &encode!/1)
+
+            {:pending, batch} = Native.producer_send(producer, self(), tag, topic, encoded, left)
+
+            await(batch, tag, originals, left)
+        end
 
       {:error, error} ->
         whole_call_failed(error, originals)

@@ -24,6 +24,7 @@ rustler::atoms! {
     headers,
     generation_id,
     ottla_produced,
+    needs_encoding,
     ottla_messages,
     ottla_assigned,
     ottla_revoked,

@@ -484,7 +484,17 @@ fn producer_partition_count(
     })
 }
 
-/// Enqueues every message of a call and returns `{:pending, batch}`:
+fn decode_message(term: Term<'_>) -> Option<InMessage<'_>> {
+    if let Ok(value) = term.decode::<Binary<'_>>() {
+        return Some((None, Some(value), Vec::new(), None, -1));
+    }
+    if let Ok((key, value)) = term.decode::<(Option<Binary<'_>>, Option<Binary<'_>>)>() {
+        return Some((key, value, Vec::new(), None, -1));
+    }
+    term.decode::<InMessage<'_>>().ok()
+}
+
+/// Enqueues every message of a call and returns `{:pending, batch}`
 /// `{:ottla_produced, tag, failures}` follows once every message has its verdict, where
 /// `failures` is `[{index, %Ottla.Error{}}]`. Runs on a dirty CPU scheduler: it only
 /// copies into librdkafka's queue, and hands anything that would wait to a thread.
@@ -495,9 +505,19 @@ fn producer_send<'a>(
     pid: LocalPid,
     tag: u64,
     topic: String,
-    messages: Vec<InMessage<'a>>,
+    messages: Vec<Term<'a>>,
     timeout_ms: u64,
 ) -> Term<'a> {
+    // One pass over the caller's terms, borrowing their binaries: a message is a value
+    // binary, `{key, value}` (binaries or nil) or the encoded 5-tuple; anything else is
+    // encoded by the caller first.
+    let Some(messages) = messages
+        .iter()
+        .map(|t| decode_message(*t))
+        .collect::<Option<Vec<InMessage<'a>>>>()
+    else {
+        return atoms::needs_encoding().encode(env);
+    };
     // Waits on the thread end a little before the caller's: a message that could not be
     // handed to librdkafka then has its own verdict when the caller stops waiting.
     let margin = (timeout_ms / 10).min(500);
