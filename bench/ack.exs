@@ -58,21 +58,12 @@ defmodule Bench.Ack do
     table = :ets.new(:bench_ack, [:public, :set])
     name = :"bench_ack_#{System.unique_integer([:positive])}"
 
-    {:ok, sup} =
-      Ottla.Supervisor.start_link(
-        connection: name,
-        endpoints: Bench.endpoints(),
-        group_consumer: [
-          group: "ottla-bench-ack-#{System.unique_integer([:positive])}",
-          topics: [topic],
-          handler: Bench.Ack.Handler,
-          handler_init_args: %{counter: counter, table: table},
-          begin_offset: :earliest,
-          max_batch: 10_000,
-          # Everything stays delivered and unacked until the measured acks (the baseline
-          # producer spreads keys over the partitions unevenly: room for all of them).
-          max_backlog: total
-        ]
+    # Everything stays delivered and unacked until the measured acks (the baseline producer
+    # spreads keys over the partitions unevenly: room for all of them).
+    sup =
+      Bench.start_group!(name, topic, Bench.Ack.Handler, %{counter: counter, table: table},
+        max_batch: 10_000,
+        max_backlog: total
       )
 
     Bench.wait_until(fn -> :counters.get(counter, 1) >= total end, 300_000, "every delivery", 10)

@@ -78,7 +78,7 @@ defmodule Bench.Consume do
     do: Enum.drop(list, rem(n, length(list))) ++ Enum.take(list, rem(n, length(list)))
 
   defp baseline(topic, total) do
-    r = Bench.baseline!(["consume", Bench.endpoints(), topic, group(), total])
+    r = Bench.baseline!(["consume", Bench.endpoints(), topic, Bench.group_name(), total])
 
     %{
       rate: Bench.rate(r.messages, r.seconds),
@@ -93,19 +93,13 @@ defmodule Bench.Consume do
     sink = Process.whereis(Ottla.LogSink)
     :erlang.trace(sink, true, [:receive, {:tracer, self()}])
 
-    {:ok, sup} =
-      Ottla.Supervisor.start_link(
-        connection: name,
-        endpoints: Bench.endpoints(),
-        group_consumer:
-          [
-            group: group(),
-            topics: [topic],
-            handler: Bench.CountingHandler,
-            handler_init_args: %{counter: counter},
-            begin_offset: :earliest,
-            config: ["statistics.interval.ms": 500]
-          ] ++ options
+    sup =
+      Bench.start_group!(
+        name,
+        topic,
+        Bench.CountingHandler,
+        %{counter: counter},
+        [config: ["statistics.interval.ms": 500]] ++ options
       )
 
     Bench.wait_until(fn -> :counters.get(counter, 1) > 0 end, 120_000, "a first delivery", 1)
@@ -141,8 +135,6 @@ defmodule Bench.Consume do
       0 -> acc
     end
   end
-
-  defp group, do: "ottla-bench-#{System.unique_integer([:positive])}-#{:rand.uniform(1_000_000)}"
 end
 
 Bench.Consume.run()

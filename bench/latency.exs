@@ -30,25 +30,8 @@ defmodule Bench.Latency do
     seconds = Bench.size(30, 3)
     topic = Bench.create_topic!("latency", @partitions)
 
-    {:ok, _} =
-      Ottla.Supervisor.start_link(
-        connection: :bench_latency_producer,
-        endpoints: Bench.endpoints(),
-        producer: []
-      )
-
-    {:ok, _} =
-      Ottla.Supervisor.start_link(
-        connection: :bench_latency,
-        endpoints: Bench.endpoints(),
-        group_consumer: [
-          group: "ottla-bench-latency-#{System.unique_integer([:positive])}",
-          topics: [topic],
-          handler: Bench.Latency.Handler,
-          handler_init_args: %{collector: self()},
-          begin_offset: :earliest
-        ]
-      )
+    Bench.start_producer!(:bench_latency_producer)
+    Bench.start_group!(:bench_latency, topic, Bench.Latency.Handler, %{collector: self()})
 
     # Warm up: the group is joined and every partition delivers.
     warm = for _ <- 1..@partitions, do: stamp()

@@ -38,18 +38,7 @@ defmodule Bench.Memory do
     beam0 = :erlang.memory(:total)
     counter = :counters.new(1, [:atomics])
 
-    {:ok, sup} =
-      Ottla.Supervisor.start_link(
-        connection: :bench_memory,
-        endpoints: Bench.endpoints(),
-        group_consumer: [
-          group: "ottla-bench-memory-#{System.unique_integer([:positive])}",
-          topics: [topic],
-          handler: Bench.Memory.Handler,
-          handler_init_args: %{counter: counter},
-          begin_offset: :earliest
-        ]
-      )
+    sup = Bench.start_group!(:bench_memory, topic, Bench.Memory.Handler, %{counter: counter})
 
     samples =
       for _ <- 1..(seconds * 10) do

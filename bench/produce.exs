@@ -14,12 +14,7 @@ defmodule Bench.Produce do
   def run do
     total = Bench.messages(1_000_000, 20_000)
 
-    {:ok, _} =
-      Ottla.Supervisor.start_link(
-        connection: :bench_producer,
-        endpoints: Bench.endpoints(),
-        producer: []
-      )
+    Bench.start_producer!(:bench_producer)
 
     contenders = [
       {"Rust baseline, 4 threads", fn t -> baseline(t, total, 4) end},

@@ -18,12 +18,7 @@ defmodule Bench.Schedulers do
     total = Bench.messages(200_000, 20_000)
     topic = Bench.create_topic!("schedulers", @partitions)
 
-    {:ok, _} =
-      Ottla.Supervisor.start_link(
-        connection: :bench_sched_producer,
-        endpoints: Bench.endpoints(),
-        producer: []
-      )
+    Bench.start_producer!(:bench_sched_producer)
 
     :ok = Ottla.produce(:bench_sched_producer, topic, [{Bench.key(0), Bench.value()}])
 
@@ -36,18 +31,10 @@ defmodule Bench.Schedulers do
 
     {_, consume} =
       Bench.watch(fn ->
-        {:ok, sup} =
-          Ottla.Supervisor.start_link(
-            connection: :bench_sched_consumer,
-            endpoints: Bench.endpoints(),
-            group_consumer: [
-              group: "ottla-bench-sched-#{System.unique_integer([:positive])}",
-              topics: [topic],
-              handler: Bench.CountingHandler,
-              handler_init_args: %{counter: counter},
-              begin_offset: :earliest
-            ]
-          )
+        sup =
+          Bench.start_group!(:bench_sched_consumer, topic, Bench.CountingHandler, %{
+            counter: counter
+          })
 
         Bench.wait_until(
           fn -> :counters.get(counter, 1) >= total + 1 end,

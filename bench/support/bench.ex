@@ -42,6 +42,42 @@ defmodule Bench do
 
   def delete_topic(topic), do: Ottla.delete_topic(endpoints(), topic, timeout: 60_000)
 
+  @doc "Starts connection `name` with a producer; returns the supervisor's pid."
+  def start_producer!(name) do
+    {:ok, sup} =
+      Ottla.Supervisor.start_link(connection: name, endpoints: endpoints(), producer: [])
+
+    sup
+  end
+
+  @doc """
+  Starts connection `name` with a group consumer of `topic` (a fresh group, from the earliest
+  offset) running `handler` with `args`; `options` are more group consumer options. Returns
+  the supervisor's pid.
+  """
+  def start_group!(name, topic, handler, args, options \\ []) do
+    {:ok, sup} =
+      Ottla.Supervisor.start_link(
+        connection: name,
+        endpoints: endpoints(),
+        group_consumer:
+          [
+            group:
+              "ottla-bench-#{System.unique_integer([:positive])}-#{:rand.uniform(1_000_000)}",
+            topics: [topic],
+            handler: handler,
+            handler_init_args: args,
+            begin_offset: :earliest
+          ] ++ options
+      )
+
+    sup
+  end
+
+  @doc "A consumer group name no other run uses."
+  def group_name,
+    do: "ottla-bench-#{System.unique_integer([:positive])}-#{:rand.uniform(1_000_000)}"
+
   @doc "The baseline binary (cargo builds it: scripts/bench does)."
   def baseline_path do
     path = Path.expand("../../target/release/ottla-baseline", __DIR__)
