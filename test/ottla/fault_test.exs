@@ -38,6 +38,28 @@ defmodule Ottla.FaultTest do
 
   defp now, do: System.monotonic_time(:millisecond)
 
+  # {broker id, client port} of the cluster's brokers, in order (ids 1-3).
+  defp cluster_ports do
+    cluster()
+    |> String.split(",")
+    |> Enum.map(fn hostport ->
+      hostport |> String.split(":") |> List.last() |> String.to_integer()
+    end)
+    |> Enum.with_index(1)
+    |> Enum.map(fn {port, id} -> {id, port} end)
+  end
+
+  defp answers?(port) do
+    case :gen_tcp.connect(~c"127.0.0.1", port, [], 1_000) do
+      {:ok, socket} ->
+        :gen_tcp.close(socket)
+        true
+
+      {:error, _} ->
+        false
+    end
+  end
+
   defp committed_map(group, topic) do
     case Ottla.committed_offsets(cluster(), group, topic, timeout: 5_000) do
       {:ok, list} -> Map.new(list)
@@ -59,8 +81,15 @@ defmodule Ottla.FaultTest do
 
   setup do
     on_exit(fn ->
-      # Every broker of the cluster runs when this module ends, whatever happened.
-      for id <- 1..3, do: System.cmd(Path.expand("scripts/kafka"), ["start-broker", "#{id}"])
+      # Every broker of the cluster runs when this module ends, whatever happened. A broker
+      # that does not answer may still be shutting down (a stop the test started): stopping
+      # it again waits for that, then it starts afresh.
+      kafka = Path.expand("scripts/kafka")
+
+      for {id, port} <- cluster_ports(), not answers?(port) do
+        System.cmd(kafka, ["stop-broker", "#{id}"], stderr_to_stdout: true)
+        System.cmd(kafka, ["start-broker", "#{id}"], stderr_to_stdout: true)
+      end
     end)
   end
 
@@ -268,8 +297,25 @@ defmodule Ottla.FaultTest do
   end
 
   defp inject({_, :grow_topic}, ctx) do
-    :ok = Ottla.create_partitions(cluster(), ctx.topic, @grown_partitions, timeout: 60_000)
-    fault(ctx, {:grew_topic, @grown_partitions})
+    # A broker may be down now: then replication factor 3 cannot be placed, and the growth
+    # happens once it is back (awaited before the end offsets are read).
+    grow = Task.async(fn -> grow_topic(ctx.topic, now() + 120_000) end)
+    fault(%{ctx | grow: grow}, {:grew_topic, @grown_partitions})
+  end
+
+  defp grow_topic(topic, deadline) do
+    case Ottla.create_partitions(cluster(), topic, @grown_partitions, timeout: 60_000) do
+      {:error, %Ottla.Error{code: :invalid_replication_factor}} = error ->
+        if now() < deadline do
+          Process.sleep(1_000)
+          grow_topic(topic, deadline)
+        else
+          error
+        end
+
+      result ->
+        result
+    end
   end
 
   defp inject({_, {:join, label}}, ctx) do
@@ -440,6 +486,7 @@ defmodule Ottla.FaultTest do
       peer_killed_at: nil,
       stopped_broker: nil,
       broker_start: nil,
+      grow: nil,
       started: now()
     }
 
@@ -467,6 +514,7 @@ defmodule Ottla.FaultTest do
           end)
 
         if ctx.broker_start, do: :ok = Task.await(ctx.broker_start, 120_000)
+        if ctx.grow, do: :ok = Task.await(ctx.grow, 180_000)
         ends = end_offsets(topic, @grown_partitions)
 
         wait_until(
