@@ -90,7 +90,8 @@ fn fetch<'a>(
         o => o.max(low),
     };
     let topic_term = topic.encode(env);
-    let mut out: Vec<message::Msg> = Vec::new();
+    // The fetched messages share one chunk (one allocation for their bytes).
+    let mut chunk = message::Chunk::default();
     if start < high && max_messages > 0 {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
@@ -103,7 +104,7 @@ fn fetch<'a>(
                     RDKafkaErrorCode::OperationTimedOut,
                     format!(
                         "fetch of {topic:?}/{partition} timed out after {} of the messages up to offset {last_wanted}",
-                        out.len()
+                        chunk.len()
                     ),
                 ));
             }
@@ -126,14 +127,16 @@ fn fetch<'a>(
                 Some(Err(err)) => return Err(Error::from(err)),
                 Some(Ok(msg)) => {
                     let at = rdkafka::message::Message::offset(&msg);
-                    out.push(message::Msg::from_borrowed(&msg));
-                    if at >= last_wanted || out.len() >= max_messages {
+                    chunk.push_borrowed(&msg);
+                    if at >= last_wanted || chunk.len() >= max_messages {
                         break;
                     }
                 }
             }
         }
     }
+    let mut out = Vec::new();
+    chunk.into_messages(&mut out);
     let list = message::encode_list(env, topic_term, partition, None, &out);
     Ok((atoms::ok(), high, list).encode(env))
 }

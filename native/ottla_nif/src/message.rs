@@ -118,6 +118,10 @@ impl Chunk {
         self.metas.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.metas.len()
+    }
+
     /// The chunk's messages, in the order they were pushed.
     pub fn into_messages(self, out: &mut Vec<Msg>) {
         let count = self.metas.len();
