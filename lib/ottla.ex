@@ -275,10 +275,10 @@ defmodule Ottla do
 
     offset =
       case opts[:offset] do
-        :earliest -> -1
-        :latest -> -2
+        logical when logical in [:earliest, :latest] -> logical
         offset -> Options.integer!(offset, :offset, 0, 9_223_372_036_854_775_807)
       end
+      |> Options.position()
 
     {bootstrap, config, _} = Connection.resolve!(target)
 

@@ -61,13 +61,16 @@ defmodule Ottla.Native do
   def mock_cluster_start(_brokers), do: :erlang.nif_error(:nif_not_loaded)
   def mock_cluster_stop(_cluster), do: :erlang.nif_error(:nif_not_loaded)
 
+  def mock_cluster_delay_requests(_cluster, _broker, _api_key, _count, _rtt_ms),
+    do: :erlang.nif_error(:nif_not_loaded)
+
   def mock_cluster_create_topic(_cluster, _topic, _partitions, _replicas),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def consumer_new(_bootstrap, _props, _manager, _topics, _assignment, _tuning),
+  def consumer_new(_bootstrap, _props, _manager, _revoker, _topics, _assignment, _tuning),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def consumer_attach(_consumer, _topic, _partition, _generation, _pid),
+  def consumer_start(_consumer, _topic, _partition, _generation, _pid, _from),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def consumer_demand(_consumer, _topic, _partition, _generation),
@@ -82,7 +85,7 @@ defmodule Ottla.Native do
   def consumer_failed(_consumer, _topic, _partition, _generation, _from),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def consumer_seek(_consumer, _topic, _partition, _generation, _offset),
+  def consumer_seek(_consumer, _topic, _partition, _generation, _position),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def consumer_gave_up(_consumer, _topic, _partition, _generation, _offset, _dead_lettered),
@@ -95,6 +98,13 @@ defmodule Ottla.Native do
     do: :erlang.nif_error(:nif_not_loaded)
 
   def consumer_revoke_done(_consumer, _id), do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_claim_announce(_consumer, _topic, _partition, _generation),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_drain(_consumer, _pid, _tag, _timeout_ms), do: :erlang.nif_error(:nif_not_loaded)
+  def backoff_ms(_first_ms, _max_ms, _failures), do: :erlang.nif_error(:nif_not_loaded)
+  def consumer_clock_ms, do: :erlang.nif_error(:nif_not_loaded)
   def consumer_stats(_consumer), do: :erlang.nif_error(:nif_not_loaded)
   def consumer_close(_consumer, _pid, _tag), do: :erlang.nif_error(:nif_not_loaded)
 

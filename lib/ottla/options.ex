@@ -5,6 +5,15 @@ defmodule Ottla.Options do
   @typedoc "`[{host, port}]`, a keyword list like `[localhost: 9092]`, or `\"host:port,...\"`."
   @type endpoints :: [{atom | String.t() | charlist, :inet.port_number()}] | String.t()
 
+  @doc "The one encoding of a place in a partition for the NIF (`position.rs`)."
+  # The consumer's start and seeks, assign mode's :begin_offset and fetch all use it.
+  def position(:earliest), do: :earliest
+  def position(:latest), do: :latest
+
+  def position(offset)
+      when is_integer(offset) and offset >= 0 and offset <= 9_223_372_036_854_775_807,
+      do: {:offset, offset}
+
   @doc "Turns endpoints into librdkafka's `host:port,host:port`; raises `ArgumentError`."
   @spec bootstrap!(term) :: String.t()
   def bootstrap!(endpoints) when is_binary(endpoints) do

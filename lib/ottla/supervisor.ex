@@ -53,12 +53,17 @@ defmodule Ottla.Supervisor do
     * `:handler` - a module using `Ottla.Consumer.MessageHandler`. Required.
     * `:handler_init_args` - passed to the handler's `init/1`. Defaults to `[]`.
     * `:assignment_received_handler` - `fn group, topic, partition, generation_id -> :ok end`,
-      called for each partition this member is given, before its worker starts. Returning
+      called once per assignment of a partition to this member, in the partition's first
+      worker process, before anything else of that worker runs: before the `:offsets`
+      function, before the partition is taken over and before the handler's `init/1`. A
+      restarted worker, or a retried `:offsets` function, does not call it again. Returning
       anything else (or raising) stops the consumer, as in Elsa; its supervisor restarts it.
       Defaults to a function returning `:ok`.
-    * `:assignments_revoked_handler` - `fn -> :ok end`, called after revoked partitions'
-      workers stopped and their acks were committed, before the rebalance proceeds.
-      Defaults to a function returning `:ok`.
+    * `:assignments_revoked_handler` - `fn -> :ok end`, called once per revocation, after the
+      revoked partitions' workers have stopped (finished their batch, or were killed at
+      `:drain_timeout`) and before those partitions' acks are committed and the rebalance
+      proceeds. It runs in a process of its own, killed if it is still running 100 ms past
+      the drain deadline. Defaults to a function returning `:ok`.
     * `:begin_offset` - where to start a partition the group never committed: `:earliest` or
       `:latest`. A committed offset always wins. Defaults to `:latest`.
     * `:max_batch` - most messages per `handle_messages` call. Defaults to `500`.
@@ -93,8 +98,10 @@ defmodule Ottla.Supervisor do
       acks are committed and its worker stopped; also bounds the wait for the revoked handler.
       Defaults to `5000`.
     * `:commit_interval` - ms between background commits of acked offsets. Defaults to `1000`.
-    * `:shutdown_timeout` - ms each worker gets to finish its batch when the connection
-      stops gracefully; past it, it is killed. Defaults to `10000` (Elsa's budget).
+    * `:shutdown_timeout` - ms a graceful stop gives what was delivered to be acked, from any
+      process (a worker finishing its batch, or a task a handler returned `{:continue, state}`
+      after); then the workers stop (busy ones are killed), the acks are committed and the
+      group is left. Defaults to `10000` (Elsa's budget).
     * `:retry_backoff` - ms before a failed batch is delivered again; doubles with each
       attempt. Defaults to `500`.
     * `:max_retry_backoff` - the backoff's bound in ms. Defaults to `30000`.
@@ -107,9 +114,11 @@ defmodule Ottla.Supervisor do
       Defaults to `:retry`. See `Ottla.Consumer.MessageHandler`.
     * `:offsets` - where committed offsets live: `:kafka`, `{:elsewhere, fun}` or
       `{:kafka_and_elsewhere, fun}`, where `fun` (or `{module, function, extra_args}`) is
-      called with `(topic, partition)` before a partition's worker starts and returns the
-      next offset to read, or `nil` for `:begin_offset`. With `:elsewhere` nothing is
-      committed to Kafka. Defaults to `:kafka`.
+      called with `(topic, partition)` each time a partition's worker starts, and returns
+      the next offset to read, or `nil` for `:begin_offset`. The partition goes on from there
+      only once librdkafka has confirmed the seek: nothing fetched before it is delivered. A
+      function that raises is tried again with the retry backoff. With `:elsewhere` nothing
+      is committed to Kafka. Defaults to `:kafka`.
     * `:config` - librdkafka consumer properties (e.g. `"session.timeout.ms": 10_000`).
       Defaults to `[]`.
     * `:direct_ack` - accepted for Elsa compatibility; acks are always direct.

@@ -118,8 +118,26 @@ defmodule Ottla.Testing do
     :exit, _ -> :ok
   end
 
+  @doc false
+  # Test-only: the next `count` requests of Kafka API `api_key` (e.g. 9, OffsetFetch) to
+  # broker `broker` of the mock cluster behind `endpoints` are answered after `rtt_ms`.
+  def delay_requests(endpoints, broker, api_key, count, rtt_ms) do
+    bootstrap = Enum.map_join(endpoints, ",", fn {h, p} -> "#{h}:#{p}" end)
+
+    case lookup(bootstrap) do
+      nil -> raise ArgumentError, "#{inspect(endpoints)} is not a running mock cluster"
+      pid -> GenServer.call(pid, {:delay_requests, broker, api_key, count, rtt_ms})
+    end
+  end
+
   @impl true
   def handle_call(:endpoints, _from, state), do: {:reply, state.endpoints, state}
+
+  def handle_call({:delay_requests, broker, api_key, count, rtt_ms}, _from, state) do
+    {:reply,
+     Ottla.Native.mock_cluster_delay_requests(state.cluster, broker, api_key, count, rtt_ms),
+     state}
+  end
 
   def handle_call({:claim_group, group, strategy}, _from, state) do
     groups = state.groups

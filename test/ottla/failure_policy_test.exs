@@ -24,6 +24,8 @@ defmodule Ottla.FailurePolicyTest do
     end
   end
 
+  defp now, do: System.monotonic_time(:millisecond)
+
   defp produce_per_partition!(topic, partitions, count) do
     for p <- 0..(partitions - 1) do
       msgs = for i <- 0..(count - 1), do: {"k#{p}-#{i}", "v#{p}-#{i}"}
@@ -171,13 +173,23 @@ defmodule Ottla.FailurePolicyTest do
     me = self()
     poison? = fn p, offset -> p == 0 and offset == 40 end
 
+    # Every try of the poison message (its batch first, then alone) is timed.
+    handler = poison_handler(me, poison?)
+
+    timed = fn [first | _] = messages, s ->
+      if first.offset == 40,
+        do: send(me, {:tried, Ottla.Consumer.MessageHandler.attempt(), now()})
+
+      handler.(messages, s)
+    end
+
     capture_log(fn ->
       conn =
         start_group!(topic, group,
           max_batch: 10,
           retry_backoff: 20,
           max_retry_backoff: 200,
-          handler_init_args: %{pid: me, fun: poison_handler(me, poison?)}
+          handler_init_args: %{pid: me, fun: timed}
         )
 
       {handled, _} = collect_handled(%{0 => Enum.to_list(0..39), 1 => Enum.to_list(0..99)})
@@ -195,7 +207,17 @@ defmodule Ottla.FailurePolicyTest do
         )
 
       assert p0.last_acked == 39
-      assert p0.backoff > 0 or p0.failures >= 4
+
+      # After failure n the next try waits 20 ms doubled n - 1 times (at most 200), with
+      # jitter between half of that and all of it.
+      tries = for n <- 1..4, do: assert_receive({:tried, ^n, at}, 5_000) && at
+      gaps = tries |> Enum.chunk_every(2, 1, :discard) |> Enum.map(fn [a, b] -> b - a end)
+
+      for {gap, n} <- Enum.with_index(gaps, 1) do
+        assert gap >= div(min(20 * Integer.pow(2, n - 1), 200), 2) - 1,
+               "try #{n + 1} came #{gap} ms after try #{n} (gaps: #{inspect(gaps)})"
+      end
+
       refute_receive {:handled, 0, _, _}, 500
       wait_until(fn -> committed(group, topic) == %{0 => 40, 1 => 100} end, 15_000, "commits")
     end)
@@ -282,15 +304,21 @@ defmodule Ottla.FailurePolicyTest do
       {:ok, db} = Agent.start_link(fn -> %{offsets: %{}, effects: []} end)
       me = self()
 
-      # The "database": effects and the next offset change in one transaction.
-      fun = fn messages, s ->
+      # The "database": effects and the next offset change in one transaction, on the
+      # README's condition that the stored offset is still the batch's first (a batch whose
+      # claim fails was applied by whoever moved the offset: rolled back).
+      fun = fn [first | _] = messages, s ->
         p = Ottla.TestHandler.partition()
         Process.sleep(20)
 
         Agent.update(db, fn db ->
-          effects = Enum.map(messages, &{p, &1.offset})
-          next = List.last(messages).offset + 1
-          %{db | effects: effects ++ db.effects, offsets: Map.put(db.offsets, p, next)}
+          if Map.get(db.offsets, p, 0) == first.offset do
+            effects = Enum.map(messages, &{p, &1.offset})
+            next = List.last(messages).offset + 1
+            %{db | effects: effects ++ db.effects, offsets: Map.put(db.offsets, p, next)}
+          else
+            db
+          end
         end)
 
         {:ack, s}

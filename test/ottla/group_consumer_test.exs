@@ -300,14 +300,29 @@ defmodule Ottla.GroupConsumerTest do
         {:ack, s}
       end
 
-      start_group!(topic, group_name(), handler_init_args: %{pid: me, fun: fun})
+      start_group!(topic, group_name(),
+        retry_backoff: 100,
+        max_retry_backoff: 1_000,
+        handler_init_args: %{pid: me, fun: fun}
+      )
 
-      for _ <- 1..4 do
-        assert_receive {:batch, _, _, 0, messages}, 30_000
-        assert hd(messages).offset == 0
-      end
+      times =
+        for _ <- 1..4 do
+          assert_receive {:batch, _, _, 0, messages}, 30_000
+          assert hd(messages).offset == 0
+          System.monotonic_time(:millisecond)
+        end
 
       assert Agent.get(attempts, & &1) == 4
+
+      # After failure n the backoff is 100 ms doubled n - 1 times, with jitter between half of
+      # it and all of it: the gaps are at least 50, 100 and 200 ms.
+      gaps = times |> Enum.chunk_every(2, 1, :discard) |> Enum.map(fn [a, b] -> b - a end)
+
+      for {gap, n} <- Enum.with_index(gaps, 1) do
+        assert gap >= div(100 * Integer.pow(2, n - 1), 2) - 1,
+               "retry #{n} came #{gap} ms after the failure (gaps: #{inspect(gaps)})"
+      end
     end
 
     test "restarting a group after a graceful shutdown redelivers nothing" do

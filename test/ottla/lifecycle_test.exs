@@ -75,7 +75,7 @@ defmodule Ottla.LifecycleTest do
            "the slowest of 20 file reads took #{div(Enum.max(reads), 1000)} ms while fetches waited"
   end
 
-  test "no NIF call holds a normal scheduler for 1 ms while 100,000 messages are consumed" do
+  test "no NIF call holds a normal scheduler for 1 ms while 100,000 messages are consumed through a rebalance" do
     topic = create_topic!(partitions: 4)
     value = String.duplicate("x", 100)
 
@@ -98,12 +98,18 @@ defmodule Ottla.LifecycleTest do
         ],
         do: Code.ensure_loaded!(m)
 
-    conn =
-      start_group!(topic, group_name(),
+    group = group_name()
+
+    member = fn id ->
+      start_group!(topic, group,
+        id: id,
         handler: Ottla.CountingHandler,
         handler_init_args: %{counter: counter},
         max_batch: 100
       )
+    end
+
+    conn = member.(:first)
 
     hammer =
       spawn_link(fn ->
@@ -115,8 +121,13 @@ defmodule Ottla.LifecycleTest do
     _reset = Ottla.Native.nif_timing()
     :erlang.system_monitor(self(), [{:long_schedule, 1}])
     send(hammer, :go)
+    # A second member joins part-way: the first revokes partitions while NIFs are called.
+    wait_until(fn -> :counters.get(counter, 1) >= 20_000 end, 90_000, "20,000 messages")
+    member.(:second)
     wait_until(fn -> :counters.get(counter, 1) >= 100_000 end, 90_000, "100,000 messages")
     send(hammer, :stop)
+    assert {:ok, %{last_revoke_duration: revoke_ms}} = Ottla.stats(conn)
+    assert is_integer(revoke_ms), "no rebalance revoked a partition during the measurement"
     assert_receive :hammer_done, 5_000
     :erlang.system_monitor(:undefined)
 

@@ -48,18 +48,24 @@ defmodule Ottla.Consumer.Worker do
   @impl true
   def handle_continue(:start, state), do: start(state)
 
+  # The start of a worker, in this order: the assignment handler (once per assignment: the
+  # NIF says whether this worker is the one to run it), the stored offset (offsets kept
+  # elsewhere: read on every start, so a restart never redoes what the app's store holds),
+  # the partition taken over (`consumer_start`: from the stored offset, which the NIF seeks
+  # to and has librdkafka confirm before it delivers anything), then the handler's init/1.
   defp start(state) do
     tp = {state.topic, state.partition}
 
     with :ok <- announce(state, tp),
-         :ok <- seek_to_stored_offset(state),
+         {:ok, from} <- start_position(state),
          :ok <-
-           Native.consumer_attach(
+           Native.consumer_start(
              state.resource,
              state.topic,
              state.partition,
              state.generation,
-             self()
+             self(),
+             from
            ) do
       # init/1 runs only once the partition is ours; if it fails, the worker exits and the
       # manager restarts it (the NIF keeps the messages).
@@ -82,7 +88,7 @@ defmodule Ottla.Consumer.Worker do
       {:offsets_failed, kind, reason, stacktrace} ->
         # A failure of this partition: try again after a backoff, like a failed batch.
         failures = state.start_failures + 1
-        delay = backoff(state, failures)
+        delay = Native.backoff_ms(state.retry_backoff, state.max_retry_backoff, failures)
 
         Logger.error(
           "the :offsets function failed for #{state.topic}/#{state.partition} " <>
@@ -98,37 +104,36 @@ defmodule Ottla.Consumer.Worker do
   defp announce(%{assignment_received_handler: nil}, _tp), do: :ok
 
   defp announce(%{assignment_received_handler: {fun, group}} = state, tp) do
-    result =
-      try do
-        fun.(group, state.topic, state.partition, state.public_generation)
-      catch
-        kind, reason -> {:error, {kind, reason, __STACKTRACE__}}
-      end
+    if Native.consumer_claim_announce(
+         state.resource,
+         state.topic,
+         state.partition,
+         state.generation
+       ) do
+      result =
+        try do
+          fun.(group, state.topic, state.partition, state.public_generation)
+        catch
+          kind, reason -> {:error, {kind, reason, __STACKTRACE__}}
+        end
 
-    case result do
-      :ok ->
-        send(state.manager, {:ottla_worker_started, tp, state.generation})
-        # Once per assignment: a restarted worker does not call it again.
-        :ok
-
-      other ->
-        {:assignment_failed, other}
+      if result == :ok, do: :ok, else: {:assignment_failed, result}
+    else
+      # Ran already for this assignment (an earlier worker, or an earlier try of this one).
+      _ = tp
+      :ok
     end
   end
 
-  # Offsets kept elsewhere: the app's function says where to go on; Ottla seeks there before
-  # anything is delivered (on every start of the worker, so a restart never redoes what the
-  # app's store already holds).
-  defp seek_to_stored_offset(%{offsets_fun: nil}), do: :ok
+  # Where the partition starts: nil (Kafka's committed offset, or librdkafka's reset), or
+  # with offsets kept elsewhere the app's stored offset (:begin_offset when it has none).
+  defp start_position(%{offsets_fun: nil}), do: {:ok, nil}
 
-  defp seek_to_stored_offset(state) do
-    offset =
-      case stored_offset(state) do
-        nil -> if state.begin_offset == :earliest, do: -2, else: -1
-        offset -> offset
-      end
-
-    Native.consumer_seek(state.resource, state.topic, state.partition, state.generation, offset)
+  defp start_position(state) do
+    case stored_offset(state) do
+      nil -> {:ok, Ottla.Options.position(state.begin_offset)}
+      offset -> {:ok, Ottla.Options.position(offset)}
+    end
   catch
     kind, reason -> {:offsets_failed, kind, reason, __STACKTRACE__}
   end
@@ -273,7 +278,7 @@ defmodule Ottla.Consumer.Worker do
           state.topic,
           state.partition,
           state.generation,
-          offset
+          {:offset, offset}
         )
 
         %{state | handler_state: handler_state}
@@ -407,13 +412,6 @@ defmodule Ottla.Consumer.Worker do
       do: String.slice(text, 0, @error_limit) <> "…",
       else: text
   end
-
-  defp backoff(state, failures),
-    do:
-      min(
-        state.retry_backoff * Integer.pow(2, min(failures - 1, 20)),
-        state.max_retry_backoff
-      )
 
   defp ack(state, offset) do
     result =

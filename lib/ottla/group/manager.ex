@@ -1,11 +1,14 @@
 defmodule Ottla.Group.Manager do
   @moduledoc false
-  # Owns a connection's native consumer and the lifecycle of its workers, in one place. Reacts
-  # to what the NIF reports: assignments (start a worker per partition), revocations (stop
-  # the workers within the budget the NIF gives, call the user's handler, answer so the
-  # rebalance proceeds) and worker deaths (the NIF keeps the unacked messages; restart with
-  # backoff). It runs no user code that could block it without a bound: the handlers'
-  # `init/1` and `assignment_received_handler` run in the workers.
+  # Owns a connection's native consumer and starts its workers. The NIF's partition state
+  # machines own each partition's lifecycle; the manager carries out what needs a process:
+  # on an assignment it starts a worker per partition; when a worker dies unexpectedly it
+  # tells the NIF (which keeps the unacked messages) and starts another with backoff; when the
+  # NIF has finished a revocation it forgets those partitions. Revocations themselves are
+  # carried out by the consumer's revoker (`Ottla.Consumer.Revoker`), which the NIF messages
+  # directly, so a busy manager cannot delay one. A graceful stop drains like a revocation:
+  # see `terminate/2`. The manager runs no user code: the handlers' `init/1` and
+  # `assignment_received_handler` run in the workers.
   use GenServer
   require Logger
 
@@ -38,16 +41,20 @@ defmodule Ottla.Group.Manager do
       DynamicSupervisor.terminate_child(opts.worker_sup, pid)
     end
 
+    {:ok, revoker} = Ottla.Consumer.Revoker.start_link(opts.assignments_revoked_handler)
+
     with {:ok, assignment} <- assignment(opts),
          {:ok, resource} <-
            Native.consumer_new(
              opts.bootstrap,
              opts.props,
              self(),
+             revoker,
              opts.topics,
              assignment,
              tuning(opts)
            ) do
+      Ottla.Consumer.Revoker.serve(revoker, resource)
       :persistent_term.put(key(opts), resource)
       {:ok, Map.merge(opts, %{resource: resource, partitions: %{}})}
     else
@@ -64,7 +71,8 @@ defmodule Ottla.Group.Manager do
       commit: opts.commit,
       max_attempts: if(opts.max_attempts == :infinity, do: 0, else: opts.max_attempts),
       retry_backoff: opts.retry_backoff,
-      max_retry_backoff: opts.max_retry_backoff
+      max_retry_backoff: opts.max_retry_backoff,
+      start_from_worker: opts.offsets_fun != nil
     }
   end
 
@@ -92,14 +100,8 @@ defmodule Ottla.Group.Manager do
         end
       end
 
-    offset =
-      case opts.begin_offset do
-        :earliest -> -1
-        :latest -> -2
-        n -> n
-      end
-
-    with {:ok, list} <- partitions, do: {:ok, Enum.map(list, &{topic, &1, offset})}
+    position = Ottla.Options.position(opts.begin_offset)
+    with {:ok, list} <- partitions, do: {:ok, Enum.map(list, &{topic, &1, position})}
   end
 
   @impl true
@@ -121,8 +123,7 @@ defmodule Ottla.Group.Manager do
           generation: generation,
           public: public,
           failures: 0,
-          acked: nil,
-          announced: false
+          acked: nil
         }
 
         start_worker(put_in(acc.partitions[tp], entry), tp)
@@ -132,13 +133,18 @@ defmodule Ottla.Group.Manager do
   end
 
   def handle_info({:ottla_revoke_done, tps, took_ms}, state) do
+    # The revoker stopped the workers the NIF knew of; one still starting (it had not taken
+    # its partition over yet) is stopped here.
+    {revoked, kept} = Map.split(state.partitions, tps)
+    stop_workers(Map.values(revoked), System.monotonic_time(:millisecond) + state.drain_timeout)
+
     Telemetry.execute(
       [:ottla, :consumer, :revoked],
       %{count: length(tps), duration: System.convert_time_unit(took_ms, :millisecond, :native)},
       %{connection: state.connection, partitions: tps}
     )
 
-    {:noreply, state}
+    {:noreply, %{state | partitions: kept}}
   end
 
   def handle_info({:ottla_committed, offsets}, state) do
@@ -172,18 +178,6 @@ defmodule Ottla.Group.Manager do
     {:noreply, state}
   end
 
-  def handle_info({:ottla_revoked, id, budget_ms, tps}, state) do
-    Logger.info("revoking #{inspect(tps)}")
-    deadline = System.monotonic_time(:millisecond) + budget_ms
-    {revoked, kept} = Map.split(state.partitions, tps)
-    # Workers get the budget less a little for the user's handler; busy ones are killed, so
-    # no revoked partition's handler runs on once librdkafka proceeds.
-    stop_workers(Map.values(revoked), deadline - min(div(budget_ms, 4), 100))
-    run_bounded(state.assignments_revoked_handler, deadline + 100, "assignments_revoked_handler")
-    Native.consumer_revoke_done(state.resource, id)
-    {:noreply, %{state | partitions: kept}}
-  end
-
   def handle_info({:DOWN, ref, :process, _pid, reason}, state) do
     case Enum.find(state.partitions, fn {_tp, e} -> e.ref == ref end) do
       nil ->
@@ -191,23 +185,27 @@ defmodule Ottla.Group.Manager do
 
       {{topic, partition} = tp, entry} ->
         # Every stop the manager makes itself is demonitored first: this one is unexpected,
-        # whatever its reason.
-        {:ok, acked} =
-          Native.consumer_worker_down(state.resource, topic, partition, entry.generation)
+        # whatever its reason, unless the partition is being revoked (the revoker stops its
+        # worker).
+        case Native.consumer_worker_down(state.resource, topic, partition, entry.generation) do
+          {:ok, acked} ->
+            failures = if acked != entry.acked, do: 0, else: entry.failures + 1
+            delay = backoff(state, failures)
 
-        failures = if acked != entry.acked, do: 0, else: entry.failures + 1
-        delay = backoff(state, failures)
+            Logger.warning(
+              "worker for #{topic}/#{partition} exited: #{inspect(reason, limit: 8, printable_limit: 200)}; " <>
+                "restarting in #{delay} ms from the offset after #{inspect(acked)}",
+              topic: topic,
+              partition: partition
+            )
 
-        Logger.warning(
-          "worker for #{topic}/#{partition} exited: #{inspect(reason, limit: 8, printable_limit: 200)}; " <>
-            "restarting in #{delay} ms from the offset after #{inspect(acked)}",
-          topic: topic,
-          partition: partition
-        )
+            Process.send_after(self(), {:restart, tp, entry.generation}, delay)
+            entry = %{entry | pid: nil, ref: nil, failures: failures, acked: acked}
+            {:noreply, put_in(state.partitions[tp], entry)}
 
-        Process.send_after(self(), {:restart, tp, entry.generation}, delay)
-        entry = %{entry | pid: nil, ref: nil, failures: failures, acked: acked}
-        {:noreply, put_in(state.partitions[tp], entry)}
+          :not_held ->
+            {:noreply, %{state | partitions: Map.delete(state.partitions, tp)}}
+        end
     end
   end
 
@@ -215,16 +213,6 @@ defmodule Ottla.Group.Manager do
     case state.partitions do
       %{^tp => %{generation: ^generation, pid: nil}} -> {:noreply, start_worker(state, tp)}
       _ -> {:noreply, state}
-    end
-  end
-
-  def handle_info({:ottla_worker_started, tp, generation}, state) do
-    case state.partitions do
-      %{^tp => %{generation: ^generation} = entry} ->
-        {:noreply, put_in(state.partitions[tp], %{entry | announced: true})}
-
-      _ ->
-        {:noreply, state}
     end
   end
 
@@ -271,13 +259,25 @@ defmodule Ottla.Group.Manager do
 
   @impl true
   def terminate(_reason, state) do
-    # Forget the resource first, so late acks are dropped cleanly; stop the workers (each
-    # finishes its batch within the drain timeout), then commit what was acked, leave the
-    # group and free the client, with a bound.
-    :persistent_term.erase(key(state))
+    # A graceful stop drains like a revocation: nothing more is delivered; what was delivered
+    # gets what is left of :shutdown_timeout to be acked, from any process (a task a handler
+    # handed its batch to, say: the resource stays reachable meanwhile); then the workers
+    # stop (busy ones are killed at the deadline); then the resource is forgotten (later acks
+    # are dropped cleanly), what was acked is committed, the group is left and the client
+    # freed, with a bound.
     deadline = System.monotonic_time(:millisecond) + state.shutdown_timeout
-    stop_workers(Map.values(state.partitions), deadline)
     tag = System.unique_integer([:positive])
+
+    if Native.consumer_drain(state.resource, self(), tag, state.shutdown_timeout) == :ok do
+      receive do
+        {:ottla_drained, ^tag} -> :ok
+      after
+        state.shutdown_timeout + 1_000 -> :ok
+      end
+    end
+
+    stop_workers(Map.values(state.partitions), deadline)
+    :persistent_term.erase(key(state))
 
     if Native.consumer_close(state.resource, self(), tag) == :ok do
       receive do
@@ -296,7 +296,7 @@ defmodule Ottla.Group.Manager do
   defp backoff(_state, 0), do: 0
 
   defp backoff(state, failures),
-    do: min(state.retry_backoff * Integer.pow(2, min(failures - 1, 20)), state.max_retry_backoff)
+    do: Native.backoff_ms(state.retry_backoff, state.max_retry_backoff, failures)
 
   defp start_worker(state, {topic, partition} = tp) do
     entry = state.partitions[tp]
@@ -316,11 +316,9 @@ defmodule Ottla.Group.Manager do
       begin_offset: state.begin_offset,
       retry_backoff: state.retry_backoff,
       max_retry_backoff: state.max_retry_backoff,
-      # The assignment handler runs once per assignment, in the first worker.
+      # The assignment handler runs once per assignment (the NIF says which worker runs it).
       assignment_received_handler:
-        if(state.mode == :group and not entry.announced,
-          do: {state.assignment_received_handler, state.group}
-        )
+        if(state.mode == :group, do: {state.assignment_received_handler, state.group})
     }
 
     result =
@@ -346,58 +344,15 @@ defmodule Ottla.Group.Manager do
     end
   end
 
-  # Stops workers together: each gets a :shutdown exit (it finishes its current batch) until
-  # `deadline` (monotonic ms), then is killed.
+  # Stops the workers of `entries` (demonitored first: these stops are the manager's own),
+  # killing those still running at `deadline`.
   defp stop_workers(entries, deadline) do
-    running =
+    pids =
       for %{pid: pid, ref: ref} <- entries, is_pid(pid) do
         Process.demonitor(ref, [:flush])
-        ref = Process.monitor(pid)
-        Process.exit(pid, :shutdown)
-        {pid, ref}
+        pid
       end
 
-    Enum.each(running, fn {pid, ref} ->
-      left = max(deadline - System.monotonic_time(:millisecond), 0)
-
-      receive do
-        {:DOWN, ^ref, :process, ^pid, _} -> :ok
-      after
-        left ->
-          Logger.warning("a worker did not finish its batch in time and was killed")
-          Process.exit(pid, :kill)
-
-          receive do
-            {:DOWN, ^ref, :process, ^pid, _} -> :ok
-          end
-      end
-    end)
-  end
-
-  # Runs a user callback in a process of its own, killed if it runs past `deadline`.
-  defp run_bounded(fun, deadline, name) do
-    {pid, ref} =
-      spawn_monitor(fn ->
-        try do
-          fun.()
-        catch
-          kind, reason ->
-            Logger.error("#{name} failed: " <> Exception.format(kind, reason, __STACKTRACE__))
-        end
-      end)
-
-    left = max(deadline - System.monotonic_time(:millisecond), 0)
-
-    receive do
-      {:DOWN, ^ref, :process, ^pid, _} -> :ok
-    after
-      left ->
-        Process.exit(pid, :kill)
-        Logger.error("#{name} did not return within the drain timeout and was stopped")
-
-        receive do
-          {:DOWN, ^ref, :process, ^pid, _} -> :ok
-        end
-    end
+    Ottla.Consumer.Revoker.stop_workers(pids, deadline)
   end
 end

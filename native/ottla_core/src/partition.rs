@@ -87,6 +87,13 @@ pub enum Event<M> {
     Fetched(M),
     /// A worker process took the partition over and wants its first batch.
     WorkerAttached,
+    /// A worker process took the partition over, going on from `from` (an offset, or
+    /// [`OFFSET_BEGINNING`] / [`OFFSET_END`]; `None`: where librdkafka starts). A partition
+    /// that [awaits its start](Partition::awaiting_start) takes nothing in before this, and
+    /// nothing after it until librdkafka confirms the seek: what it fetched before is never
+    /// delivered and never sets the low mark of the acks. On a partition already started, a
+    /// `from` is a seek like [`Event::SeekTo`].
+    Start { from: Option<i64> },
     /// The worker is gone: what it did not ack goes to the next worker.
     WorkerDown,
     /// The worker acked part of its batch and wants the rest again, from `from`.
@@ -193,6 +200,9 @@ pub struct Partition<M> {
     /// A handler's seek dropped what was delivered, and nothing was delivered since: no ack is
     /// awaited (what was dropped may never be acked, e.g. after a seek to the end).
     sought: bool,
+    /// The position to start from is not known yet (offsets kept elsewhere): nothing is taken
+    /// in until [`Event::Start`].
+    awaiting_start: bool,
 }
 
 impl<M: Offset + Clone> Partition<M> {
@@ -229,7 +239,15 @@ impl<M: Offset + Clone> Partition<M> {
             last_seek: None,
             replay_until: None,
             sought: false,
+            awaiting_start: false,
         }
+    }
+
+    /// The partition starts where its worker says ([`Event::Start`]), not where librdkafka
+    /// starts: offsets kept elsewhere.
+    pub fn awaiting_start(mut self) -> Self {
+        self.awaiting_start = true;
+        self
     }
 
     pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
@@ -253,6 +271,18 @@ impl<M: Offset + Clone> Partition<M> {
                 self.worker = true;
                 self.demand = true;
                 self.cell.clear_demand();
+            }
+            Event::Start { from } => {
+                self.worker = true;
+                self.demand = true;
+                self.cell.clear_demand();
+                match from {
+                    Some(offset) if std::mem::take(&mut self.awaiting_start) => {
+                        self.start_at(offset, effects)
+                    }
+                    Some(offset) => self.seek_to(offset, effects),
+                    None => self.awaiting_start = false,
+                }
             }
             Event::WorkerDown => {
                 self.worker = false;
@@ -354,7 +384,7 @@ impl<M: Offset + Clone> Partition<M> {
 
     fn fetched(&mut self, message: M, effects: &mut Vec<Effect<M>>) -> Intake {
         let offset = message.offset();
-        if self.revoking || self.seeking.is_some() {
+        if self.revoking || self.seeking.is_some() || self.awaiting_start {
             return Intake::Discarded;
         }
         // Already acked (by a task that outlived its worker while a seek back was pending):
@@ -501,6 +531,20 @@ impl<M: Offset + Clone> Partition<M> {
         self.seek(offset, effects);
     }
 
+    /// The first position of this assignment, from the worker: nothing was taken in yet.
+    fn start_at(&mut self, offset: i64, effects: &mut Vec<Effect<M>>) {
+        if self.revoking {
+            return;
+        }
+        self.backlog.clear();
+        self.kept_from = match offset {
+            OFFSET_BEGINNING => Some(0),
+            o => (o >= 0).then_some(o),
+        };
+        self.next_fetch = (offset >= 0).then_some(offset);
+        self.seek(offset, effects);
+    }
+
     /// Puts every unacked message from `from` on back in front of the backlog, from memory
     /// when it still holds them, otherwise by seeking back.
     fn redeliver_from(&mut self, from: i64, effects: &mut Vec<Effect<M>>) {
@@ -567,6 +611,16 @@ impl<M: Offset + Clone> Partition<M> {
 
     pub fn generation(&self) -> i32 {
         self.cell.generation()
+    }
+
+    /// Whether the poll thread should take this partition's messages from librdkafka: not
+    /// while it awaits its start position or is being revoked.
+    pub fn takes_intake(&self) -> bool {
+        !self.awaiting_start && !self.revoking
+    }
+
+    pub fn revoking(&self) -> bool {
+        self.revoking
     }
 
     pub fn backlog_len(&self) -> usize {
@@ -666,6 +720,7 @@ impl<M: Offset + Clone> Partition<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cell::AckOutcome;
 
     #[derive(Debug, Clone, PartialEq)]
     struct M(i64);
@@ -763,6 +818,52 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_partition_awaiting_its_start_takes_nothing_in_until_its_seek_is_confirmed() {
+        let cell = Arc::new(AckCell::new(1, false));
+        let mut r = Rig {
+            p: Partition::new(cell, 100, 10).awaiting_start(),
+            effects: Vec::new(),
+        };
+        assert!(!r.p.takes_intake());
+        // Fetched from where librdkafka started (auto.offset.reset): never delivered.
+        assert_eq!(r.on(Event::Fetched(M(0))), Intake::Discarded);
+        r.on(Event::Start { from: Some(4) });
+        assert_eq!(r.take(), vec![Effect::Seek(4)]);
+        assert!(r.p.takes_intake());
+        assert_eq!(
+            r.on(Event::Fetched(M(1))),
+            Intake::Discarded,
+            "before the seek"
+        );
+        // librdkafka refused the seek (its fetcher had not started): asked again.
+        r.on(Event::SeekFailed { offset: 4 });
+        assert_eq!(r.take(), vec![Effect::Seek(4)]);
+        r.on(Event::SeekDone { offset: 4 });
+        r.fetch(4..7);
+        assert_eq!(r.delivered(), vec![vec![4, 5, 6]]);
+        assert_eq!(
+            r.p.cell().ack(Some(1), 3),
+            AckOutcome::Behind,
+            "3 is not ours"
+        );
+        assert_eq!(r.p.cell().ack(Some(1), 6), AckOutcome::Advanced);
+        r.on(Event::Tick);
+        assert!(r.p.drained());
+    }
+
+    #[test]
+    fn a_start_without_a_position_takes_in_from_where_librdkafka_starts() {
+        let cell = Arc::new(AckCell::new(1, false));
+        let mut r = Rig {
+            p: Partition::new(cell, 100, 10).awaiting_start(),
+            effects: Vec::new(),
+        };
+        r.on(Event::Start { from: None });
+        r.fetch(0..2);
+        assert_eq!(r.delivered(), vec![vec![0, 1]]);
     }
 
     #[test]

@@ -25,7 +25,12 @@
 //!   below max_backlog; `Resume` only at half of it;
 //! - one batch per attach or demand, none after a revoke, none without a worker;
 //! - fetched messages are Discarded exactly while a seek is unanswered (librdkafka answers in
-//!   order) or after a revoke; a failed seek is asked again unless a later one superseded it.
+//!   order) or after a revoke; a failed seek is asked again unless a later one superseded it;
+//! - offsets kept elsewhere (some cases): librdkafka starts at `auto.offset.reset` (the log
+//!   start or end), the partition discards everything until the worker's `Start { from }`,
+//!   which seeks to the stored offset and nothing else; the first message taken is then the
+//!   first of the log from there (so the cell's low mark, and every ack, is the stored
+//!   offset's); other cases start with `Start { from: None }` or `WorkerAttached`.
 //!
 //! Failures and handler seeks (each case has a random [`RetryPolicy`]):
 //! - the worker sometimes fails its batch (`Failed { from }`, maybe after acking part of it),
@@ -261,6 +266,9 @@ struct Assignment {
     sought: bool,
     skipped: u64,
     dead_lettered: u64,
+    /// Offsets kept elsewhere: the partition awaits its start position from the worker
+    /// (`Event::Start`) and must take nothing in before it.
+    awaiting: bool,
 }
 
 impl Assignment {
@@ -271,9 +279,13 @@ impl Assignment {
         max_backlog: usize,
         max_batch: usize,
         policy: RetryPolicy,
+        elsewhere: bool,
     ) -> Self {
         let cell = Arc::new(AckCell::new(gen, accepts_none));
-        let p = Partition::new(Arc::clone(&cell), max_backlog, max_batch).with_retry(policy);
+        let mut p = Partition::new(Arc::clone(&cell), max_backlog, max_batch).with_retry(policy);
+        if elsewhere {
+            p = p.awaiting_start();
+        }
         Assignment {
             gen,
             accepts_none,
@@ -302,6 +314,7 @@ impl Assignment {
             sought: false,
             skipped: 0,
             dead_lettered: 0,
+            awaiting: elsewhere,
         }
     }
 }
@@ -367,10 +380,13 @@ struct Stats {
     seeks_logical: u64,
     replayed: u64,
     acked_before_redelivery: u64,
+    started_from_worker: u64,
 }
 
 struct Sim<'l> {
     rng: Rng,
+    /// Offsets kept elsewhere in this case: each assignment awaits its start.
+    elsewhere: bool,
     log: Log,
     max_backlog: usize,
     max_batch: usize,
@@ -460,7 +476,7 @@ impl Sim<'_> {
         let acked_before = self.a.cell.acked();
         let backlog_before = self.a.p.backlog_len();
         let overflows_before = self.a.p.overflows();
-        let expect_discard = self.a.revoked || self.a.seeks > 0;
+        let expect_discard = self.a.revoked || self.a.seeks > 0 || self.a.awaiting;
         let mut effects = Vec::new();
         let intake = self.a.p.handle(event, &mut effects);
         if fetched.is_some() {
@@ -1110,7 +1126,23 @@ impl Sim<'_> {
             held: Vec::new(),
         });
         self.a.credit = true;
-        self.ev(Event::WorkerAttached)?;
+        if std::mem::take(&mut self.a.awaiting) {
+            // The worker read the app's stored offset (here: what Kafka has committed) and
+            // starts there; librdkafka started elsewhere (`auto.offset.reset`).
+            let from = self.a.start;
+            self.ev(Event::Start { from: Some(from) })?;
+            let want = if self.a.revoked { vec![] } else { vec![from] };
+            ensure!(
+                self.last_seeks == want,
+                "Start from {from} gave the seeks {:?}, not {want:?}",
+                self.last_seeks
+            );
+            self.stats.started_from_worker += 1;
+        } else if self.rng.pct(30) {
+            self.ev(Event::Start { from: None })?;
+        } else {
+            self.ev(Event::WorkerAttached)?;
+        }
         Ok(())
     }
 
@@ -1588,8 +1620,15 @@ impl Sim<'_> {
             self.max_backlog,
             self.max_batch,
             self.policy,
+            self.elsewhere,
         );
-        self.fetch = Fetcher::new(start);
+        // With offsets elsewhere librdkafka starts at `auto.offset.reset` (the log start or
+        // its end) until the worker's start seek.
+        self.fetch = Fetcher::new(if self.elsewhere {
+            self.reset_position()
+        } else {
+            start
+        });
         // The partition's slot, and its backoff timer, went with the old assignment.
         self.retry_timer = false;
         // A seek is not kept over a rebalance: the new owner starts at the commit.
@@ -1599,6 +1638,14 @@ impl Sim<'_> {
             self.since_exempt.fill(false);
         }
         self.check()
+    }
+
+    fn reset_position(&mut self) -> i64 {
+        if self.rng.pct(50) {
+            0
+        } else {
+            END_POS
+        }
     }
 
     // ----- the random phase -----
@@ -1866,6 +1913,8 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
     let gen = rng.int(1, 5) as i32;
     let accepts_none = rng.pct(20);
     let steps = rng.int(1, MAX_STEPS);
+    let elsewhere = rng.pct(30);
+    let reset = if rng.pct(50) { 0 } else { END_POS };
     let knobs = Knobs {
         down: rng.pick(&[0, 1, 2, 4, 8]),
         stray: rng.pick(&[0, 2, 5]),
@@ -1896,12 +1945,21 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
     stats.cases += 1;
     let mut sim = Sim {
         rng,
+        elsewhere,
         log: Log { offs },
         max_backlog,
         max_batch,
         s0,
-        a: Assignment::new(gen, accepts_none, s0, max_backlog, max_batch, policy),
-        fetch: Fetcher::new(s0),
+        a: Assignment::new(
+            gen,
+            accepts_none,
+            s0,
+            max_backlog,
+            max_batch,
+            policy,
+            elsewhere,
+        ),
+        fetch: Fetcher::new(if elsewhere { reset } else { s0 }),
         worker: None,
         orphans: Vec::new(),
         delivered: vec![0; (len + 1) as usize],

@@ -82,4 +82,7 @@ rustler::atoms! {
     critical,
     alert,
     emergency,
+    not_held,
+    ottla_drained,
+    ottla_revoke,
 }

@@ -14,11 +14,12 @@ use crate::context::OttlaContext;
 use crate::error::{Error, Result};
 use crate::message;
 use crate::metadata::partition_count;
+use crate::position::Position;
 use crate::reply;
 
 /// Answers `{:ok, high_watermark, [%Ottla.Message{}]}` with the messages from `offset` (or
 /// the log start, if `offset` is older) up to the high watermark, at most `max_messages`.
-/// `offset` -1 means the log start, -2 the high watermark (nothing to read).
+/// `from` is a [`Position`]; `:latest` reads nothing.
 #[rustler::nif]
 #[allow(clippy::too_many_arguments)]
 fn fetch_messages(
@@ -28,7 +29,7 @@ fn fetch_messages(
     props: Vec<(String, String)>,
     topic: String,
     partition: i32,
-    offset: i64,
+    from: Position,
     max_messages: usize,
     timeout_ms: u64,
 ) -> Atom {
@@ -41,7 +42,7 @@ fn fetch_messages(
             props,
             &topic,
             partition,
-            offset,
+            from,
             max_messages,
             Duration::from_millis(timeout_ms),
         );
@@ -57,7 +58,7 @@ fn fetch<'a>(
     props: Vec<(String, String)>,
     topic: &str,
     partition: i32,
-    offset: i64,
+    from: Position,
     max_messages: usize,
     timeout: Duration,
 ) -> Result<Term<'a>> {
@@ -84,10 +85,10 @@ fn fetch<'a>(
         partition,
         deadline.saturating_duration_since(Instant::now()),
     )?;
-    let start = match offset {
-        -1 => low,
-        -2 => high,
-        o => o.max(low),
+    let start = match from {
+        Position::Earliest => low,
+        Position::Latest => high,
+        Position::Offset(o) => o.max(low),
     };
     let topic_term = topic.encode(env);
     // The fetched messages share one chunk (one allocation for their bytes).

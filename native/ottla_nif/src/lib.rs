@@ -14,6 +14,7 @@ mod fetch;
 mod message;
 mod metadata;
 mod mock;
+mod position;
 mod producer;
 mod reply;
 mod timing;

@@ -32,6 +32,15 @@ enum Command {
         replicas: i32,
         reply: Sender<Result<()>>,
     },
+    /// The next `count` requests of Kafka API `api_key` to broker `broker` are answered
+    /// after `rtt_ms` (librdkafka's mock error stack, with no error).
+    DelayRequests {
+        broker: i32,
+        api_key: i16,
+        count: u32,
+        rtt_ms: i32,
+        reply: Sender<Result<()>>,
+    },
 }
 
 pub struct MockClusterResource {
@@ -129,6 +138,36 @@ impl RawMock {
     }
 }
 
+impl RawMock {
+    fn delay_requests(&self, broker: i32, api_key: i16, count: u32, rtt_ms: i32) -> Result<()> {
+        if !(1..=MAX_BROKERS).contains(&broker) || !(0..=1_000).contains(&count) || rtt_ms < 0 {
+            return Err(Error::new(
+                "invalid_arg",
+                format!("cannot delay {count} requests to broker {broker} by {rtt_ms} ms"),
+            ));
+        }
+        for _ in 0..count {
+            // SAFETY: the cluster is live; the variadic part is `count` (1) pairs of
+            // (rd_kafka_resp_err_t, int rtt_ms), as librdkafka's prototype documents.
+            let err = unsafe {
+                rd::rd_kafka_mock_broker_push_request_error_rtts(
+                    self.ptr,
+                    broker,
+                    api_key,
+                    1,
+                    rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+                    rtt_ms as std::os::raw::c_int,
+                )
+            };
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                let code = rdkafka::error::RDKafkaErrorCode::from(err);
+                return Err(Error::from_code(code, format!("broker {broker}: {code}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for RawMock {
     fn drop(&mut self) {
         // SAFETY: created by rd_kafka_mock_cluster_new and destroyed once, before its host.
@@ -147,6 +186,15 @@ fn run(cluster: RawMock, commands: std::sync::mpsc::Receiver<Command>) {
                 reply,
             } => {
                 let _ = reply.send(cluster.create_topic(&topic, partitions, replicas));
+            }
+            Command::DelayRequests {
+                broker,
+                api_key,
+                count,
+                rtt_ms,
+                reply,
+            } => {
+                let _ = reply.send(cluster.delay_requests(broker, api_key, count, rtt_ms));
             }
         }
     }
@@ -191,6 +239,30 @@ fn mock_cluster_create_topic(
         topic,
         partitions,
         replicas,
+        reply,
+    })?;
+    answer
+        .recv()
+        .map_err(|_| Error::new("closed", "the mock cluster is stopped"))??;
+    Ok(atoms::ok())
+}
+
+/// Test-only (hidden as `Ottla.Native.mock_cluster_delay_requests/5`): the next `count`
+/// requests of API `api_key` to `broker` are answered after `rtt_ms`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn mock_cluster_delay_requests(
+    resource: ResourceArc<MockClusterResource>,
+    broker: i32,
+    api_key: i16,
+    count: u32,
+    rtt_ms: i32,
+) -> NifResult<Atom> {
+    let (reply, answer) = channel();
+    resource.send(Command::DelayRequests {
+        broker,
+        api_key,
+        count,
+        rtt_ms,
         reply,
     })?;
     answer

@@ -13,6 +13,7 @@ mod dispatch;
 mod nif;
 mod poll;
 mod queues;
+mod seek;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
@@ -42,6 +43,13 @@ fn next_generation() -> i32 {
 /// Fixed at start.
 pub struct Settings {
     pub manager: LocalPid,
+    /// Carries out revocations (`Ottla.Consumer.Revoker`): stops the revoked partitions'
+    /// workers by the revocation's deadline. It runs no user code, so a busy or suspended
+    /// manager cannot delay a revocation.
+    pub revoker: LocalPid,
+    /// Offsets kept elsewhere: a partition starts where its worker says (the app's stored
+    /// offset), confirmed before anything is delivered.
+    pub start_from_worker: bool,
     /// Group mode commits and exposes generations; assign mode (Elsa's `consumer:`) does not.
     pub group: bool,
     pub max_batch: usize,
@@ -57,7 +65,13 @@ pub struct Settings {
 /// One assigned partition: its state machine and the process its batches go to.
 pub struct Slot {
     pub part: Partition<Msg>,
+    /// The worker process batches go to; the resource monitors it.
     pub worker: Option<LocalPid>,
+    /// The worker is alive (its monitor has not fired). A revocation goes on only once the
+    /// revoked partitions' workers are dead.
+    pub worker_alive: bool,
+    /// `assignment_received_handler` was claimed for this assignment (it runs once).
+    pub announced: bool,
     /// When the running backoff ends (the dispatcher then sends `Event::RetryDue`).
     pub retry_at: Option<Instant>,
 }
@@ -242,15 +256,20 @@ impl Shared {
         let mut cells = self.cells.write().unwrap_or_else(|e| e.into_inner());
         for tp in list {
             let cell = Arc::new(AckCell::new(generation, !self.settings.group));
-            let part = Partition::new(
+            let mut part = Partition::new(
                 cell.clone(),
                 self.settings.max_backlog,
                 self.settings.max_batch,
             )
             .with_retry(self.settings.retry);
+            if self.settings.start_from_worker {
+                part = part.awaiting_start();
+            }
             let slot = Slot {
                 part,
                 worker: None,
+                worker_alive: false,
+                announced: false,
                 retry_at: None,
             };
             st.partitions.insert(tp.clone(), slot);
@@ -284,6 +303,13 @@ impl Shared {
         self.progress.notify_all();
         self.wake.notify();
     }
+}
+
+/// Erlang's monotonic clock in milliseconds (`System.monotonic_time(:millisecond)`), so that a
+/// deadline set here is read as the same instant by Elixir code.
+pub fn erlang_monotonic_ms() -> i64 {
+    // SAFETY: a plain clock read, safe from any thread.
+    unsafe { rustler::sys::enif_monotonic_time(rustler::sys::ErlNifTimeUnit::ERL_NIF_MSEC) }
 }
 
 /// Between half the backoff and the whole of it ("equal jitter"), so that partitions that
@@ -334,7 +360,19 @@ pub struct ConsumerResource {
 }
 
 #[rustler::resource_impl]
-impl rustler::Resource for ConsumerResource {}
+impl rustler::Resource for ConsumerResource {
+    /// A worker process the resource monitors died (`consumer_start` monitors each).
+    fn down<'a>(&'a self, _env: rustler::Env<'a>, pid: LocalPid, _monitor: rustler::Monitor) {
+        let mut st = self.shared.lock();
+        for slot in st.partitions.values_mut() {
+            if slot.worker == Some(pid) {
+                slot.worker_alive = false;
+            }
+        }
+        drop(st);
+        self.shared.progress.notify_all();
+    }
+}
 
 impl Drop for ConsumerResource {
     fn drop(&mut self) {

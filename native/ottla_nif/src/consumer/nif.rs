@@ -13,17 +13,18 @@ use std::time::Duration;
 use ottla_core::cell::AckOutcome;
 use ottla_core::partition::{Event, RetryPolicy};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset as KOffset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use rustler::{Atom, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
 
 use super::{poll, spawn_guarded, AckCounters, ConsumerResource, Settings, Shared, State, Tp};
 use crate::atoms;
 use crate::config::client_config;
 use crate::error::Error;
+use crate::position::Position;
 use crate::timing::Timed;
 
-/// `{topic, partition, offset}` for assign mode; offset -1 earliest, -2 latest.
-type Assignment = (String, i32, i64);
+/// `{topic, partition, position}` for assign mode.
+type Assignment = (String, i32, Position);
 
 /// The consumer's settings, as a map from Elixir.
 #[derive(rustler::NifMap)]
@@ -38,6 +39,8 @@ pub struct Tuning {
     max_attempts: u32,
     retry_backoff: u64,
     max_retry_backoff: u64,
+    /// Offsets kept elsewhere: each partition starts where its worker says.
+    start_from_worker: bool,
 }
 
 /// Creates the consumer and starts its threads. Creating the client and subscribing do not
@@ -50,6 +53,7 @@ fn consumer_new<'a>(
     bootstrap: String,
     props: Vec<(String, String)>,
     manager: LocalPid,
+    revoker: LocalPid,
     topics: Vec<String>,
     assignment: Vec<Assignment>,
     tuning: Tuning,
@@ -58,6 +62,8 @@ fn consumer_new<'a>(
     let shared = Arc::new(Shared {
         settings: Settings {
             manager,
+            revoker,
+            start_from_worker: tuning.start_from_worker,
             group,
             max_batch: tuning.max_batch.max(1),
             max_backlog: tuning.max_backlog.max(1),
@@ -101,13 +107,8 @@ fn consumer_new<'a>(
         consumer.subscribe(&names).map_err(Error::from)?;
     } else {
         let mut tpl = TopicPartitionList::new();
-        for (topic, partition, offset) in &assignment {
-            let offset = match offset {
-                -1 => KOffset::Beginning,
-                -2 => KOffset::End,
-                o => KOffset::Offset(*o),
-            };
-            tpl.add_partition_offset(topic, *partition, offset)
+        for (topic, partition, position) in &assignment {
+            tpl.add_partition_offset(topic, *partition, position.kafka()?)
                 .map_err(Error::from)?;
         }
         consumer.assign(&tpl).map_err(Error::from)?;
@@ -139,25 +140,76 @@ fn consumer_new<'a>(
     Ok((atoms::ok(), resource).encode(env))
 }
 
-/// A worker process takes over a partition: batches go to `pid` from now on.
+/// A worker process takes over a partition, going on from `from` (`nil`: where librdkafka
+/// starts; a position: sought, and confirmed before anything is delivered). Batches go to
+/// `pid` from now on; the resource monitors it, so a revocation knows when it is gone.
 #[rustler::nif(schedule = "DirtyIo")]
-fn consumer_attach(
+fn consumer_start(
+    env: Env<'_>,
     resource: ResourceArc<ConsumerResource>,
     topic: String,
     partition: i32,
     generation: i32,
     pid: LocalPid,
+    from: Option<Position>,
 ) -> NifResult<Atom> {
+    let from = from.map(Position::offset).transpose()?;
     let shared = &resource.shared;
     let tp = (topic, partition);
     let mut st = shared.lock();
     match st.partitions.get_mut(&tp) {
-        Some(slot) if slot.part.generation() == generation => slot.worker = Some(pid),
+        Some(slot) if slot.part.generation() == generation && !slot.part.revoking() => {
+            slot.worker = Some(pid);
+            slot.worker_alive = true;
+        }
         _ => return Err(Error::new("not_assigned", "this partition is not assigned here").into()),
     }
-    st.handle(&tp, Event::WorkerAttached);
+    drop(st);
+    // Outside the lock: the monitor's callback takes it when the process is already dead.
+    if env.monitor(&resource, &pid).is_none() {
+        // Dead already: its start is void.
+        if let Some(slot) = shared.lock().partitions.get_mut(&tp) {
+            slot.worker_alive = false;
+        }
+        return Err(Error::new("not_assigned", "the worker is not alive").into());
+    }
+    let mut st = shared.lock();
+    st.handle(&tp, Event::Start { from });
+    drop(st);
     shared.work.notify();
+    shared.wake.notify();
     Ok(atoms::ok())
+}
+
+/// Whether `assignment_received_handler` is to run for this assignment of the partition:
+/// true once per assignment (the first caller), false after that and for a partition not
+/// held under `generation`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_claim_announce(
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+) -> bool {
+    let mut st = resource.shared.lock();
+    match st.partitions.get_mut(&(topic, partition)) {
+        Some(slot) if slot.part.generation() == generation => {
+            !std::mem::replace(&mut slot.announced, true)
+        }
+        _ => false,
+    }
+}
+
+/// The one backoff formula (the state machine's): ms to wait after `failures` failures.
+#[rustler::nif]
+fn backoff_ms(first_ms: u64, max_ms: u64, failures: u32) -> u64 {
+    RetryPolicy {
+        max_attempts: None,
+        backoff: Duration::from_millis(first_ms),
+        max_backoff: Duration::from_millis(max_ms),
+    }
+    .backoff_after(failures)
+    .as_millis() as u64
 }
 
 /// The worker is done with its batch and wants the next one. Touches only the cell.
@@ -286,22 +338,23 @@ fn consumer_failed(
     )
 }
 
-/// The handler wants the partition to go on from `offset` (-2: the log start, -1: its end).
+/// The handler wants the partition to go on from `to`.
 #[rustler::nif(schedule = "DirtyIo")]
 fn consumer_seek(
     resource: ResourceArc<ConsumerResource>,
     topic: String,
     partition: i32,
     generation: i32,
-    offset: i64,
-) -> Atom {
-    worker_event(
+    to: Position,
+) -> NifResult<Atom> {
+    let offset = to.offset()?;
+    Ok(worker_event(
         &resource,
         topic,
         partition,
         generation,
         Event::SeekTo { offset },
-    )
+    ))
 }
 
 /// The worker gave up on the message at `offset` after its last attempt: acks it, and counts
@@ -328,29 +381,63 @@ fn consumer_gave_up(
 }
 
 /// The partition's worker died: forget it; what it did not ack goes to the next worker.
-/// Returns `{:ok, last_acked | nil}`.
+/// Returns `{:ok, last_acked | nil}`, or `:not_held` when the partition is no longer held
+/// under `generation` or is being revoked (no worker is to replace it).
 #[rustler::nif(schedule = "DirtyIo")]
-fn consumer_worker_down(
+fn consumer_worker_down<'a>(
+    env: Env<'a>,
     resource: ResourceArc<ConsumerResource>,
     topic: String,
     partition: i32,
     generation: i32,
-) -> (Atom, Option<i64>) {
+) -> Term<'a> {
     let shared = &resource.shared;
     let tp = (topic, partition);
     let mut st = shared.lock();
-    let mut acked = None;
-    if let Some(slot) = st.partitions.get_mut(&tp) {
-        if slot.part.generation() == generation {
-            slot.worker = None;
-            st.handle(&tp, Event::WorkerDown);
-            acked = st.partitions.get(&tp).and_then(|s| s.part.acked());
-        }
+    let held = st
+        .partitions
+        .get(&tp)
+        .is_some_and(|s| s.part.generation() == generation && !s.part.revoking());
+    if !held {
+        return atoms::not_held().encode(env);
     }
+    if let Some(slot) = st.partitions.get_mut(&tp) {
+        slot.worker = None;
+        slot.worker_alive = false;
+    }
+    st.handle(&tp, Event::WorkerDown);
+    let acked = st.partitions.get(&tp).and_then(|s| s.part.acked());
     if !st.outbox.is_empty() {
         shared.work.notify();
     }
-    (atoms::ok(), acked)
+    (atoms::ok(), acked).encode(env)
+}
+
+/// Starts a graceful stop's drain: nothing more is delivered, and what was delivered gets
+/// until `timeout_ms` from now to be acked, from any process. A plain thread waits, then sends
+/// `{:ottla_drained, tag}` to `pid`. The final commit comes with `consumer_close`.
+#[rustler::nif]
+fn consumer_drain(
+    resource: ResourceArc<ConsumerResource>,
+    pid: LocalPid,
+    tag: u64,
+    timeout_ms: u64,
+) -> Atom {
+    let shared = resource.shared.clone();
+    let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+    let spawned = std::thread::Builder::new()
+        .name("ottla-drain".into())
+        .spawn(move || {
+            super::poll::drain(&shared, deadline);
+            crate::context::send_reliably(
+                &pid,
+                Box::new(move |env| (atoms::ottla_drained(), tag).encode(env)),
+            );
+        });
+    if spawned.is_err() {
+        return atoms::error();
+    }
+    atoms::ok()
 }
 
 /// Elsa's `get_latest_offset`: last acked offset + 1, or nil if nothing was acked since the
@@ -501,4 +588,11 @@ fn consumer_test_panic(resource: ResourceArc<ConsumerResource>) -> Atom {
     resource.shared.test_panic.store(true, Ordering::SeqCst);
     resource.shared.wake.notify();
     atoms::ok()
+}
+
+/// Test-only (hidden as `Ottla.Native.consumer_clock_ms/0`): the clock revocation deadlines
+/// are set in, so a test can check it is Erlang's monotonic clock.
+#[rustler::nif]
+fn consumer_clock_ms() -> i64 {
+    super::erlang_monotonic_ms()
 }

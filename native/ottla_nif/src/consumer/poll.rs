@@ -7,13 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ottla_core::partition::{Effect, Event, OFFSET_BEGINNING, OFFSET_END};
+use ottla_core::partition::{Effect, Event};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use rustler::Encoder;
 
 use super::commit::{Commits, Outcome};
@@ -30,6 +30,9 @@ const WATERMARK_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a revocation waits for the manager's reply past the drain timeout: the manager
 /// has the whole drain timeout to stop the workers, this only covers its reply's trip.
 const REPLY_MARGIN: Duration = Duration::from_millis(300);
+/// How long a revocation waits, past the reply margin, for workers the revoker was told to
+/// kill to be seen dead.
+const STRAGGLER_WAIT: Duration = Duration::from_secs(2);
 /// How long a revocation waits for its commit.
 const REVOKE_COMMIT_WAIT: Duration = Duration::from_millis(500);
 /// How long shutdown waits for its final commit.
@@ -44,6 +47,8 @@ pub struct GroupCtx {
     shared: Arc<Shared>,
     commits: Mutex<Commits>,
     queues: Mutex<Queues>,
+    /// The seek thread's requests (`seek.rs`), while it runs.
+    seeks: Mutex<Option<super::seek::Requests>>,
 }
 
 impl GroupCtx {
@@ -53,6 +58,7 @@ impl GroupCtx {
             shared,
             commits: Mutex::new(Commits::default()),
             queues: Mutex::new(Queues::default()),
+            seeks: Mutex::new(None),
         }
     }
 
@@ -180,20 +186,54 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
                     .all(|tp| st.partitions.get(tp).is_none_or(|s| s.part.drained()))
             });
         }
-        let id = {
+        // The revoker (a process that runs no user code) stops the revoked partitions'
+        // workers by the deadline, killing those still busy, and runs the user's
+        // `assignments_revoked_handler`; the deadline is absolute (Erlang's monotonic clock),
+        // so a late reader cannot stretch it.
+        let (id, workers) = {
             let mut st = shared.lock();
             st.revoke_seq += 1;
-            st.revoke_seq
+            let workers: Vec<(Tp, rustler::LocalPid)> = list
+                .iter()
+                .filter_map(|tp| {
+                    let slot = st.partitions.get(tp)?;
+                    slot.worker
+                        .filter(|_| slot.worker_alive)
+                        .map(|pid| (tp.clone(), pid))
+                })
+                .collect();
+            (st.revoke_seq, workers)
         };
-        let budget_ms = deadline
+        let left_ms = deadline
             .saturating_duration_since(Instant::now())
-            .as_millis() as u64;
-        let revoked = list.clone();
+            .as_millis() as i64;
+        let deadline_ms = super::erlang_monotonic_ms() + left_ms;
         send_reliably(
-            &shared.settings.manager,
-            Box::new(move |env| (atoms::ottla_revoked(), id, budget_ms, revoked).encode(env)),
+            &shared.settings.revoker,
+            Box::new(move |env| (atoms::ottla_revoke(), id, deadline_ms, workers).encode(env)),
         );
-        wait_until(shared, deadline + REPLY_MARGIN, |st| st.revoke_done >= id);
+        let gone = |st: &mut State| {
+            list.iter()
+                .all(|tp| st.partitions.get(tp).is_none_or(|s| !s.worker_alive))
+        };
+        wait_until(shared, deadline + REPLY_MARGIN, |st| {
+            st.revoke_done >= id && gone(st)
+        });
+        // librdkafka goes on only once the old workers are dead: their monitors confirm it.
+        wait_until(shared, deadline + REPLY_MARGIN + STRAGGLER_WAIT, |st| {
+            gone(st)
+        });
+        if !gone(&mut shared.lock()) && !shared.stop.load(Ordering::SeqCst) {
+            log(
+                atoms::error(),
+                "REVOKE",
+                &format!(
+                    "revoked partitions' workers still alive {} ms past the drain deadline: \
+                     {list:?}",
+                    (REPLY_MARGIN + STRAGGLER_WAIT).as_millis()
+                ),
+            );
+        }
     }
 
     // While closing, the manager is not asked, but acks are still committed (a revocation
@@ -234,6 +274,22 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
             Box::new(move |env| (atoms::ottla_revoke_done(), list, took).encode(env)),
         );
     }
+}
+
+/// A graceful stop's drain: nothing more is delivered, and what was delivered gets until
+/// `deadline` to be acked (from any process). Returns when everything delivered is acked, or
+/// at the deadline.
+pub fn drain(shared: &Shared, deadline: Instant) {
+    {
+        let mut st = shared.lock();
+        let keys: Vec<Tp> = st.partitions.keys().cloned().collect();
+        for tp in &keys {
+            st.handle(tp, Event::Revoke);
+        }
+    }
+    wait_until(shared, deadline, |st| {
+        st.partitions.values().all(|s| s.part.drained())
+    });
 }
 
 impl ConsumerContext for GroupCtx {
@@ -384,19 +440,34 @@ fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
                 }
             }
             Effect::Seek(offset) => {
-                // Timeout 0: asynchronous; librdkafka drops what it fetched before the seek.
-                let to = match offset {
-                    OFFSET_BEGINNING => Offset::Beginning,
-                    OFFSET_END => Offset::End,
-                    o => Offset::Offset(o),
-                };
-                let result = consumer.seek(&topic, partition, to, Duration::ZERO);
-                let event = match result {
-                    Ok(()) => Event::SeekDone { offset },
-                    Err(_) => Event::SeekFailed { offset },
-                };
-                shared.lock().handle(&(topic.clone(), partition), event);
-                result.map_err(|e| ("seek", e))
+                // Done by the seek thread, which reports librdkafka's answer (`seek.rs`).
+                let tp = (topic.clone(), partition);
+                let generation = shared
+                    .lock()
+                    .partitions
+                    .get(&tp)
+                    .map(|s| s.part.generation());
+                let sent = generation.is_some_and(|generation| {
+                    consumer
+                        .context()
+                        .seeks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .is_some_and(|tx| {
+                            let request = super::seek::Request {
+                                tp: tp.clone(),
+                                generation,
+                                offset,
+                            };
+                            tx.send(request).is_ok()
+                        })
+                });
+                if !sent {
+                    // Stopping: the partition is going away with the consumer.
+                    shared.lock().handle(&tp, Event::SeekFailed { offset });
+                }
+                Ok(())
             }
             Effect::Deliver(_) | Effect::Wait(_) => Ok(()),
         };
@@ -536,6 +607,28 @@ impl Drop for ReleaseQueues<'_> {
 }
 
 pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
+    let seeker = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let client = super::seek::Client(consumer.client().native_ptr());
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ottla-seek".into())
+            .spawn(move || super::seek::run(client, for_thread, rx));
+        match thread {
+            Ok(thread) => {
+                *consumer
+                    .context()
+                    .seeks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+                Some(thread)
+            }
+            Err(err) => {
+                fail(&shared, Error::new("thread_spawn", err.to_string()));
+                None
+            }
+        }
+    };
     let release = ReleaseQueues(&consumer);
     let mut last_commit = Instant::now();
     let mut last_marks = Instant::now();
@@ -577,6 +670,7 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
             let max = shared.settings.max_backlog;
             st.partitions
                 .iter()
+                .filter(|(_, slot)| slot.part.takes_intake())
                 .map(|(tp, slot)| (tp.clone(), max.saturating_sub(slot.part.backlog_len())))
                 .filter(|(_, room)| *room > 0)
                 .collect()
@@ -626,6 +720,16 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
     shared.lock().closing = true;
     if commit && !fatal {
         final_commit(&shared, &consumer);
+    }
+    // The seek thread uses the client: it ends (it sees the stop flag) before the client goes.
+    consumer
+        .context()
+        .seeks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(seeker) = seeker {
+        let _ = seeker.join();
     }
     // Queue handles must go before the client they belong to.
     drop(release);
