@@ -111,6 +111,12 @@ defmodule Bench do
   @doc "Fills `topic` with `n` keyed 100-byte messages through the baseline producer."
   def fill!(topic, n), do: baseline!(["produce", endpoints(), topic, n, 4, 1000])
 
+  @doc "The same with values of `value_bytes` bytes (calls of fewer messages when they are large)."
+  def fill!(topic, n, value_bytes) do
+    call = max(1, min(1000, div(8_000_000, value_bytes + 16)))
+    baseline!(["produce", endpoints(), topic, n, 4, call, value_bytes])
+  end
+
   @doc """
   Produces `total` keyed messages to `topic` through connection `conn` from `procs`
   processes, in calls of `call` messages; returns `{seconds, cpu_seconds}` of the sending.

@@ -196,18 +196,21 @@ defmodule Ottla.BadInputTest do
       tuning = %{
         max_batch: 1,
         max_backlog: 1,
+        max_buffered_bytes: 1 <<< 20,
         drain_timeout: 0,
         commit_interval: 1000,
         commit: false,
         max_attempts: 0,
         retry_backoff: 1,
-        max_retry_backoff: 1
+        max_retry_backoff: 1,
+        start_from_worker: false
       }
 
       assert {:error, %Ottla.Error{code: :invalid_topic}} =
                Ottla.Native.consumer_new(
                  endpoints(),
                  [{"group.id", "g"}],
+                 self(),
                  self(),
                  ["a\0b"],
                  [],

@@ -124,10 +124,10 @@ defmodule Ottla.LifecycleTest do
     # A second member joins part-way: the first revokes partitions while NIFs are called.
     wait_until(fn -> :counters.get(counter, 1) >= 20_000 end, 90_000, "20,000 messages")
     member.(:second)
+    # The hammer keeps calling the NIFs until the first member has revoked partitions.
+    wait_for_revoke!(conn)
     wait_until(fn -> :counters.get(counter, 1) >= 100_000 end, 90_000, "100,000 messages")
     send(hammer, :stop)
-    assert {:ok, %{last_revoke_duration: revoke_ms}} = Ottla.stats(conn)
-    assert is_integer(revoke_ms), "no rebalance revoked a partition during the measurement"
     assert_receive :hammer_done, 5_000
     :erlang.system_monitor(:undefined)
 

@@ -359,6 +359,7 @@ defmodule Ottla.BadInput do
       begin_offset: fn -> pick([:earliest, :latest, 5, nil, "earliest"]) end,
       max_batch: fn -> small_or_bad(1..100, [0, -1, 1 <<< 40]) end,
       max_backlog: fn -> small_or_bad(1..1000, [0, -1, 1 <<< 40]) end,
+      max_buffered_bytes: fn -> small_or_bad(8_388_608..268_435_456, [0, -1, 1 <<< 50, nil]) end,
       assignment_strategy: fn -> pick([:cooperative_sticky, :range, :roundrobin, :x, nil]) end,
       drain_timeout: fn -> small_or_bad(0..1000, [-1, 1 <<< 40, nil]) end,
       shutdown_timeout: fn -> small_or_bad(0..1000, [-1, 1 <<< 40]) end,

@@ -2,6 +2,8 @@ defmodule Ottla.Consumer.Options do
   @moduledoc false
   # Validation of `group_consumer:` and `consumer:` (documented in Ottla.Supervisor).
 
+  import Bitwise
+
   alias Ottla.Options
 
   @common [
@@ -9,6 +11,7 @@ defmodule Ottla.Consumer.Options do
     handler_init_args: [],
     max_batch: 500,
     max_backlog: 2500,
+    max_buffered_bytes: 134_217_728,
     drain_timeout: 5_000,
     shutdown_timeout: 10_000,
     commit_interval: 1_000,
@@ -253,17 +256,21 @@ defmodule Ottla.Consumer.Options do
     end
 
     # Tunables a user may override: librdkafka's fetch queue backoff is shortened because its
-    # 1 s default stalls a busy consumer. Each partition has a queue of its own, so librdkafka
-    # bounds its prefetch per partition: 20,000 messages or 4 MiB, whichever comes first,
-    # keeps the fetcher ahead of fast handlers (a prefetch of max_backlog messages, or of
-    # 10,000, let them wait on fetches; see bench/consume.exs and bench/memory.exs).
+    # 1 s default stalls a busy consumer. Every partition's messages go to one queue, so
+    # librdkafka bounds its prefetch for the whole consumer: an eighth of the byte budget
+    # (which also caps a fetch response), or as many messages as that makes at 1 KiB each
+    # (librdkafka's own cost per queued message is about 600 bytes).
     max_backlog = Options.integer!(opts[:max_backlog], :max_backlog, 1, 100_000_000)
+
+    budget = Options.integer!(opts[:max_buffered_bytes], :max_buffered_bytes, 8_388_608, 1 <<< 40)
+
+    prefetch_kb = Integer.to_string(div(budget, 8 * 1024))
 
     tunables =
       [
         {"fetch.queue.backoff.ms", "10"},
-        {"queued.min.messages", "20000"},
-        {"queued.max.messages.kbytes", "4096"},
+        {"queued.min.messages", prefetch_kb},
+        {"queued.max.messages.kbytes", prefetch_kb},
         # librdkafka's reconnect backoff grows to 10 s: after a broker outage the consumer
         # would find the broker back up to 10 s late.
         {"reconnect.backoff.max.ms", "1000"}
@@ -288,6 +295,7 @@ defmodule Ottla.Consumer.Options do
       handler_init_args: opts[:handler_init_args],
       max_batch: Options.integer!(opts[:max_batch], :max_batch, 1, 1_000_000),
       max_backlog: max_backlog,
+      max_buffered_bytes: budget,
       drain_timeout: Options.timeout!(opts[:drain_timeout], :drain_timeout, 0),
       shutdown_timeout: Options.timeout!(opts[:shutdown_timeout], :shutdown_timeout, 0),
       commit_interval: Options.timeout!(opts[:commit_interval], :commit_interval)

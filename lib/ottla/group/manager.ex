@@ -66,6 +66,7 @@ defmodule Ottla.Group.Manager do
     %{
       max_batch: opts.max_batch,
       max_backlog: opts.max_backlog,
+      max_buffered_bytes: opts.max_buffered_bytes,
       drain_timeout: opts.drain_timeout,
       commit_interval: opts.commit_interval,
       commit: opts.commit,

@@ -3,14 +3,16 @@
 //! machine in the same run.
 //!
 //! ```text
-//! ottla-baseline produce BOOTSTRAP TOPIC MESSAGES THREADS BATCH
+//! ottla-baseline produce BOOTSTRAP TOPIC MESSAGES THREADS BATCH [VALUE_BYTES]
 //!     THREADS threads each send their share in calls of BATCH keyed messages (16-byte key,
-//!     100-byte value) and wait for every delivery report of a call before the next, with the
-//!     producer settings Ottla uses (idempotent, acks=all, linger.ms 0), after one warm-up
-//!     message.
+//!     VALUE_BYTES-byte value, 100 unless given) and wait for every delivery report of a call
+//!     before the next, with the producer settings Ottla uses (idempotent, acks=all,
+//!     linger.ms 0), after one warm-up message.
 //! ottla-baseline consume BOOTSTRAP TOPIC GROUP MESSAGES
-//!     a group member that counts messages and stores each one's offset (auto-committed),
-//!     until MESSAGES have arrived.
+//!     a group member as a user of the rdkafka crate writes one: a `BaseConsumer` polling its
+//!     one queue with librdkafka's default fetch settings (but `fetch.queue.backoff.ms` 10,
+//!     as Ottla), keeping the next offset of each partition and committing them
+//!     asynchronously once a second, until MESSAGES have arrived.
 //! ```
 //!
 //! Each prints one line: `RESULT messages=N seconds=S cpu_seconds=C bytes=B`, where the time
@@ -44,6 +46,15 @@ fn main() -> ExitCode {
             number(messages),
             number(threads),
             number(batch),
+            VALUE_BYTES,
+        ),
+        ["produce", bootstrap, topic, messages, threads, batch, value] => produce(
+            bootstrap,
+            topic,
+            number(messages),
+            number(threads),
+            number(batch),
+            number(value),
         ),
         ["consume", bootstrap, topic, group, messages] => {
             consume(bootstrap, topic, group, number(messages))
@@ -123,6 +134,7 @@ fn produce(
     messages: usize,
     threads: usize,
     batch: usize,
+    value_bytes: usize,
 ) -> Result<(), String> {
     let producer: ThreadedProducer<Reports> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -134,10 +146,14 @@ fn produce(
             std::env::var("BASELINE_LINGER_MS").unwrap_or("0".into()),
         )
         .set("message.timeout.ms", "30000")
+        .set(
+            "message.max.bytes",
+            (value_bytes + 100_000).max(1_000_000).to_string(),
+        )
         .create_with_context(Reports)
         .map_err(|e| format!("producer: {e}"))?;
     let producer = Arc::new(producer);
-    let value = vec![b'x'; VALUE_BYTES];
+    let value = vec![b'x'; value_bytes];
     let threads = threads.max(1);
     let batch = batch.max(1);
     let failed = Arc::new(AtomicUsize::new(0));
@@ -205,7 +221,7 @@ fn produce(
             "{failed} of {messages} messages were not delivered"
         ));
     }
-    report(messages, started, cpu, messages * (KEY_BYTES + VALUE_BYTES));
+    report(messages, started, cpu, messages * (KEY_BYTES + value_bytes));
     Ok(())
 }
 
@@ -214,8 +230,7 @@ fn consume(bootstrap: &str, topic: &str, group: &str, messages: usize) -> Result
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "false")
         // librdkafka's 1 s default backs the fetcher off whenever its queue is full, which
         // halves this loop's throughput; Ottla sets the same.
         .set("fetch.queue.backoff.ms", "10")
@@ -227,6 +242,9 @@ fn consume(bootstrap: &str, topic: &str, group: &str, messages: usize) -> Result
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut count, mut bytes) = (0usize, 0usize);
     let mut started: Option<(Instant, f64)> = None;
+    // The next offset of each partition, committed asynchronously once a second.
+    let mut next: std::collections::HashMap<i32, i64> = Default::default();
+    let mut last_commit = Instant::now();
     while count < messages {
         if Instant::now() > deadline {
             return Err(format!("consumed {count} of {messages} in 600 s"));
@@ -240,13 +258,26 @@ fn consume(bootstrap: &str, topic: &str, group: &str, messages: usize) -> Result
                 }
                 count += 1;
                 bytes += message.payload_len() + message.key().map_or(0, <[u8]>::len);
-                consumer
-                    .store_offset_from_message(&message)
-                    .map_err(|e| format!("offset store: {e}"))?;
+                next.insert(message.partition(), message.offset() + 1);
             }
         }
+        if last_commit.elapsed() >= Duration::from_secs(1) && !next.is_empty() {
+            commit(&consumer, topic, &next);
+            last_commit = Instant::now();
+        }
     }
+    commit(&consumer, topic, &next);
     let (at, cpu) = started.unwrap_or((Instant::now(), cpu_seconds()));
     report(count, at, cpu, bytes);
     Ok(())
+}
+
+fn commit(consumer: &BaseConsumer, topic: &str, next: &std::collections::HashMap<i32, i64>) {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (&partition, &offset) in next {
+        let _ = tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset));
+    }
+    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        eprintln!("ottla-baseline: commit: {e}");
+    }
 }

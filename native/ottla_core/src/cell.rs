@@ -40,6 +40,9 @@ pub struct AckCell {
     low: AtomicI64,
     high: AtomicI64,
     demand: AtomicBool,
+    /// An ack or a demand arrived that the partition has not looked at: the cell is on its
+    /// consumer's list of partitions to visit (see [`AckCell::mark_dirty`]).
+    dirty: AtomicBool,
 }
 
 fn some(v: i64) -> Option<i64> {
@@ -55,6 +58,7 @@ impl AckCell {
             low: AtomicI64::new(NONE),
             high: AtomicI64::new(NONE),
             demand: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
         }
     }
 
@@ -121,6 +125,17 @@ impl AckCell {
         self.high.fetch_max(offset, Ordering::AcqRel);
     }
 
+    /// Marks the cell as having news for its partition; true when it was not marked yet
+    /// (the caller then puts the partition on the list of those to visit, once).
+    pub fn mark_dirty(&self) -> bool {
+        !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
+    /// The partition is about to look at the cell: news after this marks it again.
+    pub fn clear_dirty(&self) {
+        self.dirty.store(false, Ordering::Release);
+    }
+
     pub(crate) fn take_demand(&self) -> bool {
         self.demand.swap(false, Ordering::AcqRel)
     }
@@ -171,6 +186,15 @@ mod tests {
         cell.set_low(0);
         cell.raise_high(5);
         assert_eq!(cell.ack(None, 5), AckOutcome::Advanced);
+    }
+
+    #[test]
+    fn a_cell_is_listed_once_until_it_is_looked_at() {
+        let cell = AckCell::new(1, false);
+        assert!(cell.mark_dirty());
+        assert!(!cell.mark_dirty(), "already listed");
+        cell.clear_dirty();
+        assert!(cell.mark_dirty(), "news after the look lists it again");
     }
 
     #[test]

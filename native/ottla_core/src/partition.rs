@@ -76,9 +76,14 @@ struct Failure {
     until: i64,
 }
 
-/// A message only needs its offset for the bookkeeping.
+/// A message only needs its offset for the bookkeeping, and its size for the byte bound.
 pub trait Offset {
     fn offset(&self) -> i64;
+
+    /// The bytes it holds (key, value, headers and bookkeeping), for the byte bound.
+    fn size(&self) -> usize {
+        0
+    }
 }
 
 #[derive(Debug)]
@@ -203,6 +208,13 @@ pub struct Partition<M> {
     /// The position to start from is not known yet (offsets kept elsewhere): nothing is taken
     /// in until [`Event::Start`].
     awaiting_start: bool,
+    /// The bytes of the backlog's messages, and of the delivered ones kept.
+    backlog_bytes: usize,
+    kept_bytes: usize,
+    /// This partition's share of its consumer's byte budget: it is paused while its backlog
+    /// holds that much (as at `max_backlog` messages), and keeps at most that much of what
+    /// it delivered.
+    max_bytes: usize,
 }
 
 impl<M: Offset + Clone> Partition<M> {
@@ -240,7 +252,38 @@ impl<M: Offset + Clone> Partition<M> {
             replay_until: None,
             sought: false,
             awaiting_start: false,
+            backlog_bytes: 0,
+            kept_bytes: 0,
+            max_bytes: usize::MAX,
         }
+    }
+
+    /// Sets the partition's share of the consumer's byte budget (the glue divides the budget
+    /// among the assigned partitions at every assignment): pauses or resumes as it now must.
+    pub fn set_max_bytes(&mut self, max_bytes: usize, effects: &mut Vec<Effect<M>>) {
+        self.max_bytes = max_bytes.max(1);
+        if self.full() && !self.revoking {
+            self.pause(effects);
+        } else {
+            self.maybe_resume(effects);
+        }
+    }
+
+    /// The backlog reached `max_backlog` messages or `max_bytes`.
+    fn full(&self) -> bool {
+        self.backlog.len() >= self.max_backlog || self.backlog_bytes >= self.max_bytes
+    }
+
+    fn recount(&mut self) {
+        self.backlog_bytes = self.backlog.iter().map(M::size).sum();
+        self.kept_bytes = self.in_flight.iter().map(M::size).sum();
+    }
+
+    fn clear_held(&mut self) {
+        self.backlog.clear();
+        self.in_flight.clear();
+        self.backlog_bytes = 0;
+        self.kept_bytes = 0;
     }
 
     /// The partition starts where its worker says ([`Event::Start`]), not where librdkafka
@@ -298,8 +341,7 @@ impl<M: Offset + Clone> Partition<M> {
             }
             Event::Revoke => {
                 self.revoking = true;
-                self.backlog.clear();
-                self.in_flight.clear();
+                self.clear_held();
             }
             Event::SeekDone { .. } => self.seek_answered(),
             Event::SeekFailed { offset } => {
@@ -366,13 +408,22 @@ impl<M: Offset + Clone> Partition<M> {
             if self.acked.is_none_or(|a| acked > a) {
                 self.acked = Some(acked);
                 while self.in_flight.front().is_some_and(|m| m.offset() <= acked) {
-                    self.in_flight.pop_front();
+                    if let Some(m) = self.in_flight.pop_front() {
+                        self.kept_bytes -= m.size();
+                    }
                 }
                 // Acked by a process that outlived its worker, after a redelivery: done; but
                 // what a seek back replays stays (an ack after the seek does not undo it).
                 let replay = self.replay_until;
-                self.backlog
-                    .retain(|m| m.offset() > acked || replay.is_some_and(|r| m.offset() <= r));
+                let mut dropped = 0;
+                self.backlog.retain(|m| {
+                    let keep = m.offset() > acked || replay.is_some_and(|r| m.offset() <= r);
+                    if !keep {
+                        dropped += m.size();
+                    }
+                    keep
+                });
+                self.backlog_bytes -= dropped;
                 // (`kept_from` stays: a redelivery starts after the ack, or in a replay, where
                 // what was not delivered again yet is still to come.)
             }
@@ -395,7 +446,7 @@ impl<M: Offset + Clone> Partition<M> {
         {
             return Intake::Duplicate;
         }
-        if self.backlog.len() >= self.max_backlog {
+        if self.full() {
             // Polled before the pause took effect: hand it back to librdkafka.
             self.overflows += 1;
             self.next_fetch = Some(offset);
@@ -409,8 +460,9 @@ impl<M: Offset + Clone> Partition<M> {
             self.cell.set_low(offset);
         }
         self.next_fetch = Some(offset + 1);
+        self.backlog_bytes += message.size();
         self.backlog.push_back(message);
-        if self.backlog.len() >= self.max_backlog {
+        if self.full() {
             self.pause(effects);
         }
         Intake::Added
@@ -443,6 +495,7 @@ impl<M: Offset + Clone> Partition<M> {
         // A batch of one message, whatever made it one (a retry, or a short backlog).
         self.last_attempt = n == 1 && self.policy.max_attempts.is_some_and(|max| attempt >= max);
         let batch: Vec<M> = self.backlog.drain(..n).collect();
+        self.backlog_bytes -= batch.iter().map(M::size).sum::<usize>();
         let last = batch[batch.len() - 1].offset();
         for m in &batch {
             if self.acked.is_some_and(|a| m.offset() <= a) {
@@ -453,12 +506,18 @@ impl<M: Offset + Clone> Partition<M> {
                         .map_or(m.offset() + 1, |k| k.max(m.offset() + 1)),
                 );
             } else {
+                self.kept_bytes += m.size();
                 self.in_flight.push_back(m.clone());
             }
         }
-        while self.in_flight.len() > self.max_backlog {
+        // What is kept for redelivery is bounded like the backlog (by count and bytes): past
+        // it, a redelivery seeks back.
+        while self.in_flight.len() > self.max_backlog || self.kept_bytes > self.max_bytes {
             if let Some(dropped) = self.in_flight.pop_front() {
                 self.kept_from = Some(dropped.offset() + 1);
+                self.kept_bytes -= dropped.size();
+            } else {
+                break;
             }
         }
         self.last_delivered = Some(self.last_delivered.map_or(last, |l| l.max(last)));
@@ -510,8 +569,7 @@ impl<M: Offset + Clone> Partition<M> {
         if self.revoking {
             return;
         }
-        self.backlog.clear();
-        self.in_flight.clear();
+        self.clear_held();
         self.failure = None;
         self.waiting = None;
         // The batch in hand is dropped too: a `Failed` about it has nothing left to retry.
@@ -537,6 +595,7 @@ impl<M: Offset + Clone> Partition<M> {
             return;
         }
         self.backlog.clear();
+        self.recount();
         self.kept_from = match offset {
             OFFSET_BEGINNING => Some(0),
             o => (o >= 0).then_some(o),
@@ -564,12 +623,12 @@ impl<M: Offset + Clone> Partition<M> {
             self.in_flight.clear();
             requeued.append(&mut self.backlog);
             self.backlog = requeued;
-            if self.backlog.len() >= self.max_backlog {
+            self.recount();
+            if self.full() {
                 self.pause(effects);
             }
         } else {
-            self.in_flight.clear();
-            self.backlog.clear();
+            self.clear_held();
             self.kept_from = Some(from);
             self.next_fetch = Some(from);
             self.seek(from, effects);
@@ -597,7 +656,11 @@ impl<M: Offset + Clone> Partition<M> {
     }
 
     fn maybe_resume(&mut self, effects: &mut Vec<Effect<M>>) {
-        if self.paused && !self.revoking && self.backlog.len() <= self.max_backlog / 2 {
+        if self.paused
+            && !self.revoking
+            && self.backlog.len() <= self.max_backlog / 2
+            && self.backlog_bytes <= self.max_bytes / 2
+        {
             self.paused = false;
             effects.push(Effect::Resume);
         }
@@ -630,6 +693,29 @@ impl<M: Offset + Clone> Partition<M> {
     /// Messages held in memory: the backlog and the delivered ones kept until acked.
     pub fn held(&self) -> usize {
         self.backlog.len() + self.in_flight.len()
+    }
+
+    /// The bytes of the messages held (see [`Offset::size`]): the backlog's and the kept
+    /// delivered ones'.
+    pub fn held_bytes(&self) -> usize {
+        self.backlog_bytes + self.kept_bytes
+    }
+
+    pub fn backlog_bytes(&self) -> usize {
+        self.backlog_bytes
+    }
+
+    /// The same, counted anew from the messages (for tests of the bookkeeping).
+    pub fn held_bytes_counted(&self) -> usize {
+        self.backlog
+            .iter()
+            .chain(&self.in_flight)
+            .map(M::size)
+            .sum()
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     pub fn paused(&self) -> bool {

@@ -96,9 +96,17 @@ macro_rules! ensure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Msg(i64);
 
+/// The largest `Msg::size`.
+const MAX_MSG_SIZE: usize = 70;
+
 impl Offset for Msg {
     fn offset(&self) -> i64 {
         self.0
+    }
+
+    /// 10 to 70 bytes, by offset: the byte bound sees messages of different sizes.
+    fn size(&self) -> usize {
+        (self.0 % 7 + 1) as usize * 10
     }
 }
 
@@ -272,6 +280,7 @@ struct Assignment {
 }
 
 impl Assignment {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         gen: i32,
         accepts_none: bool,
@@ -280,11 +289,20 @@ impl Assignment {
         max_batch: usize,
         policy: RetryPolicy,
         elsewhere: bool,
+        max_bytes: Option<usize>,
     ) -> Self {
         let cell = Arc::new(AckCell::new(gen, accepts_none));
         let mut p = Partition::new(Arc::clone(&cell), max_backlog, max_batch).with_retry(policy);
         if elsewhere {
             p = p.awaiting_start();
+        }
+        if let Some(max) = max_bytes {
+            let mut effects = Vec::new();
+            p.set_max_bytes(max, &mut effects);
+            assert!(
+                effects.is_empty(),
+                "a new partition's byte share asked for {effects:?}"
+            );
         }
         Assignment {
             gen,
@@ -385,6 +403,8 @@ struct Stats {
 
 struct Sim<'l> {
     rng: Rng,
+    /// The partition's byte share in this case, if bounded.
+    max_bytes: Option<usize>,
     /// Offsets kept elsewhere in this case: each assignment awaits its start.
     elsewhere: bool,
     log: Log,
@@ -475,6 +495,7 @@ impl Sim<'_> {
         self.note(&desc);
         let acked_before = self.a.cell.acked();
         let backlog_before = self.a.p.backlog_len();
+        let bytes_before = self.a.p.held_bytes();
         let overflows_before = self.a.p.overflows();
         let expect_discard = self.a.revoked || self.a.seeks > 0 || self.a.awaiting;
         let mut effects = Vec::new();
@@ -505,7 +526,7 @@ impl Sim<'_> {
             self.check_intake(
                 o,
                 intake,
-                backlog_before,
+                (backlog_before, bytes_before),
                 overflows_before,
                 expect_discard,
                 &effects,
@@ -527,7 +548,7 @@ impl Sim<'_> {
         &mut self,
         o: i64,
         intake: Intake,
-        backlog_before: usize,
+        (backlog_before, bytes_before): (usize, usize),
         overflows_before: u64,
         expect_discard: bool,
         effects: &[Effect<Msg>],
@@ -590,9 +611,11 @@ impl Sim<'_> {
             Intake::Overflow => {
                 self.stats.overflows += 1;
                 ensure!(
-                    backlog_before >= self.max_backlog,
-                    "overflow of {o} with a backlog of {backlog_before} < {}",
-                    self.max_backlog
+                    backlog_before >= self.max_backlog
+                        || self.max_bytes.is_some_and(|m| bytes_before >= m),
+                    "overflow of {o} with a backlog of {backlog_before} < {} and {bytes_before} bytes held (at most {:?})",
+                    self.max_backlog,
+                    self.max_bytes
                 );
                 ensure!(
                     p.backlog_len() == backlog_before,
@@ -888,6 +911,29 @@ impl Sim<'_> {
             p.backlog_len(),
             self.max_backlog
         );
+        ensure!(
+            p.held_bytes() == p.held_bytes_counted(),
+            "held bytes {} but the messages held make {}",
+            p.held_bytes(),
+            p.held_bytes_counted()
+        );
+        if let Some(max) = self.max_bytes {
+            ensure!(
+                a.paused || p.backlog_bytes() < max,
+                "not paused with a backlog of {} bytes >= its share {max}",
+                p.backlog_bytes()
+            );
+            // The backlog goes at most one message past the share (a message is taken in
+            // only below it, and redeliveries requeue kept messages, at most the share);
+            // what is kept of the delivered ones stays within it.
+            ensure!(
+                p.backlog_bytes() < 2 * max + MAX_MSG_SIZE
+                    && p.held_bytes() - p.backlog_bytes() <= max,
+                "holds {} bytes ({} in the backlog), beyond its share {max}",
+                p.held_bytes(),
+                p.backlog_bytes()
+            );
+        }
         // Against the partition's own ack: it reads the cell only when it handles an event.
         let drained = match (a.max_delivered, p.acked()) {
             (None, _) => true,
@@ -1621,6 +1667,7 @@ impl Sim<'_> {
             self.max_batch,
             self.policy,
             self.elsewhere,
+            self.max_bytes,
         );
         // With offsets elsewhere librdkafka starts at `auto.offset.reset` (the log start or
         // its end) until the worker's start seek.
@@ -1914,6 +1961,7 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
     let accepts_none = rng.pct(20);
     let steps = rng.int(1, MAX_STEPS);
     let elsewhere = rng.pct(30);
+    let max_bytes = rng.pct(40).then(|| rng.int(1, 600) as usize);
     let reset = if rng.pct(50) { 0 } else { END_POS };
     let knobs = Knobs {
         down: rng.pick(&[0, 1, 2, 4, 8]),
@@ -1945,6 +1993,7 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
     stats.cases += 1;
     let mut sim = Sim {
         rng,
+        max_bytes,
         elsewhere,
         log: Log { offs },
         max_backlog,
@@ -1958,6 +2007,7 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
             max_batch,
             policy,
             elsewhere,
+            max_bytes,
         ),
         fetch: Fetcher::new(if elsewhere { reset } else { s0 }),
         worker: None,

@@ -83,6 +83,9 @@ rustler::atoms! {
     alert,
     emergency,
     not_held,
+    held_bytes,
+    buffered_bytes,
+    max_buffered_bytes,
     ottla_drained,
     ottla_revoke,
 }

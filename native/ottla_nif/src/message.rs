@@ -134,9 +134,22 @@ impl Chunk {
     }
 }
 
+/// What a message costs beyond its key, value and headers (its metadata, its handle).
+const MSG_OVERHEAD: usize = 96;
+
 impl Offset for Msg {
     fn offset(&self) -> i64 {
         self.meta().offset
+    }
+
+    fn size(&self) -> usize {
+        let meta = self.meta();
+        let headers: usize = meta
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 48)
+            .sum();
+        meta.key_len.unwrap_or(0) + meta.value_len.unwrap_or(0) + headers + MSG_OVERHEAD
     }
 }
 

@@ -9,7 +9,7 @@ use rustler::{Encoder, Env, OwnedEnv, Term};
 
 use ottla_core::partition::Event;
 
-use super::{Outgoing, Shared, Tp};
+use super::{Outgoing, Shared};
 use crate::atoms;
 
 /// Demand, attachments and fetched messages wake this thread (`Shared::work`); this only
@@ -26,10 +26,14 @@ pub fn run(shared: Arc<Shared>) {
                 if shared.stop.load(Ordering::SeqCst) {
                     return;
                 }
-                // Demand and acks arrive through the cells: let every partition look.
-                let keys: Vec<Tp> = st.partitions.keys().cloned().collect();
-                for tp in &keys {
-                    st.handle(tp, Event::Tick);
+                // Demand and acks arrive through the cells: the partitions that got some look
+                // (each cell is unmarked first, so news arriving meanwhile lists it again).
+                for tp in shared.take_dirty() {
+                    let Some(slot) = st.partitions.get(&tp) else {
+                        continue;
+                    };
+                    slot.part.cell().clear_dirty();
+                    st.handle(&tp, Event::Tick);
                 }
                 let next_retry = st.due_retries();
                 if !st.outbox.is_empty() {

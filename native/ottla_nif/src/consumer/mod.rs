@@ -54,6 +54,11 @@ pub struct Settings {
     pub group: bool,
     pub max_batch: usize,
     pub max_backlog: usize,
+    /// The consumer's byte budget (`:max_buffered_bytes`). An eighth of it is the assigned
+    /// partitions' backlogs' (shared equally), as much again what they keep of the
+    /// delivered messages; librdkafka's prefetch gets an eighth through its own settings
+    /// (see `Ottla.Consumer.Options`).
+    pub max_buffered_bytes: usize,
     pub drain_timeout: Duration,
     pub commit_interval: Duration,
     /// Commit acked offsets to Kafka (false when offsets are kept elsewhere, or outside a
@@ -95,6 +100,9 @@ pub struct State {
     pub outbox: Vec<Outgoing>,
     /// Pause, resume and seek effects for the poll thread (the only one calling librdkafka).
     pub ops: Vec<(Tp, Effect<Msg>)>,
+    /// Running backoffs: when each ends (stale entries, of a slot whose backoff changed or
+    /// that went, are skipped), so that ending them visits only those partitions.
+    pub retries: Vec<(Instant, Tp)>,
     pub last_rebalance_ms: Option<i64>,
     /// How long the last revocation took, from librdkafka's callback to its return.
     pub last_revoke_ms: Option<i64>,
@@ -143,7 +151,11 @@ impl State {
                         });
                     }
                 }
-                Effect::Wait(backoff) => slot.retry_at = Some(Instant::now() + jitter(backoff)),
+                Effect::Wait(backoff) => {
+                    let at = Instant::now() + jitter(backoff);
+                    slot.retry_at = Some(at);
+                    self.retries.push((at, tp.clone()));
+                }
                 other => self.ops.push((tp.clone(), other)),
             }
         }
@@ -167,26 +179,49 @@ impl State {
         true
     }
 
+    /// Gives each assigned partition an equal share of the backlogs' part of the budget
+    /// (an eighth of it). Work proportional to the partitions, at rebalances only.
+    pub fn share_budget(&mut self, budget: usize) {
+        let share = budget / 8 / self.partitions.len().max(1);
+        let keys: Vec<Tp> = self.partitions.keys().cloned().collect();
+        for tp in keys {
+            let mut effects = Vec::new();
+            if let Some(slot) = self.partitions.get_mut(&tp) {
+                slot.part.set_max_bytes(share, &mut effects);
+            }
+            self.route(&tp, effects);
+        }
+    }
+
+    /// The bytes the partitions hold (backlogs and kept delivered messages).
+    pub fn buffered_bytes(&self) -> usize {
+        self.partitions.values().map(|s| s.part.held_bytes()).sum()
+    }
+
     /// Ends the backoffs that are over; returns how long until the next one ends.
     pub fn due_retries(&mut self) -> Option<Duration> {
+        if self.retries.is_empty() {
+            return None;
+        }
         let now = Instant::now();
-        let due: Vec<Tp> = self
-            .partitions
-            .iter()
-            .filter(|(_, s)| s.retry_at.is_some_and(|at| at <= now))
-            .map(|(tp, _)| tp.clone())
-            .collect();
-        for tp in &due {
+        let partitions = &self.partitions;
+        // Keep the entries that still stand for their slot's running backoff.
+        self.retries
+            .retain(|(at, tp)| partitions.get(tp).is_some_and(|s| s.retry_at == Some(*at)));
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.retries = later;
+        for (_, tp) in &due {
             if let Some(slot) = self.partitions.get_mut(tp) {
                 slot.retry_at = None;
             }
             self.handle(tp, Event::RetryDue);
         }
-        self.partitions
-            .values()
-            .filter_map(|s| s.retry_at)
+        self.retries
+            .iter()
+            .map(|(at, _)| at.saturating_duration_since(now))
             .min()
-            .map(|at| at.saturating_duration_since(now))
     }
 }
 
@@ -225,6 +260,9 @@ pub struct Shared {
     /// Wakes the dispatcher: a partition may have a batch to send. Not tied to the state
     /// lock, so a NIF can wake it without waiting for that lock.
     pub work: queues::Wake,
+    /// The partitions whose cells got an ack or a demand since the dispatcher last looked:
+    /// it visits these, not every partition (each is listed once, see `AckCell::mark_dirty`).
+    pub dirty: Mutex<Vec<Tp>>,
     /// Wakes the poll thread's bounded waits (revoke replies, drains).
     pub progress: Condvar,
     /// Wakes the poll thread's idle wait: messages arrived, or the dispatcher freed room.
@@ -275,6 +313,8 @@ impl Shared {
             st.partitions.insert(tp.clone(), slot);
             cells.insert(tp.clone(), cell);
         }
+        drop(cells);
+        st.share_budget(self.settings.max_buffered_bytes);
         st.last_rebalance_ms = Some(now_ms());
         generation
     }
@@ -288,13 +328,27 @@ impl Shared {
             cells.remove(tp);
         }
         st.ops.retain(|(tp, _)| !list.contains(tp));
+        st.share_budget(self.settings.max_buffered_bytes);
         st.last_rebalance_ms = Some(now_ms());
     }
 
-    /// Wakes the dispatcher (demand or an ack came through a cell). Takes only the wake's
-    /// own lock, held for no more than setting a flag.
-    pub fn poke(&self) {
-        self.work.notify();
+    /// Lists a partition whose cell got news (an ack, or a demand) for the dispatcher's next
+    /// visit; with `wake`, wakes it too. Takes only the list's lock, and only the first time.
+    pub fn poke(&self, tp: &Tp, cell: &AckCell, wake: bool) {
+        if cell.mark_dirty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(tp.clone());
+        }
+        if wake {
+            self.work.notify();
+        }
+    }
+
+    /// Takes the list of partitions to visit.
+    pub fn take_dirty(&self) -> Vec<Tp> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn signal_stop(&self) {

@@ -31,6 +31,7 @@ type Assignment = (String, i32, Position);
 pub struct Tuning {
     max_batch: usize,
     max_backlog: usize,
+    max_buffered_bytes: usize,
     drain_timeout: u64,
     commit_interval: u64,
     /// Commit acked offsets to Kafka.
@@ -67,6 +68,7 @@ fn consumer_new<'a>(
             group,
             max_batch: tuning.max_batch.max(1),
             max_backlog: tuning.max_backlog.max(1),
+            max_buffered_bytes: tuning.max_buffered_bytes.max(1),
             drain_timeout: Duration::from_millis(tuning.drain_timeout),
             commit_interval: Duration::from_millis(tuning.commit_interval.max(10)),
             commit: group && tuning.commit,
@@ -80,6 +82,7 @@ fn consumer_new<'a>(
         cells: RwLock::new(HashMap::new()),
         acks: AckCounters::default(),
         work: Default::default(),
+        dirty: Default::default(),
         progress: Condvar::new(),
         wake: Default::default(),
         stop: Default::default(),
@@ -222,9 +225,10 @@ fn consumer_demand(
 ) -> Atom {
     let _timed = Timed::start();
     let shared = &resource.shared;
-    if let Some(cell) = shared.cell(&(topic, partition)) {
+    let tp = (topic, partition);
+    if let Some(cell) = shared.cell(&tp) {
         if cell.demand(generation) {
-            shared.poke();
+            shared.poke(&tp, &cell, true);
         }
     }
     atoms::ok()
@@ -247,8 +251,15 @@ fn consumer_ack(
     let acks = &shared.acks;
     let tp = (topic, partition);
     let shown = || generation.map_or("nil".to_string(), |g| g.to_string());
-    match shared.cell(&tp).map(|cell| cell.ack(generation, offset)) {
-        Some(AckOutcome::Advanced) => atoms::advanced(),
+    let cell = shared.cell(&tp);
+    match cell.as_ref().map(|cell| cell.ack(generation, offset)) {
+        Some(AckOutcome::Advanced) => {
+            // Visited at the dispatcher's next wake (the worker's demand usually follows).
+            if let Some(cell) = &cell {
+                shared.poke(&tp, cell, false);
+            }
+            atoms::advanced()
+        }
         Some(AckOutcome::Behind) => atoms::behind(),
         Some(AckOutcome::Undelivered { last_delivered }) => {
             acks.undelivered.fetch_add(1, Ordering::Relaxed);
@@ -493,6 +504,7 @@ fn consumer_stats<'a>(
             (atoms::generation_id().encode(env), generation.encode(env)),
             (atoms::backlog().encode(env), p.backlog_len().encode(env)),
             (atoms::held().encode(env), p.held().encode(env)),
+            (atoms::held_bytes().encode(env), p.held_bytes().encode(env)),
             (atoms::paused().encode(env), p.paused().encode(env)),
             (
                 atoms::last_delivered().encode(env),
@@ -533,6 +545,14 @@ fn consumer_stats<'a>(
         (
             atoms::last_revoke_duration().encode(env),
             st.last_revoke_ms.encode(env),
+        ),
+        (
+            atoms::buffered_bytes().encode(env),
+            st.buffered_bytes().encode(env),
+        ),
+        (
+            atoms::max_buffered_bytes().encode(env),
+            shared.settings.max_buffered_bytes.encode(env),
         ),
         (atoms::librdkafka().encode(env), st.statistics.encode(env)),
         (

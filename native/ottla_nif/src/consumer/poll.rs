@@ -71,10 +71,13 @@ impl GroupCtx {
     }
 }
 
-/// Wakes the poll thread when the consumer's main queue gets an event.
+/// Wakes the poll thread when the consumer's main queue gets an event, and opens the intake
+/// queue every partition's messages go to.
 pub fn watch_main(consumer: &BaseConsumer<GroupCtx>, shared: &Shared) {
     let rk = consumer.client().native_ptr();
-    consumer.context().queues().watch_main(rk, &shared.wake);
+    let mut queues = consumer.context().queues();
+    queues.watch_main(rk, &shared.wake);
+    queues.open_intake(rk, &shared.wake);
 }
 
 /// Gives each newly assigned partition a queue of its own (see `queues.rs`).
@@ -414,30 +417,21 @@ fn intake(shared: &Shared, from_main: &mut Vec<(Tp, Msg)>, taken: &mut Vec<(Tp, 
 }
 
 /// Applies the pause, resume and seek effects, in the order the partitions asked for them.
-/// A partition with a queue of its own is "paused" by not taking from its queue, which keeps
-/// librdkafka's prefetch; only the others are paused in librdkafka.
+/// A pause stops librdkafka fetching the partition and drops what it prefetched for it; a
+/// resume fetches again from after the last message taken (or from a seek's position).
 fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     let ops = std::mem::take(&mut shared.lock().ops);
     for ((topic, partition), effect) in ops {
         let mut one = TopicPartitionList::new();
         one.add_partition(&topic, partition);
-        let own_queue = consumer.context().queues().has(&(topic.clone(), partition));
         let result = match effect {
             Effect::Pause => {
                 notify(shared, atoms::ottla_paused(), &topic, partition);
-                if own_queue {
-                    Ok(())
-                } else {
-                    consumer.pause(&one).map_err(|e| ("pause", e))
-                }
+                consumer.pause(&one).map_err(|e| ("pause", e))
             }
             Effect::Resume => {
                 notify(shared, atoms::ottla_resumed(), &topic, partition);
-                if own_queue {
-                    Ok(())
-                } else {
-                    consumer.resume(&one).map_err(|e| ("resume", e))
-                }
+                consumer.resume(&one).map_err(|e| ("resume", e))
             }
             Effect::Seek(offset) => {
                 // Done by the seek thread, which reports librdkafka's answer (`seek.rs`).
@@ -664,29 +658,14 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
                 None => break,
             }
         }
-        // Each partition's own queue, as far as its backlog has room.
-        let rooms: Vec<(Tp, usize)> = {
-            let st = shared.lock();
-            let max = shared.settings.max_backlog;
-            st.partitions
-                .iter()
-                .filter(|(_, slot)| slot.part.takes_intake())
-                .map(|(tp, slot)| (tp.clone(), max.saturating_sub(slot.part.backlog_len())))
-                .filter(|(_, room)| *room > 0)
-                .collect()
-        };
+        // The intake queue: every partition's messages, in one batch. A partition whose
+        // backlog is full is paused in librdkafka; what it still gets here is handed back
+        // (an overflow: sought back to).
         let mut took = polled.len();
-        {
-            let queues = consumer.context().queues();
-            for (tp, room) in rooms {
-                let mut out = Vec::new();
-                let n = queues.take(&tp, room.min(INTAKE_BATCH), &mut scratch, &mut out);
-                if n > 0 {
-                    took += n;
-                    taken.push((tp, out));
-                }
-            }
-        }
+        took += consumer
+            .context()
+            .queues()
+            .take(INTAKE_BATCH, &mut scratch, &mut taken);
         if took > 0 {
             intake(&shared, &mut polled, &mut taken);
         }

@@ -1,10 +1,12 @@
-//! Each assigned partition's messages come from a librdkafka queue of its own, and are taken
-//! only when the partition's backlog has room. A partition behind a slow handler keeps its
-//! messages in librdkafka's prefetch (bounded by `queued.min.messages`) instead of having
-//! them fetched, paused (which drops librdkafka's prefetch) and fetched again. Messages are
-//! taken in batches (`rd_kafka_consume_batch_queue`), and the poll thread sleeps on
-//! [`Wake`] until librdkafka puts something in an empty queue, the dispatcher frees room, or
-//! periodic work is due.
+//! Every assigned partition's messages go to one intake queue of the consumer's own, apart
+//! from the consumer's main queue (rebalances, errors): each partition's librdkafka queue is
+//! forwarded to it. librdkafka measures its prefetch limits (`queued.min.messages`,
+//! `queued.max.messages.kbytes`) on the queue a partition's queue forwards to, so they bound
+//! the whole consumer, however many partitions it holds. Messages are taken in batches
+//! (`rd_kafka_consume_batch_queue`) and handed to their partitions; a partition whose share
+//! of the byte budget (or `max_backlog`) is full is paused in librdkafka, which drops what it
+//! prefetched for it. The poll thread sleeps on [`Wake`] until librdkafka puts something in
+//! an empty queue, the dispatcher frees room, or periodic work is due.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -86,11 +88,12 @@ impl Queue {
     }
 }
 
-/// The partitions' own queues and the consumer's main queue's wake-up. Must be cleared
-/// ([`Queues::clear`]) before the consumer is destroyed.
+/// The consumer's intake queue, the partitions' queues forwarded to it, and the main
+/// queue's wake-up. Must be cleared ([`Queues::clear`]) before the consumer is destroyed.
 #[derive(Default)]
 pub struct Queues {
     main: Option<Queue>,
+    intake: Option<Queue>,
     by_tp: HashMap<Tp, Queue>,
 }
 
@@ -114,9 +117,30 @@ impl Queues {
         self.main = Some(Queue(q));
     }
 
-    /// Gives a newly assigned partition its own queue. On failure its messages keep coming
-    /// through the main queue (and the backlog is bounded by pausing instead).
-    pub fn split(&mut self, rk: *mut rd::rd_kafka_t, tp: &Tp, wake: &Wake) {
+    /// Creates the intake queue, which wakes `wake` when it gets an element while empty.
+    pub fn open_intake(&mut self, rk: *mut rd::rd_kafka_t, wake: &Wake) {
+        // SAFETY: `rk` is a live consumer; the returned handle is owned here.
+        let q = unsafe { rd::rd_kafka_queue_new(rk) };
+        if q.is_null() {
+            return;
+        }
+        // SAFETY: `q` is live; `wake` outlives it (see `on_enqueue`).
+        unsafe {
+            rd::rd_kafka_queue_cb_event_enable(
+                q,
+                Some(on_enqueue),
+                wake as *const Wake as *mut c_void,
+            )
+        };
+        self.intake = Some(Queue(q));
+    }
+
+    /// Sends a newly assigned partition's messages to the intake queue. On failure they keep
+    /// coming through the main queue.
+    pub fn split(&mut self, rk: *mut rd::rd_kafka_t, tp: &Tp, _wake: &Wake) {
+        let Some(intake) = self.intake.as_ref().map(|q| q.0) else {
+            return;
+        };
         let Ok(topic) = CString::new(tp.0.as_str()) else {
             return;
         };
@@ -133,22 +157,11 @@ impl Queues {
             );
             return;
         }
-        // SAFETY: `q` is live; forwarding to null keeps its messages in it.
-        unsafe {
-            rd::rd_kafka_queue_forward(q, std::ptr::null_mut());
-            rd::rd_kafka_queue_cb_event_enable(
-                q,
-                Some(on_enqueue),
-                wake as *const Wake as *mut c_void,
-            );
-        }
+        // SAFETY: both queues are live; what the partition's queue holds moves to the intake.
+        unsafe { rd::rd_kafka_queue_forward(q, intake) };
         if let Some(old) = self.by_tp.insert(tp.clone(), Queue(q)) {
             old.disable_and_destroy();
         }
-    }
-
-    pub fn has(&self, tp: &Tp) -> bool {
-        self.by_tp.contains_key(tp)
     }
 
     /// Forgets a revoked partition's queue (and what is still in it).
@@ -162,21 +175,24 @@ impl Queues {
         for (_, q) in self.by_tp.drain() {
             q.disable_and_destroy();
         }
+        if let Some(q) = self.intake.take() {
+            q.disable_and_destroy();
+        }
         if let Some(q) = self.main.take() {
             q.disable_and_destroy();
         }
     }
 
-    /// Takes up to `max` messages of `tp` without waiting; appends them to `out`. Returns how
-    /// many it took. `buf` is scratch space, kept by the caller between calls.
+    /// Takes up to `max` messages from the intake queue without waiting; appends them to
+    /// `out`, grouped by partition (consecutive messages of one partition share a chunk).
+    /// Returns how many it took. `buf` is scratch space, kept by the caller between calls.
     pub fn take(
         &self,
-        tp: &Tp,
         max: usize,
         buf: &mut Vec<*mut rd::rd_kafka_message_t>,
-        out: &mut Vec<Msg>,
+        out: &mut Vec<(Tp, Vec<Msg>)>,
     ) -> usize {
-        let Some(q) = self.by_tp.get(tp) else {
+        let Some(q) = self.intake.as_ref() else {
             return 0;
         };
         if max == 0 {
@@ -191,27 +207,53 @@ impl Queues {
         }
         // librdkafka returns at most `max`; the bound keeps the slice in range regardless.
         let n = (n as usize).min(max);
-        let mut chunk = Chunk::with_capacity(n);
-        for &m in &buf[..n] {
-            // SAFETY: librdkafka returned `n` live messages, each destroyed once below.
-            unsafe {
-                let err = (*m).err;
-                if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    chunk.push_raw(m);
-                } else if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
-                    let text =
-                        std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(err)).to_string_lossy();
-                    log(
-                        atoms::warning(),
-                        "CONSUME",
-                        &format!("{}/{}: {text}", tp.0, tp.1),
-                    );
-                }
-                rd::rd_kafka_message_destroy(m);
+        let mut i = 0;
+        while i < n {
+            // A run of messages of one partition.
+            // SAFETY: librdkafka returned `n` live messages.
+            let (rkt, partition) = unsafe { ((*buf[i]).rkt, (*buf[i]).partition) };
+            let mut end = i + 1;
+            // SAFETY: as above.
+            while end < n && unsafe { (*buf[end]).rkt == rkt && (*buf[end]).partition == partition }
+            {
+                end += 1;
             }
-        }
-        if !chunk.is_empty() {
-            chunk.into_messages(out);
+            // SAFETY: a live message's topic handle names its topic (a C string librdkafka
+            // owns while the message lives); Elixir checked topic names are UTF-8. An error
+            // without a topic names none (its messages go to no partition).
+            let topic = if rkt.is_null() {
+                String::new()
+            } else {
+                unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_topic_name(rkt)) }
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            let tp = (topic, partition);
+            let mut chunk = Chunk::with_capacity(end - i);
+            for &m in &buf[i..end] {
+                // SAFETY: each of the `n` live messages is read, then destroyed once.
+                unsafe {
+                    let err = (*m).err;
+                    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                        chunk.push_raw(m);
+                    } else if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
+                        let text =
+                            std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(err)).to_string_lossy();
+                        log(
+                            atoms::warning(),
+                            "CONSUME",
+                            &format!("{}/{}: {text}", tp.0, tp.1),
+                        );
+                    }
+                    rd::rd_kafka_message_destroy(m);
+                }
+            }
+            if !chunk.is_empty() {
+                let mut msgs = Vec::new();
+                chunk.into_messages(&mut msgs);
+                out.push((tp, msgs));
+            }
+            i = end;
         }
         n
     }
