@@ -20,8 +20,8 @@ defmodule Bench.Consume do
     contenders = [
       {"Rust baseline (rdkafka)", fn -> baseline(topic, total) end},
       {"Ottla, default options", fn -> ottla(topic, total, []) end},
-      {"Ottla, max_batch 1000, max_backlog 10000",
-       fn -> ottla(topic, total, max_batch: 1_000, max_backlog: 10_000) end}
+      {"Ottla, max_batch 1000, max_buffered_bytes 512 MiB",
+       fn -> ottla(topic, total, max_batch: 1_000, max_buffered_bytes: 536_870_912) end}
     ]
 
     results =

@@ -67,11 +67,17 @@ defmodule Ottla.Supervisor do
     * `:begin_offset` - where to start a partition the group never committed: `:earliest` or
       `:latest`. A committed offset always wins. Defaults to `:latest`.
     * `:max_batch` - most messages per `handle_messages` call. Defaults to `500`.
-    * `:max_backlog` - most messages buffered (in Rust) per partition: a partition whose
-      backlog is full is not read until its handler takes a batch, and what librdkafka
-      prefetched for it (up to `queued.min.messages` or `queued.max.messages.kbytes`: 20,000
-      messages or 4 MiB a partition unless configured) stays there. Defaults to `2500` (see the README's "Benchmarks" for how the
-      defaults were chosen).
+    * `:max_buffered_bytes` - the consumer's memory budget, in bytes, for every partition it
+      holds together: an eighth of it is librdkafka's prefetch (`queued.max.messages.kbytes`,
+      and as many `queued.min.messages` at 1 KiB each), another eighth the partitions'
+      backlogs (shared equally among the assigned partitions; a partition whose share is full
+      is paused until its handler catches up) and as much again what they keep of their
+      delivered, unacked messages. See the README's "Memory" for the whole bound. At least
+      8 MiB. Defaults to `134217728` (128 MiB): 8 partitions at full speed, 1,000 partitions
+      within about 160 MiB.
+    * `:max_backlog` - most messages buffered (in Rust) per partition, besides the byte share:
+      a partition whose backlog is full is paused until its handler takes a batch. Defaults
+      to `10000` (see the README's "Benchmarks" for how the defaults were chosen).
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.
     * `:session_timeout` - ms the group waits for a silent member before it gives the member's

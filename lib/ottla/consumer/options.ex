@@ -10,7 +10,7 @@ defmodule Ottla.Consumer.Options do
     :handler,
     handler_init_args: [],
     max_batch: 500,
-    max_backlog: 2500,
+    max_backlog: 10_000,
     max_buffered_bytes: 134_217_728,
     drain_timeout: 5_000,
     shutdown_timeout: 10_000,
