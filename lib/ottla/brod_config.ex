@@ -644,6 +644,12 @@ defmodule Ottla.BrodConfig do
             "\"ssl.ca.pem\", \"ssl.certificate.pem\" and \"ssl.key.pem\""
   end
 
+  defp ssl_opt({:verify_fun, _fun}, name) do
+    raise ArgumentError,
+          "invalid #{inspect(name)} entry :ssl: :verify_fun has no counterpart (librdkafka " <>
+            "verifies with OpenSSL); use verify: :verify_none, or librdkafka's ssl.* properties"
+  end
+
   # Named by its key only: the value may be a secret.
   defp ssl_opt({key, _value}, name),
     do: bad!(name, :ssl, key, "cacertfile, certfile, keyfile, password or verify")
