@@ -69,7 +69,7 @@ defmodule Ottla.ElsaMigrationTest do
 
       # This test is the only user of that option: its one warning is here.
       assert length(String.split(log, "query_api_versions")) - 1 == 1
-      assert log =~ "librdkafka negotiates API versions itself"
+      assert log =~ "librdkafka asks brokers for their API versions"
 
       assert [{"security.protocol", "sasl_ssl"} | rest] =
                Ottla.Options.kafka_config!(
