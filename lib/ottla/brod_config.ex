@@ -607,12 +607,13 @@ defmodule Ottla.BrodConfig do
   end
 
   defp ssl_opt({:cacertfile, path}, name),
-    do: [{"ssl.ca.location", path!(path, :cacertfile, name)}]
+    do: [{"ssl.ca.location", path!(path, {:ssl, :cacertfile}, name)}]
 
   defp ssl_opt({:certfile, path}, name),
-    do: [{"ssl.certificate.location", path!(path, :certfile, name)}]
+    do: [{"ssl.certificate.location", path!(path, {:ssl, :certfile}, name)}]
 
-  defp ssl_opt({:keyfile, path}, name), do: [{"ssl.key.location", path!(path, :keyfile, name)}]
+  defp ssl_opt({:keyfile, path}, name),
+    do: [{"ssl.key.location", path!(path, {:ssl, :keyfile}, name)}]
 
   defp ssl_opt({:password, password}, name) do
     # Never shown: a wrong shape is named by its key only.
@@ -751,6 +752,10 @@ defmodule Ottla.BrodConfig do
   defp check_name(value, name) do
     if value in [nil, true, false], do: bad!(name, :client_id, value, "a string")
   end
+
+  # An ssl option is named with the entry it is in.
+  defp bad!(name, {:ssl, option}, value, expected),
+    do: bad!(name, :ssl, value, "#{inspect(option)} to be #{expected}")
 
   defp bad!(name, key, value, expected) do
     raise ArgumentError,

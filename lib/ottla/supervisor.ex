@@ -45,6 +45,7 @@ defmodule Ottla.Supervisor do
   `begin_offset`, `prefetch_count`, `session_timeout_seconds`, …), translated; see the
   migration guide for the full table. The child spec's id is `Ottla.Supervisor`, as Elsa's
   was: give connections that run side by side their own ids with `Supervisor.child_spec/2`.
+  `whereis_worker/3` finds the process handling a partition (Elsa's registry lookup).
 
   ## Group consumer options
 

@@ -83,6 +83,7 @@ defmodule Ottla.BrodConfigTest do
   # first makes the VM forget them.
   use ExUnit.Case, async: false
 
+  import Bitwise
   import ExUnit.CaptureLog
   import Ottla.TestSupport
 
@@ -179,6 +180,52 @@ defmodule Ottla.BrodConfigTest do
 
         assert error.message =~ Atom.to_string(key),
                "#{inspect({key, value})}: #{error.message}"
+      end
+    end
+
+    test "any term as any option's value: a translation or an ArgumentError naming the option" do
+      terms = [
+        nil,
+        true,
+        -1,
+        0,
+        1 <<< 70,
+        -(1 <<< 70),
+        1.5,
+        "text",
+        <<255>>,
+        "",
+        :atom,
+        ~c"chars",
+        [],
+        [:a],
+        [a: 1],
+        [1 | 2],
+        [{:cacertfile, 1 <<< 70}],
+        [{:sndbuf, -1}],
+        [{}],
+        {},
+        {:a},
+        {:plain, nil},
+        {:plain, "u", nil},
+        {:scram_sha_256, ~c"u", ~c"p"},
+        {:callback, nil, nil},
+        %{},
+        %{a: 1},
+        self(),
+        make_ref(),
+        fn -> :ok end
+      ]
+
+      for key <- Ottla.BrodConfig.known_options(), term <- terms do
+        try do
+          {props, opts} = Ottla.BrodConfig.translate([{key, term}], :config)
+          assert is_list(props) and Keyword.keyword?(opts)
+        rescue
+          error in ArgumentError ->
+            assert error.message =~ Atom.to_string(key),
+                   "#{inspect({key, term})}: #{error.message}"
+        end
       end
     end
 
