@@ -45,6 +45,7 @@ defmodule Ottla.Supervisor do
   `begin_offset`, `prefetch_count`, `session_timeout_seconds`, …), translated; see the
   migration guide for the full table. The child spec's id is `Ottla.Supervisor`, as Elsa's
   was: give connections that run side by side their own ids with `Supervisor.child_spec/2`.
+  `whereis_worker/3` finds the process handling a partition (Elsa's registry lookup).
 
   ## Group consumer options
 
@@ -225,6 +226,54 @@ defmodule Ottla.Supervisor do
       conn ->
         Ottla.Connection.start_producer(conn, config)
     end
+  end
+
+  @doc """
+  The process running the handler for `topic`'s `partition` on a connection, or `nil` when
+  none runs for it now (not assigned, or between a worker's exit and its restart). Elsa apps
+  found it with `Elsa.Registry.whereis_name({Elsa.Supervisor.registry(connection),
+  :"worker_\#{topic}_\#{partition}"})`. The group consumer's worker is looked at first, then the
+  one of the consumer without a group.
+
+  A worker that exits is restarted (its unacked messages come again), so a pid found here
+  may be gone by the time it is used.
+
+  ## Example
+
+      pid = Ottla.Supervisor.whereis_worker(:shop, "orders", 0)
+  """
+  @spec whereis_worker(atom, String.t(), non_neg_integer) :: pid | nil
+  def whereis_worker(connection, topic, partition) do
+    connection = Ottla.Options.connection!(connection)
+    topic = Ottla.Options.topic!(topic)
+    partition = Ottla.Options.integer!(partition, :partition, 0)
+
+    Enum.find_value([:group, :assign], fn mode ->
+      case Registry.lookup(Ottla.Registry, {:workers, connection, mode}) do
+        [{workers, _}] -> find_worker(workers, topic, partition)
+        [] -> nil
+      end
+    end)
+  end
+
+  # A worker keeps its topic and partition in its process dictionary, where the handler's
+  # topic/0 and partition/0 read them.
+  defp find_worker(workers, topic, partition) do
+    workers
+    |> DynamicSupervisor.which_children()
+    |> Enum.find_value(fn {_, pid, _, _} ->
+      with true <- is_pid(pid),
+           {:dictionary, dictionary} <- Process.info(pid, :dictionary),
+           ^topic <- :proplists.get_value(:ottla_topic, dictionary),
+           ^partition <- :proplists.get_value(:ottla_partition, dictionary) do
+        pid
+      else
+        _ -> nil
+      end
+    end)
+  catch
+    # The connection stopped meanwhile.
+    :exit, _ -> nil
   end
 
   @doc false

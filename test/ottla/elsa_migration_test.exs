@@ -69,7 +69,7 @@ defmodule Ottla.ElsaMigrationTest do
 
       # This test is the only user of that option: its one warning is here.
       assert length(String.split(log, "query_api_versions")) - 1 == 1
-      assert log =~ "librdkafka negotiates API versions itself"
+      assert log =~ "librdkafka asks brokers for their API versions"
 
       assert [{"security.protocol", "sasl_ssl"} | rest] =
                Ottla.Options.kafka_config!(
@@ -348,6 +348,46 @@ defmodule Ottla.ElsaMigrationTest do
       start_group!(topic, group, connection: conn, id: :again)
       assert_receive {:batch, _, _, 0, [%{offset: 3, value: "d"}]}, 30_000
       refute_receive {:batch, _, _, 0, _}, 1_000
+    end
+  end
+
+  describe "finding a partition's worker (Elsa.Registry.whereis_name)" do
+    test "whereis_worker/3 finds the worker handling a partition; killed, a new one takes over" do
+      topic = create_topic!(partitions: 2)
+      name = start_group!(topic, group_name())
+      :ok = Ottla.produce(endpoints(), topic, "m1", partition: 0)
+      :ok = Ottla.produce(endpoints(), topic, "m2", partition: 1)
+      assert_receive {:batch, worker0, ^topic, 0, [%{value: "m1"}]}, 30_000
+      assert_receive {:batch, worker1, ^topic, 1, [%{value: "m2"}]}, 30_000
+
+      assert Ottla.Supervisor.whereis_worker(name, topic, 0) == worker0
+      assert Ottla.Supervisor.whereis_worker(name, topic, 1) == worker1
+      assert Ottla.Supervisor.whereis_worker(name, topic, 2) == nil
+      assert Ottla.Supervisor.whereis_worker(name, "another-topic", 0) == nil
+      assert Ottla.Supervisor.whereis_worker(:no_such_connection, topic, 0) == nil
+
+      # Killed only once its batch is acked, so nothing it handled comes again.
+      wait_until(fn -> Ottla.Group.Acknowledger.get_latest_offset(name, topic, 0) == 1 end)
+      Process.exit(worker0, :kill)
+      :ok = Ottla.produce(endpoints(), topic, "m3", partition: 0)
+      :ok = Ottla.produce(endpoints(), topic, "m4", partition: 1)
+
+      assert_receive {:batch, new_worker0, ^topic, 0, [%{offset: 1, value: "m3"}]}, 30_000
+      assert_receive {:batch, ^worker1, ^topic, 1, [%{value: "m4"}]}, 30_000
+      assert new_worker0 != worker0
+      assert Ottla.Supervisor.whereis_worker(name, topic, 0) == new_worker0
+      refute_receive {:batch, _, ^topic, 0, [%{offset: 0} | _]}, 1_000
+
+      for {args, named} <- [
+            {["conn", topic, 0], "connection"},
+            {[name, :topic, 0], "topic"},
+            {[name, topic, -1], ":partition"}
+          ] do
+        error =
+          assert_raise ArgumentError, fn -> apply(Ottla.Supervisor, :whereis_worker, args) end
+
+        assert error.message =~ named
+      end
     end
   end
 

@@ -1,5 +1,4 @@
 defmodule Ottla.ErrorTest do
   use ExUnit.Case, async: true
   doctest Ottla.Error
-  doctest Ottla.Message
 end

@@ -292,6 +292,39 @@ defmodule Ottla.SecurityTest do
     end
   end
 
+  describe "brod's ssl and sasl options, as an Elsa app's config writes them" do
+    @describetag :secure
+
+    test "ssl: [cacertfile: ..., verify: :verify_peer]", ctx do
+      round_trip!(ctx.env["SSL"], ssl: [cacertfile: ctx.env["CA"], verify: :verify_peer])
+    end
+
+    test "ssl with the client certificate, key and key password, as charlists", ctx do
+      ssl =
+        for {key, env} <- [
+              cacertfile: "CA",
+              certfile: "CLIENT_CERT",
+              keyfile: "CLIENT_KEY",
+              password: "CLIENT_KEY_PASSWORD"
+            ],
+            do: {key, String.to_charlist(ctx.env[env])}
+
+      round_trip!(ctx.env["MTLS"], ssl: ssl)
+    end
+
+    test "sasl: {:scram_sha_512, user, password} with ssl", ctx do
+      sasl = {:scram_sha_512, ctx.env["SCRAM_SHA_512_USER"], ctx.env["SCRAM_SHA_512_PASSWORD"]}
+      round_trip!(ctx.env["SASL_SSL"], ssl: [cacertfile: ctx.env["CA"]], sasl: sasl)
+    end
+
+    test "sasl: {:plain, file}, the user and password read from the file", ctx do
+      path = Path.join(System.tmp_dir!(), "ottla-sasl-#{System.unique_integer([:positive])}")
+      File.write!(path, "#{ctx.env["PLAIN_USER"]}\n#{ctx.env["PLAIN_PASSWORD"]}\n")
+      on_exit(fn -> File.rm(path) end)
+      round_trip!(ctx.env["SASL_SSL"], ssl: [cacertfile: ctx.env["CA"]], sasl: {:plain, path})
+    end
+  end
+
   describe "refused clients get an Ottla.Error by the call's timeout" do
     @describetag :secure
 

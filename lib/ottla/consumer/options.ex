@@ -5,6 +5,7 @@ defmodule Ottla.Consumer.Options do
   import Bitwise
 
   alias Ottla.Options
+  require Logger
 
   @common [
     :handler,
@@ -80,8 +81,22 @@ defmodule Ottla.Consumer.Options do
       do:
         raise(
           ArgumentError,
-          "invalid :begin_offset #{inspect(begin)}: expected :earliest or :latest"
+          "invalid :begin_offset #{inspect(begin)}: expected :earliest or :latest (a group " <>
+            "consumer starts a partition it never committed at one of them; to start at " <>
+            "offsets of your own, use offsets: {:elsewhere, fun})"
         )
+
+    # librdkafka has one setting (auto.offset.reset) for a partition without a committed
+    # offset and for an offset out of range; brod had begin_offset and offset_reset_policy.
+    reset = opts[:offset_reset]
+
+    if reset && reset != begin do
+      Logger.warning(
+        "group #{inspect(opts[:group])}: Ottla takes :begin_offset #{inspect(begin)} for " <>
+          "offsets out of range too (librdkafka's auto.offset.reset is one setting for " <>
+          "both); the brod option offset_reset_policy (#{inspect(reset)}) is not applied"
+      )
+    end
 
     strategy =
       Map.get(@strategies, opts[:assignment_strategy]) ||
@@ -143,7 +158,10 @@ defmodule Ottla.Consumer.Options do
     # librdkafka wants a group id even to assign partitions; nothing is ever committed to it.
     group_id = "ottla-#{Keyword.fetch!(conn, :connection)}-#{System.unique_integer([:positive])}"
 
-    common!(opts, conn, [{"group.id", group_id}, {"auto.offset.reset", "earliest"}])
+    # Out-of-range offsets go to the earliest unless brod's offset_reset_policy said latest.
+    reset = Atom.to_string(opts[:offset_reset] || :earliest)
+
+    common!(opts, conn, [{"group.id", group_id}, {"auto.offset.reset", reset}])
     |> Map.merge(%{
       mode: :assign,
       group: nil,
@@ -159,7 +177,8 @@ defmodule Ottla.Consumer.Options do
 
   # Elsa's brod option names in :config: properties are translated; begin_offset,
   # offset_reset_policy and offset_commit_interval_seconds become Ottla's options unless those
-  # are given themselves.
+  # are given themselves. :offset_reset keeps offset_reset_policy for what only it says (where
+  # an out-of-range offset goes).
   defp with_brod_config(opts, raw) do
     {props, extra} = Ottla.BrodConfig.translate(opts[:config], :config)
 
@@ -179,6 +198,7 @@ defmodule Ottla.Consumer.Options do
     opts
     |> Keyword.put(:config, props)
     |> Keyword.put(:begin_offset, begin)
+    |> Keyword.put(:offset_reset, extra[:offset_reset])
     |> Keyword.put(:commit_interval, commit)
   end
 
