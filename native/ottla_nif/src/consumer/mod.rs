@@ -1,18 +1,57 @@
 //! The consumer: one librdkafka consumer per connection, polled on its own thread, with one
-//! [`Partition`] state machine per assigned partition.
+//! [`Partition`] state machine per assigned partition, the single owner of that partition's
+//! lifecycle (start, deliveries, acks, retries, seeks, revocation, shutdown drain).
 //!
 //! Files, one per actor: `nif.rs` (the NIF entry points the Elixir side calls), `poll.rs`
-//! (the poll thread: librdkafka's poll, rebalance callbacks, pause/resume/seek), `commit.rs`
-//! (asynchronous commits), `dispatch.rs` (sends batches to worker processes). They share
-//! [`Shared`]: one mutex over every partition's state machine, and the partitions'
+//! (the poll thread: librdkafka's poll, intake, pause/resume, commits, watermarks, fatal
+//! errors), `rebalance.rs` (librdkafka's assign and revoke callbacks, and the shutdown
+//! drain), `seek.rs` (confirmed seeks), `commit.rs` (asynchronous commits), `dispatch.rs`
+//! (sends batches to worker processes), `queues.rs` (the intake queue and wake-ups). They
+//! share [`Shared`]: one mutex over every partition's state machine, and the partitions'
 //! [`AckCell`]s, which the hot NIFs (ack, demand, latest offset) reach through a read lock on
 //! a map written only at assignment and revocation. The NIFs never call librdkafka.
+//!
+//! # The protocol with Elixir
+//!
+//! Every message this consumer sends to a BEAM process, in one list (the Elixir side matches
+//! exactly these shapes). Positions are `:earliest | :latest | {:offset, n}` everywhere
+//! ([`crate::position::Position`]); deadlines are absolute, in Erlang's monotonic clock (ms).
+//!
+//! To the manager (`Ottla.Group.Manager`):
+//! - `{:ottla_assigned, generation, [{topic, partition}]}`: start a worker for each.
+//! - `{:ottla_revoke_done, [{topic, partition}], took_ms}`: revoked, committed, forgotten.
+//! - `{:ottla_committed, [{topic, partition, offset, ok?}]}`, `{:ottla_paused, topic,
+//!   partition}`, `{:ottla_resumed, topic, partition}`: for telemetry only.
+//! - `{:ottla_consumer_fatal, reason, [{topic, partition}]}`: fenced for good; stay stopped.
+//! - `{:ottla_consumer_failed, %Ottla.Error{}}`: the group refuses this consumer; restart.
+//! - `{:ottla_consumer_down, thread_name}`: a thread panicked; restart.
+//!
+//! To the revoker (`Ottla.Consumer.Revoker`):
+//! - `{:ottla_revoke, id, deadline_ms, [{{topic, partition}, worker_pid}]}`: stop these
+//!   workers by the deadline, run the revoked handler, then call `consumer_revoke_done(id)`.
+//!
+//! To a worker (`Ottla.Consumer.Worker`):
+//! - `{:ottla_messages, topic, partition, generation, {attempt, last_attempt?,
+//!   high_watermark}, [%Ottla.Message{}]}`: one batch, sent only after a demand.
+//!
+//! To the caller of `consumer_close` / `consumer_drain`: `{:ottla_closed, tag}` /
+//! `{:ottla_drained, tag}`.
+//!
+//! From Elixir, the NIFs (`nif.rs`): `consumer_start` (a worker takes a partition over, from
+//! a position), `consumer_claim_announce`, `consumer_demand`, `consumer_ack`,
+//! `consumer_redeliver`, `consumer_failed`, `consumer_seek`, `consumer_gave_up`,
+//! `consumer_worker_down`, `consumer_revoke_done`, `consumer_drain`, `consumer_close`,
+//! `consumer_stats`, `consumer_latest_offset`; `backoff_ms` is the one backoff formula
+//! ([`ottla_core::partition::RetryPolicy::backoff_after`]). Which process owns which fact:
+//! the acked offset, the worker pid, the generation and the lag are the partition's (here);
+//! the manager keeps only what it needs to restart a worker.
 
 mod commit;
 mod dispatch;
 mod nif;
 mod poll;
 mod queues;
+mod rebalance;
 mod seek;
 
 use std::collections::HashMap;

@@ -115,8 +115,8 @@ fn consumer_new<'a>(
                 .map_err(Error::from)?;
         }
         consumer.assign(&tpl).map_err(Error::from)?;
-        poll::split_queues(&consumer, &tpl);
-        poll::assigned(&shared, &tpl);
+        super::rebalance::split_queues(&consumer, &tpl);
+        super::rebalance::assigned(&shared, &tpl);
     }
 
     let poll_thread = spawn_guarded("ottla-poll", &shared, {
@@ -439,7 +439,7 @@ fn consumer_drain(
     let spawned = std::thread::Builder::new()
         .name("ottla-drain".into())
         .spawn(move || {
-            super::poll::drain(&shared, deadline);
+            super::rebalance::drain(&shared, deadline);
             crate::context::send_reliably(
                 &pid,
                 Box::new(move |env| (atoms::ottla_drained(), tag).encode(env)),

@@ -1,6 +1,8 @@
 //! The poll thread and the consumer context: the only code that calls librdkafka's consumer.
-//! librdkafka's rebalance callbacks run here, inside `poll`. It feeds fetched messages to the
-//! partitions' state machines and applies the pause, resume and seek effects they return.
+//! librdkafka's rebalance callbacks run inside `poll`, on this thread (they live in
+//! `rebalance.rs`). It feeds fetched messages to the partitions' state machines, applies the
+//! pause, resume and seek effects they return, commits, reads watermarks and notices fatal
+//! errors.
 
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use ottla_core::partition::{Effect, Event};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::TopicPartitionList;
@@ -18,7 +20,7 @@ use rustler::Encoder;
 
 use super::commit::{Commits, Outcome};
 use super::queues::Queues;
-use super::{now_ms, Msg, Shared, State, Tp};
+use super::{Msg, Shared, Tp};
 use crate::atoms;
 use crate::context::{log, send_reliably, OttlaContext};
 use crate::error::Error;
@@ -27,24 +29,16 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Messages taken from librdkafka per lock of the state.
 const INTAKE_BATCH: usize = 500;
 const WATERMARK_INTERVAL: Duration = Duration::from_millis(500);
-/// How long a revocation waits for the manager's reply past the drain timeout: the manager
-/// has the whole drain timeout to stop the workers, this only covers its reply's trip.
-const REPLY_MARGIN: Duration = Duration::from_millis(300);
-/// How long a revocation waits, past the reply margin, for workers the revoker was told to
-/// kill to be seen dead.
-const STRAGGLER_WAIT: Duration = Duration::from_secs(2);
-/// How long a revocation waits for its commit.
-const REVOKE_COMMIT_WAIT: Duration = Duration::from_millis(500);
 /// How long shutdown waits for its final commit.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long shutdown serves librdkafka between attempts at a refused final commit.
 const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(200);
 /// How often a bounded wait re-reads the ack cells.
-const RECHECK: Duration = Duration::from_millis(5);
+pub(super) const RECHECK: Duration = Duration::from_millis(5);
 
 pub struct GroupCtx {
     base: OttlaContext,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     commits: Mutex<Commits>,
     queues: Mutex<Queues>,
     /// The seek thread's requests (`seek.rs`), while it runs.
@@ -62,11 +56,11 @@ impl GroupCtx {
         }
     }
 
-    fn commits(&self) -> MutexGuard<'_, Commits> {
+    pub(super) fn commits(&self) -> MutexGuard<'_, Commits> {
         self.commits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn queues(&self) -> MutexGuard<'_, Queues> {
+    pub(super) fn queues(&self) -> MutexGuard<'_, Queues> {
         self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -78,16 +72,6 @@ pub fn watch_main(consumer: &BaseConsumer<GroupCtx>, shared: &Shared) {
     let mut queues = consumer.context().queues();
     queues.watch_main(rk, &shared.wake);
     queues.open_intake(rk, &shared.wake);
-}
-
-/// Gives each newly assigned partition a queue of its own (see `queues.rs`).
-pub fn split_queues(consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
-    let ctx = consumer.context();
-    let rk = consumer.client().native_ptr();
-    let mut queues = ctx.queues();
-    for tp in tps(tpl) {
-        queues.split(rk, &tp, &ctx.shared.wake);
-    }
 }
 
 impl ClientContext for GroupCtx {
@@ -106,227 +90,9 @@ impl ClientContext for GroupCtx {
     }
 }
 
-fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
-        .collect()
-}
-
-/// Records newly assigned partitions under a new generation and tells the manager:
-/// `{:ottla_assigned, generation, [{topic, partition}]}`.
-pub fn assigned(shared: &Shared, tpl: &TopicPartitionList) {
-    let list = tps(tpl);
-    if list.is_empty() {
-        // Cooperative rebalances often assign nothing new: no new generation then.
-        shared.lock().last_rebalance_ms = Some(now_ms());
-        return;
-    }
-    let generation = shared.insert_partitions(&list);
-    send_reliably(
-        &shared.settings.manager,
-        Box::new(move |env| (atoms::ottla_assigned(), generation, list).encode(env)),
-    );
-}
-
-/// Waits until `done` holds or `deadline` passes, re-reading the ack cells.
-fn wait_until(shared: &Shared, deadline: Instant, done: impl Fn(&mut State) -> bool) {
-    let mut st = shared.lock();
-    loop {
-        let keys: Vec<Tp> = st.partitions.keys().cloned().collect();
-        for tp in &keys {
-            st.handle(tp, Event::Tick);
-        }
-        if done(&mut st) || shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        st = shared
-            .progress
-            .wait_timeout(st, left.min(RECHECK))
-            .map(|(g, _)| g)
-            .unwrap_or_else(|e| e.into_inner().0);
-    }
-}
-
-/// Revocation, all within the drain timeout: stop delivering; give in-flight batches the
-/// drain timeout (less a share for stopping) to be acked; have the manager stop the workers
-/// (killing those still busy) and run the user's handler within what is left; commit the
-/// acks; forget the partitions. Only then does librdkafka go on.
-fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
-    let shared = &ctx.shared;
-    let started = Instant::now();
-    let list = tps(tpl);
-    if list.is_empty() {
-        return;
-    }
-    let lost = consumer.assignment_lost();
-    let drain = shared.settings.drain_timeout;
-    let deadline = started + drain;
-    {
-        // What is still queued for a revoked partition is its next owner's to fetch.
-        let mut queues = ctx.queues();
-        for tp in &list {
-            queues.remove(tp);
-        }
-    }
-    let (closing, released) = {
-        let mut st = shared.lock();
-        for tp in &list {
-            st.handle(tp, Event::Revoke);
-        }
-        (st.closing, st.released)
-    };
-
-    if !closing {
-        if !lost {
-            let grace = (drain / 5).min(Duration::from_millis(500));
-            wait_until(shared, deadline - grace, |st| {
-                list.iter()
-                    .all(|tp| st.partitions.get(tp).is_none_or(|s| s.part.drained()))
-            });
-        }
-        // The revoker (a process that runs no user code) stops the revoked partitions'
-        // workers by the deadline, killing those still busy, and runs the user's
-        // `assignments_revoked_handler`; the deadline is absolute (Erlang's monotonic clock),
-        // so a late reader cannot stretch it.
-        let (id, workers) = {
-            let mut st = shared.lock();
-            st.revoke_seq += 1;
-            let workers: Vec<(Tp, rustler::LocalPid)> = list
-                .iter()
-                .filter_map(|tp| {
-                    let slot = st.partitions.get(tp)?;
-                    slot.worker
-                        .filter(|_| slot.worker_alive)
-                        .map(|pid| (tp.clone(), pid))
-                })
-                .collect();
-            (st.revoke_seq, workers)
-        };
-        let left_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i64;
-        let deadline_ms = super::erlang_monotonic_ms() + left_ms;
-        send_reliably(
-            &shared.settings.revoker,
-            Box::new(move |env| (atoms::ottla_revoke(), id, deadline_ms, workers).encode(env)),
-        );
-        let gone = |st: &mut State| {
-            list.iter()
-                .all(|tp| st.partitions.get(tp).is_none_or(|s| !s.worker_alive))
-        };
-        wait_until(shared, deadline + REPLY_MARGIN, |st| {
-            st.revoke_done >= id && gone(st)
-        });
-        // librdkafka goes on only once the old workers are dead: their monitors confirm it.
-        wait_until(shared, deadline + REPLY_MARGIN + STRAGGLER_WAIT, |st| {
-            gone(st)
-        });
-        if !gone(&mut shared.lock()) && !shared.stop.load(Ordering::SeqCst) {
-            log(
-                atoms::error(),
-                "REVOKE",
-                &format!(
-                    "revoked partitions' workers still alive {} ms past the drain deadline: \
-                     {list:?}",
-                    (REPLY_MARGIN + STRAGGLER_WAIT).as_millis()
-                ),
-            );
-        }
-    }
-
-    // While closing, the manager is not asked, but acks are still committed (a revocation
-    // served by the final commit's retries), unless the queues are gone (the client's close).
-    if !lost && !released && shared.settings.commit {
-        let outcomes = {
-            let mut commits = ctx.commits();
-            let mut outcomes = start_commit(shared, consumer, &mut commits, Some(&list));
-            // The commit may use what is left of the drain timeout (at least
-            // REVOKE_COMMIT_WAIT): an ack whose commit is not confirmed before the partition
-            // goes is handled again by its next owner.
-            let wait = deadline
-                .saturating_duration_since(Instant::now())
-                .max(REVOKE_COMMIT_WAIT);
-            outcomes.extend(commits.collect(wait));
-            let unconfirmed = commits.unconfirmed(&list);
-            if !unconfirmed.is_empty() {
-                log(
-                    atoms::warning(),
-                    "COMMIT",
-                    &format!(
-                        "revoked partitions' commit not confirmed in time, their next owner \
-                         may handle acked messages again: {unconfirmed:?}"
-                    ),
-                );
-            }
-            outcomes
-        };
-        apply_commits(shared, outcomes);
-    }
-
-    shared.remove_partitions(&list);
-    let took = started.elapsed().as_millis() as i64;
-    shared.lock().last_revoke_ms = Some(took);
-    if !closing {
-        send_reliably(
-            &shared.settings.manager,
-            Box::new(move |env| (atoms::ottla_revoke_done(), list, took).encode(env)),
-        );
-    }
-}
-
-/// A graceful stop's drain: nothing more is delivered, and what was delivered gets until
-/// `deadline` to be acked (from any process). Returns when everything delivered is acked, or
-/// at the deadline.
-pub fn drain(shared: &Shared, deadline: Instant) {
-    {
-        let mut st = shared.lock();
-        let keys: Vec<Tp> = st.partitions.keys().cloned().collect();
-        for tp in &keys {
-            st.handle(tp, Event::Revoke);
-        }
-    }
-    wait_until(shared, deadline, |st| {
-        st.partitions.values().all(|s| s.part.drained())
-    });
-}
-
-impl ConsumerContext for GroupCtx {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => revoking(self, consumer, tpl),
-            Rebalance::Assign(_) => {}
-            Rebalance::Error(err) => log(atoms::error(), "REBALANCE", &err.to_string()),
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            // librdkafka keeps a partition's pause flag across unassign/assign; a new
-            // assignment starts with an empty backlog, so it must flow.
-            if tpl.count() > 0 {
-                if let Err(err) = consumer.resume(tpl) {
-                    log(
-                        atoms::warning(),
-                        "RESUME",
-                        &format!("resume after assign failed: {err}"),
-                    );
-                }
-                // Split before the first fetch: nothing of these partitions is queued yet.
-                split_queues(consumer, tpl);
-            }
-            assigned(&self.shared, tpl);
-        }
-    }
-}
-
 /// Sends a commit of what was acked beyond the committed offsets (of `only`, or of every
 /// partition). Returns the outcomes of a commit that failed at once.
-fn start_commit(
+pub(super) fn start_commit(
     shared: &Shared,
     consumer: &BaseConsumer<GroupCtx>,
     commits: &mut Commits,
@@ -345,7 +111,7 @@ fn start_commit(
 
 /// Hands commit results to their partitions, tells the manager (for telemetry); logs
 /// failures.
-fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
+pub(super) fn apply_commits(shared: &Shared, outcomes: Vec<Outcome>) {
     if outcomes.is_empty() {
         return;
     }
