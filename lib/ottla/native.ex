@@ -73,22 +73,13 @@ defmodule Ottla.Native do
   def consumer_start(_consumer, _topic, _partition, _generation, _pid, _from),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def consumer_demand(_consumer, _topic, _partition, _generation),
+  def consumer_next(_consumer, _topic, _partition, _generation, _ack),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def consumer_result(_consumer, _topic, _partition, _generation, _result),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def consumer_ack(_consumer, _topic, _partition, _generation, _offset),
-    do: :erlang.nif_error(:nif_not_loaded)
-
-  def consumer_redeliver(_consumer, _topic, _partition, _generation, _offset),
-    do: :erlang.nif_error(:nif_not_loaded)
-
-  def consumer_failed(_consumer, _topic, _partition, _generation, _from),
-    do: :erlang.nif_error(:nif_not_loaded)
-
-  def consumer_seek(_consumer, _topic, _partition, _generation, _position),
-    do: :erlang.nif_error(:nif_not_loaded)
-
-  def consumer_gave_up(_consumer, _topic, _partition, _generation, _offset, _dead_lettered),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def consumer_worker_down(_consumer, _topic, _partition, _generation),

@@ -203,6 +203,7 @@ defmodule Ottla.BadInputTest do
         max_attempts: 0,
         retry_backoff: 1,
         max_retry_backoff: 1,
+        on_failure: :retry,
         start_from_worker: false
       }
 

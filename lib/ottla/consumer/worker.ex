@@ -1,10 +1,12 @@
 defmodule Ottla.Consumer.Worker do
   @moduledoc false
   # One process per assigned topic-partition. The NIF sends it a batch only after it asked
-  # for one (consumer_demand), so its mailbox holds at most one batch. The partition's state
-  # machine (in the NIF) owns attempts and backoffs; the worker runs the handler, turns its
-  # result into acks, a seek or a failure, and applies the :on_failure policy to a message's
-  # last attempt.
+  # for one (consumer_next), so its mailbox holds at most one batch. The partition's state
+  # machine (in the NIF) owns the lifecycle and the policy: attempts, backoffs, what becomes
+  # of a failed last attempt (:on_failure). The worker runs the handler and reports one result
+  # per batch: a plain ack goes with the request for the next batch (consumer_next, lock-free);
+  # anything else (a partial ack, a failure, a seek) is one consumer_result call, whose verdict
+  # may ask the worker to log a skip or to produce a dead letter.
   use GenServer, restart: :temporary
   require Logger
 
@@ -161,7 +163,7 @@ defmodule Ottla.Consumer.Worker do
 
   @impl true
   def handle_info({:ottla_messages, _topic, _partition, _generation, attempt, messages}, state) do
-    {number, last?, high_watermark} = attempt
+    {number, _last?, high_watermark} = attempt
     Process.put(:ottla_attempt, number)
     started = System.monotonic_time()
     metadata = batch_metadata(state, messages, number, high_watermark)
@@ -173,7 +175,7 @@ defmodule Ottla.Consumer.Worker do
       metadata
     )
 
-    state =
+    {state, ack} =
       case run_handler(messages, state) do
         {:ok, result} ->
           stop(:stop, started, count, Map.put(metadata, :result, :ok))
@@ -189,10 +191,14 @@ defmodule Ottla.Consumer.Worker do
           end
 
           state = %{state | handler_state: handler_state}
-          failed(messages, error, number, last?, state)
+          {failed(messages, error, number, state), nil}
       end
 
-    Native.consumer_demand(state.resource, state.topic, state.partition, state.generation)
+    # The ack of the whole batch, if any, and the request for the next batch: one call.
+    outcome =
+      Native.consumer_next(state.resource, state.topic, state.partition, state.generation, ack)
+
+    if ack, do: ack_event(state, ack, outcome)
     {:noreply, state}
   end
 
@@ -253,6 +259,8 @@ defmodule Ottla.Consumer.Worker do
       end
   end
 
+  # What the handler's result means for the partition: {state, offset to ack with the
+  # request for the next batch | nil}.
   defp apply_result(tag, messages, state)
        when tag in [:ack, :acknowledge, :no_ack, :noop, :continue],
        do: apply_result({tag, state.handler_state}, messages, state)
@@ -260,28 +268,19 @@ defmodule Ottla.Consumer.Worker do
   defp apply_result(result, messages, state) do
     case result do
       {tag, handler_state} when tag in [:ack, :acknowledge] ->
-        ack(state, List.last(messages).offset)
-        %{state | handler_state: handler_state}
+        {%{state | handler_state: handler_state}, List.last(messages).offset}
 
       {tag, offset, handler_state} when tag in [:ack, :acknowledge] and is_integer(offset) ->
-        partial_ack(state, messages, offset)
-        %{state | handler_state: handler_state}
+        {%{state | handler_state: handler_state}, partial_ack(state, messages, offset)}
 
       {tag, handler_state} when tag in [:no_ack, :noop, :continue] ->
-        %{state | handler_state: handler_state}
+        {%{state | handler_state: handler_state}, nil}
 
       # Offsets are 64-bit: a bigger one falls to the clause naming what is expected.
       {:seek, offset, handler_state}
       when is_integer(offset) and offset >= 0 and offset <= 9_223_372_036_854_775_807 ->
-        Native.consumer_seek(
-          state.resource,
-          state.topic,
-          state.partition,
-          state.generation,
-          {:offset, offset}
-        )
-
-        %{state | handler_state: handler_state}
+        result(state, {:seek, {:offset, offset}})
+        {%{state | handler_state: handler_state}, nil}
 
       other ->
         raise ArgumentError,
@@ -291,25 +290,20 @@ defmodule Ottla.Consumer.Worker do
     end
   end
 
-  # Acks up to `offset` (within the batch) and has the rest of the batch delivered again.
+  # Acks up to `offset` (within the batch) and has the rest of the batch delivered again;
+  # returns the offset to ack with the next request when it is the whole batch.
   defp partial_ack(state, messages, offset) do
     first = hd(messages).offset
     last = List.last(messages).offset
 
     cond do
       offset >= last ->
-        ack(state, last)
+        last
 
       offset >= first ->
         ack(state, offset)
-
-        Native.consumer_redeliver(
-          state.resource,
-          state.topic,
-          state.partition,
-          state.generation,
-          offset + 1
-        )
+        result(state, {:partial_ack, offset})
+        nil
 
       true ->
         # Redelivering from below the batch would hand the same batch back forever.
@@ -317,12 +311,15 @@ defmodule Ottla.Consumer.Worker do
           "#{inspect(state.handler)} returned {:ack, #{offset}, state} for a batch of offsets " <>
             "#{first}..#{last}: below the batch, so nothing is acked and nothing redelivered"
         )
+
+        nil
     end
   end
 
-  # A failed batch: logged once per attempt (offsets and error, never payloads). A message's
-  # last attempt goes to the :on_failure policy; anything else is retried after a backoff.
-  defp failed(messages, error, attempt, last?, state) do
+  # A failed batch: logged once per attempt (offsets and error, never payloads), and reported.
+  # The partition decides what follows: a retry after a backoff, or for a last attempt what
+  # :on_failure says (a skip to log, a dead letter to produce).
+  defp failed(messages, error, attempt, state) do
     first = hd(messages).offset
     last = List.last(messages).offset
     text = error_text(error)
@@ -332,59 +329,56 @@ defmodule Ottla.Consumer.Worker do
         "#{state.topic}/#{state.partition} (attempt #{attempt}): #{text}"
     )
 
-    case {last?, state.on_failure} do
-      {true, :skip} ->
+    case result(state, {:failed, first}) do
+      :ok ->
+        state
+
+      {:skipped, offset} ->
         Logger.error(
-          "skipping offset #{first} of #{state.topic}/#{state.partition} after #{attempt} " <>
+          "skipping offset #{offset} of #{state.topic}/#{state.partition} after #{attempt} " <>
             "attempts: #{text}"
         )
 
-        gave_up(state, first, false)
+        state
 
-      {true, {:dead_letter, topic}} ->
-        [message] = messages
+      {:dead_letter, offset} ->
+        {:dead_letter, topic} = state.on_failure
+        message = Enum.find(messages, &(&1.offset == offset))
 
-        case dead_letter(state, topic, message, text, attempt) do
-          :ok ->
-            Logger.error(
-              "dead-lettered offset #{first} of #{state.topic}/#{state.partition} to " <>
-                "#{topic} after #{attempt} attempts: #{text}"
-            )
+        ok? =
+          case dead_letter(state, topic, message, text, attempt) do
+            :ok ->
+              Logger.error(
+                "dead-lettered offset #{offset} of #{state.topic}/#{state.partition} to " <>
+                  "#{topic} after #{attempt} attempts: #{text}"
+              )
 
-            gave_up(state, first, true)
+              true
 
-          {:error, dlq_error, _} ->
-            # Never ack a message that went nowhere: it is tried again.
-            Logger.error(
-              "could not dead-letter offset #{first} of #{state.topic}/#{state.partition} " <>
-                "to #{topic} (retrying): #{Exception.message(dlq_error)}"
-            )
+            {:error, dlq_error, _} ->
+              # Never ack a message that went nowhere: the partition tries it again.
+              Logger.error(
+                "could not dead-letter offset #{offset} of #{state.topic}/#{state.partition} " <>
+                  "to #{topic} (retrying): #{Exception.message(dlq_error)}"
+              )
 
-            retry(state, first)
-        end
+              false
+          end
 
-      _ ->
-        retry(state, first)
+        result(state, {:dead_lettered, offset, ok?})
+        state
     end
   end
 
-  defp retry(state, from) do
-    Native.consumer_failed(state.resource, state.topic, state.partition, state.generation, from)
-    state
-  end
-
-  defp gave_up(state, offset, dead_lettered?) do
-    Native.consumer_gave_up(
-      state.resource,
-      state.topic,
-      state.partition,
-      state.generation,
-      offset,
-      dead_lettered?
-    )
-
-    state
-  end
+  defp result(state, result),
+    do:
+      Native.consumer_result(
+        state.resource,
+        state.topic,
+        state.partition,
+        state.generation,
+        result
+      )
 
   defp dead_letter(state, topic, message, text, attempts) do
     headers =
@@ -414,9 +408,13 @@ defmodule Ottla.Consumer.Worker do
   end
 
   defp ack(state, offset) do
-    result =
+    outcome =
       Native.consumer_ack(state.resource, state.topic, state.partition, state.generation, offset)
 
+    ack_event(state, offset, outcome)
+  end
+
+  defp ack_event(state, offset, result) do
     Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
       connection: state.connection,
       topic: state.topic,

@@ -73,6 +73,11 @@ defmodule Ottla.Group.Manager do
       max_attempts: if(opts.max_attempts == :infinity, do: 0, else: opts.max_attempts),
       retry_backoff: opts.retry_backoff,
       max_retry_backoff: opts.max_retry_backoff,
+      on_failure:
+        case opts.on_failure do
+          {:dead_letter, _topic} -> :dead_letter
+          policy -> policy
+        end,
       start_from_worker: opts.offsets_fun != nil
     }
   end

@@ -17,8 +17,9 @@
 //! while other partitions go on; retries go one message at a time until the failing message
 //! is isolated, so a poison message does not take its neighbours down with it. A message's
 //! attempt `max_attempts` (the failed batch counts as its first) is delivered alone as its
-//! *last attempt*: what the worker does when that fails too (retry, skip, dead-letter) is its
-//! policy.
+//! *last attempt*: when that fails too, [`OnFailure`] decides: retried again, skipped (acked
+//! here, [`Effect::Skipped`]), or handed to the worker to dead-letter ([`Effect::DeadLetter`],
+//! acked once it reports the produce confirmed). The worker keeps no policy of its own.
 //!
 //! Seeks: the handler may move the partition (`Event::SeekTo`); after a seek back, the offsets
 //! at or below the ack of that time are delivered again (a *replay*), although acks of them
@@ -34,6 +35,19 @@ use crate::cell::AckCell;
 pub const OFFSET_BEGINNING: i64 = -2;
 pub const OFFSET_END: i64 = -1;
 
+/// What becomes of a message whose last attempt failed (`:on_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Retried again, with the backoff, for as long as it fails.
+    #[default]
+    Retry,
+    /// Acked and counted as skipped ([`Effect::Skipped`] says so).
+    Skip,
+    /// Handed to the worker to produce to the dead-letter topic ([`Effect::DeadLetter`]); acked
+    /// once it reports the produce confirmed ([`Event::DeadLettered`]), retried otherwise.
+    DeadLetter,
+}
+
 /// How failed batches are retried.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -43,6 +57,8 @@ pub struct RetryPolicy {
     /// The first backoff; it doubles with each further attempt.
     pub backoff: Duration,
     pub max_backoff: Duration,
+    /// What becomes of a message whose last attempt failed.
+    pub on_failure: OnFailure,
 }
 
 impl Default for RetryPolicy {
@@ -51,6 +67,7 @@ impl Default for RetryPolicy {
             max_attempts: None,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            on_failure: OnFailure::Retry,
         }
     }
 }
@@ -113,9 +130,10 @@ pub enum Event<M> {
     /// The handler wants the partition to go on from `offset` (forwards or backwards, or
     /// [`OFFSET_BEGINNING`] / [`OFFSET_END`]): what was fetched before is dropped.
     SeekTo { offset: i64 },
-    /// The worker gave up on the message of a last attempt: skipped it, or dead-lettered it
-    /// (and acked it).
-    GaveUp { dead_lettered: bool },
+    /// The worker produced the message at `offset` to the dead-letter topic, as an
+    /// [`Effect::DeadLetter`] asked: `ok` when the produce was confirmed (the message is then
+    /// acked), otherwise it is retried like a failure.
+    DeadLettered { offset: i64, ok: bool },
     /// librdkafka sought to `offset`.
     SeekDone { offset: i64 },
     /// The seek to `offset` failed: it is asked for again.
@@ -142,6 +160,12 @@ pub enum Effect<M> {
     /// Deliver nothing until [`Event::RetryDue`], which the glue sends after about this long
     /// (it adds jitter).
     Wait(Duration),
+    /// The message at this offset failed its last attempt and was skipped (acked) as the
+    /// policy says: for the worker to log.
+    Skipped(i64),
+    /// The message at this offset failed its last attempt: the worker is to produce it to the
+    /// dead-letter topic and report [`Event::DeadLettered`].
+    DeadLetter(i64),
 }
 
 /// What became of a fetched message (for counters and tests).
@@ -208,6 +232,8 @@ pub struct Partition<M> {
     /// The position to start from is not known yet (offsets kept elsewhere): nothing is taken
     /// in until [`Event::Start`].
     awaiting_start: bool,
+    /// The offset handed to the worker to dead-letter, until it reports.
+    dead_letter: Option<i64>,
     /// The bytes of the backlog's messages, and of the delivered ones kept.
     backlog_bytes: usize,
     kept_bytes: usize,
@@ -252,6 +278,7 @@ impl<M: Offset + Clone> Partition<M> {
             replay_until: None,
             sought: false,
             awaiting_start: false,
+            dead_letter: None,
             backlog_bytes: 0,
             kept_bytes: 0,
             max_bytes: usize::MAX,
@@ -328,6 +355,7 @@ impl<M: Offset + Clone> Partition<M> {
                 }
             }
             Event::WorkerDown => {
+                self.dead_letter = None;
                 self.worker = false;
                 self.demand = false;
                 self.cell.clear_demand();
@@ -340,6 +368,7 @@ impl<M: Offset + Clone> Partition<M> {
                 self.redeliver_from(from, effects);
             }
             Event::Revoke => {
+                self.dead_letter = None;
                 self.revoking = true;
                 self.clear_held();
             }
@@ -363,11 +392,15 @@ impl<M: Offset + Clone> Partition<M> {
             Event::Failed { from } => self.failed(from, effects),
             Event::RetryDue => self.waiting = None,
             Event::SeekTo { offset } => self.seek_to(offset, effects),
-            Event::GaveUp { dead_lettered } => {
-                if dead_lettered {
-                    self.dead_lettered += 1;
-                } else {
-                    self.skipped += 1;
+            Event::DeadLettered { offset, ok } => {
+                if self.dead_letter == Some(offset) && !self.revoking {
+                    self.dead_letter = None;
+                    if ok {
+                        self.give_up(offset);
+                        self.dead_lettered += 1;
+                    } else if let Some(until) = self.batch_end.filter(|&end| offset <= end) {
+                        self.retry_failed(offset, until, effects);
+                    }
                 }
             }
             Event::Watermark(high) => self.high_watermark = Some(high),
@@ -539,6 +572,36 @@ impl<M: Offset + Clone> Partition<M> {
         let Some(until) = self.batch_end.filter(|&end| from <= end) else {
             return;
         };
+        // The message's last attempt failed (it was delivered alone): the policy decides.
+        if self.last_attempt && until == from {
+            match self.policy.on_failure {
+                OnFailure::Retry => {}
+                OnFailure::Skip => {
+                    self.give_up(from);
+                    self.skipped += 1;
+                    effects.push(Effect::Skipped(from));
+                    return;
+                }
+                OnFailure::DeadLetter => {
+                    self.dead_letter = Some(from);
+                    effects.push(Effect::DeadLetter(from));
+                    return;
+                }
+            }
+        }
+        self.retry_failed(from, until, effects);
+    }
+
+    /// Acks the message of a last attempt the policy gave up on (through the cell, as any ack:
+    /// it was delivered, so the cell takes it).
+    fn give_up(&mut self, offset: i64) {
+        self.cell.ack(Some(self.cell.generation()), offset);
+        self.absorb();
+    }
+
+    /// Counts the failure of the batch from `from` (up to `until`), puts its unacked messages
+    /// back and waits before delivering again.
+    fn retry_failed(&mut self, from: i64, until: i64, effects: &mut Vec<Effect<M>>) {
         let failure = match self.failure {
             Some(f) if f.head == from => Failure {
                 attempts: f.attempts + 1,
@@ -570,6 +633,7 @@ impl<M: Offset + Clone> Partition<M> {
             return;
         }
         self.clear_held();
+        self.dead_letter = None;
         self.failure = None;
         self.waiting = None;
         // The batch in hand is dropped too: a `Failed` about it has nothing left to retry.
@@ -899,6 +963,7 @@ mod tests {
             max_attempts,
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(1000),
+            on_failure: OnFailure::Retry,
         }
     }
 
@@ -950,6 +1015,58 @@ mod tests {
         r.on(Event::Start { from: None });
         r.fetch(0..2);
         assert_eq!(r.delivered(), vec![vec![0, 1]]);
+    }
+
+    fn poison_rig(on_failure: OnFailure) -> Rig {
+        let policy = RetryPolicy {
+            on_failure,
+            ..policy(Some(2))
+        };
+        let mut r = Rig::with_retry(100, 10, policy);
+        r.fetch(0..4);
+        r.on(Event::WorkerAttached);
+        assert_eq!(r.delivered(), vec![vec![0, 1, 2, 3]]);
+        // 1 is poison: the batch fails from 0 (its first attempt), 0 then passes alone.
+        assert!(r.fail(0).is_some());
+        r.on(Event::RetryDue);
+        assert_eq!(r.next_one(), (0, (2, true)));
+        r.ack(0);
+        assert_eq!(r.next_one(), (1, (2, true)), "its last attempt");
+        r
+    }
+
+    #[test]
+    fn skip_acks_a_failed_last_attempt_and_goes_on() {
+        let mut r = poison_rig(OnFailure::Skip);
+        r.on(Event::Failed { from: 1 });
+        assert_eq!(r.take(), vec![Effect::Skipped(1)], "no backoff");
+        assert_eq!(r.p.acked(), Some(1));
+        assert_eq!(r.p.skipped(), 1);
+        assert_eq!(r.next_one().0, 2);
+    }
+
+    #[test]
+    fn dead_letter_is_handed_to_the_worker_and_acked_once_confirmed() {
+        let mut r = poison_rig(OnFailure::DeadLetter);
+        r.on(Event::Failed { from: 1 });
+        assert_eq!(r.take(), vec![Effect::DeadLetter(1)]);
+        // The produce failed: retried after a backoff, and handed over again.
+        r.on(Event::DeadLettered {
+            offset: 1,
+            ok: false,
+        });
+        assert!(matches!(r.take().as_slice(), [Effect::Wait(_)]));
+        r.on(Event::RetryDue);
+        assert_eq!(r.next_one().0, 1);
+        r.on(Event::Failed { from: 1 });
+        assert_eq!(r.take(), vec![Effect::DeadLetter(1)]);
+        r.on(Event::DeadLettered {
+            offset: 1,
+            ok: true,
+        });
+        assert_eq!(r.p.acked(), Some(1));
+        assert_eq!(r.p.dead_lettered(), 1);
+        assert_eq!(r.next_one().0, 2);
     }
 
     #[test]
@@ -1189,6 +1306,7 @@ mod tests {
             max_attempts: None,
             backoff: Duration::from_secs(u64::MAX / 4),
             max_backoff: Duration::MAX,
+            on_failure: OnFailure::Retry,
         };
         assert_eq!(huge.backoff_after(64), Duration::MAX, "saturates");
 
@@ -1231,9 +1349,6 @@ mod tests {
         r.on(Event::RetryDue);
         assert_eq!(r.next_one(), (4, (3, true)), "isolated: its last attempt");
         r.ack(4);
-        r.on(Event::GaveUp {
-            dead_lettered: true,
-        });
         for o in 5..10 {
             assert_eq!(
                 r.next_one(),
@@ -1250,12 +1365,15 @@ mod tests {
             "past the failed batch: batches again"
         );
         assert_eq!(r.p.failures(), 0);
-        assert_eq!((r.p.skipped(), r.p.dead_lettered()), (0, 1));
     }
 
     #[test]
-    fn gave_up_counts_skips_and_dead_letters() {
-        let mut r = Rig::with_retry(100, 10, policy(Some(1)));
+    fn given_up_last_attempts_are_counted_and_acked() {
+        let skip = RetryPolicy {
+            on_failure: OnFailure::Skip,
+            ..policy(Some(1))
+        };
+        let mut r = Rig::with_retry(100, 10, skip);
         r.fetch(0..2);
         r.on(Event::WorkerAttached);
         assert_eq!(r.delivered(), vec![vec![0, 1]]);
@@ -1267,16 +1385,12 @@ mod tests {
         r.fail(0);
         r.on(Event::RetryDue);
         assert_eq!(r.next_one(), (0, (2, true)));
-        r.ack(0);
-        r.on(Event::GaveUp {
-            dead_lettered: false,
-        });
+        r.on(Event::Failed { from: 0 });
+        assert_eq!(r.take(), vec![Effect::Skipped(0)]);
         assert_eq!(r.next_one(), (1, (2, true)));
-        r.ack(1);
-        r.on(Event::GaveUp {
-            dead_lettered: true,
-        });
-        assert_eq!((r.p.skipped(), r.p.dead_lettered()), (1, 1));
+        r.on(Event::Failed { from: 1 });
+        assert_eq!(r.take(), vec![Effect::Skipped(1)]);
+        assert_eq!((r.p.skipped(), r.p.dead_lettered()), (2, 0));
         assert_eq!(r.p.commit_due(), Some(2), "given-up messages are acked");
         // Alone from the start (a short backlog): with max_attempts 1, its last attempt.
         r.fetch(2..3);

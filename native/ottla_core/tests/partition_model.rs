@@ -34,7 +34,9 @@
 //!
 //! Failures and handler seeks (each case has a random [`RetryPolicy`]):
 //! - the worker sometimes fails its batch (`Failed { from }`, maybe after acking part of it),
-//!   gives up on a last attempt (acks it, then `GaveUp`) or fails it again, and sometimes
+//!   fails a last attempt again, which the case's `on_failure` decides: retried (a `Wait`),
+//!   skipped (`Skipped`, acked by the partition) or handed over to be dead-lettered
+//!   (`DeadLetter`, then `DeadLettered`: acked when confirmed, retried when not); and sometimes
 //!   seeks (`SeekTo`: back, forward, beyond the log, `OFFSET_BEGINNING`, `OFFSET_END`); the
 //!   harness answers `Wait` with `RetryDue` after a random delay, like the glue (one timer
 //!   per partition, which a seek does not cancel: a stale `RetryDue` must be harmless);
@@ -73,7 +75,7 @@ use std::time::{Duration, Instant};
 
 use ottla_core::cell::{AckCell, AckOutcome};
 use ottla_core::partition::{
-    Effect, Event, Intake, Offset, Partition, RetryPolicy, OFFSET_BEGINNING, OFFSET_END,
+    Effect, Event, Intake, Offset, OnFailure, Partition, RetryPolicy, OFFSET_BEGINNING, OFFSET_END,
 };
 
 const DEFAULT_SEED: u64 = 0x0771_a5ee_d5ee_d001;
@@ -264,6 +266,8 @@ struct Assignment {
     waiting: Option<Duration>,
     /// The `Wait` the event being handled must emit.
     expect_wait: Option<Duration>,
+    /// The offset a `Skipped` or `DeadLetter` of the event being handled must name.
+    expect_verdict: Option<i64>,
     /// After a seek back: the ack at the time; offsets from the target up to it are delivered
     /// again (a later ack does not change that, it only covers offsets above it).
     replay: Option<i64>,
@@ -326,6 +330,7 @@ impl Assignment {
             failure: None,
             waiting: None,
             expect_wait: None,
+            expect_verdict: None,
             replay: None,
             handler_seeks: false,
             last_seek: None,
@@ -519,6 +524,8 @@ impl Sim<'_> {
                 Effect::Resume => " ->Resume".to_string(),
                 Effect::Seek(o) => format!(" ->Seek({o})"),
                 Effect::Wait(d) => format!(" ->Wait({d:?})"),
+                Effect::Skipped(o) => format!(" ->Skipped({o})"),
+                Effect::DeadLetter(o) => format!(" ->DeadLetter({o})"),
             };
             self.note(&s);
         }
@@ -673,6 +680,14 @@ impl Sim<'_> {
                     self.a.seeks += 1;
                     self.last_seeks.push(o);
                     self.fetch.ctrl.push_back(Ctrl::Seek(o));
+                }
+                Effect::Skipped(o) | Effect::DeadLetter(o) => {
+                    let want = self.a.expect_verdict.take();
+                    ensure!(
+                        want == Some(o),
+                        "{e:?}, the model expects a verdict on {want:?} (policy {:?})",
+                        self.policy.on_failure
+                    );
                 }
                 Effect::Wait(d) => {
                     let want = self.a.expect_wait.take();
@@ -1252,6 +1267,18 @@ impl Sim<'_> {
     /// The handler failed `batch` from `from` on (its first offset, or the first one it did
     /// not process).
     fn failed(&mut self, batch: &[i64], from: i64) -> R {
+        self.expect_failure(batch, from);
+        self.ev(Event::Failed { from })?;
+        ensure!(
+            self.a.expect_wait.is_none(),
+            "Failed({from}) emitted no Wait({:?})",
+            self.a.expect_wait
+        );
+        Ok(())
+    }
+
+    /// The reference's side of a failure of `batch` from `from`.
+    fn expect_failure(&mut self, batch: &[i64], from: i64) {
         self.stats.failures += 1;
         let end = batch[batch.len() - 1];
         if !self.a.revoked {
@@ -1293,30 +1320,93 @@ impl Sim<'_> {
                 self.stats.failures_all_acked += 1;
             }
         }
-        self.ev(Event::Failed { from })?;
-        ensure!(
-            self.a.expect_wait.is_none(),
-            "Failed({from}) emitted no Wait({:?})",
-            self.a.expect_wait
-        );
-        Ok(())
     }
 
     /// The handler gave up on its last attempt at `o`: acks it, then tells the partition.
-    fn give_up(&mut self, gen: i32, o: i64) -> R {
-        let dead_lettered = self.rng.pct(50);
+    /// The worker fails the last attempt of `[o]`; the case's `on_failure` decides.
+    fn fail_last(&mut self, o: i64) -> R {
         self.begin(format!(
-            "worker gives up on [{o}] (dead-lettered: {dead_lettered}):"
+            "worker fails its last attempt [{o}] ({:?}):",
+            self.policy.on_failure
         ));
         self.stats.gave_up += 1;
-        self.ack("worker", Some(gen), o)?;
-        if dead_lettered {
-            self.a.dead_lettered += 1;
-        } else {
-            self.a.skipped += 1;
+        // Revoked, dropped by a seek, or acked meanwhile: no verdict to give.
+        if self.a.revoked || self.a.sought || self.unacked_from(o) != o {
+            return self.failed(&[o], o);
         }
-        self.ev(Event::GaveUp { dead_lettered })?;
-        self.maybe_demand(85)
+        match self.policy.on_failure {
+            OnFailure::Retry => self.failed(&[o], o),
+            OnFailure::Skip => {
+                // The partition acks it itself.
+                self.a.expect_verdict = Some(o);
+                self.acked_to(o)?;
+                self.a.skipped += 1;
+                self.ev(Event::Failed { from: o })?;
+                ensure!(
+                    self.a.expect_verdict.is_none(),
+                    "Failed({o}) on a last attempt did not skip it"
+                );
+                Ok(())
+            }
+            OnFailure::DeadLetter => {
+                self.a.expect_verdict = Some(o);
+                self.ev(Event::Failed { from: o })?;
+                ensure!(
+                    self.a.expect_verdict.is_none(),
+                    "Failed({o}) on a last attempt did not hand it over to be dead-lettered"
+                );
+                if self.rng.pct(70) {
+                    self.begin(format!("worker dead-lettered [{o}]:"));
+                    self.acked_to(o)?;
+                    self.a.dead_lettered += 1;
+                    self.ev(Event::DeadLettered {
+                        offset: o,
+                        ok: true,
+                    })
+                    .map(|_| ())
+                } else {
+                    // The produce failed: a failure like any other (the reference is the
+                    // one `failed` keeps), reported as such.
+                    self.begin(format!("worker could not dead-letter [{o}]:"));
+                    self.expect_failure(&[o], o);
+                    self.ev(Event::DeadLettered {
+                        offset: o,
+                        ok: false,
+                    })?;
+                    ensure!(
+                        self.a.expect_wait.is_none(),
+                        "DeadLettered({o}, false) emitted no Wait({:?})",
+                        self.a.expect_wait
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// The reference's side of an ack of `off` that the partition makes itself.
+    fn acked_to(&mut self, off: i64) -> R {
+        let want = self.expect_ack(Some(self.a.gen), off);
+        // (In a replay after a seek back, the message is acked already: nothing changes.)
+        if want != AckOutcome::Advanced {
+            ensure!(
+                want == AckOutcome::Behind,
+                "the partition's own ack of {off} would be {want:?}"
+            );
+            return Ok(());
+        }
+        self.stats.acks_advanced += 1;
+        let before = self.a.acked.replace(off);
+        if let Some(t) = self.since_from {
+            let lo = before.map_or(t, |b| t.max(b + 1));
+            for &o in self.log.range(lo, off) {
+                if self.since[o as usize] == 0 && !self.since_exempt[o as usize] {
+                    self.since_exempt[o as usize] = true;
+                    self.stats.acked_before_redelivery += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A random seek target: back, forward, beyond the log, or logical.
@@ -1418,21 +1508,16 @@ impl Sim<'_> {
             self.seek_to(t)?;
             return self.maybe_demand(80);
         }
-        if cur.last {
-            if self.rng.pct(self.knobs.give_up) {
-                return self.give_up(gen, batch[0]);
-            }
-            if self.rng.pct(50) {
-                self.begin(format!(
-                    "worker fails its last attempt {} (attempt {}):",
-                    fmt_offsets(&batch),
-                    cur.attempt
-                ));
-                self.failed(&batch, batch[0])?;
-                return self.maybe_demand(80);
-            }
+        if cur.last && self.rng.pct(self.knobs.give_up) {
+            self.fail_last(batch[0])?;
+            return self.maybe_demand(80);
         }
-        if self.rng.pct(self.knobs.fail) {
+        if cur.last && self.rng.pct(self.knobs.fail) {
+            // A last attempt that fails: the policy's.
+            self.fail_last(batch[0])?;
+            return self.maybe_demand(80);
+        }
+        if !cur.last && self.rng.pct(self.knobs.fail) {
             // Maybe after acking part of it (rarely all of it).
             let k = if self.rng.pct(8) {
                 batch.len()
@@ -1985,6 +2070,7 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
         },
         backoff,
         max_backoff: backoff * rng.int(1, 10) as u32,
+        on_failure: rng.pick(&[OnFailure::Retry, OnFailure::Skip, OnFailure::DeadLetter]),
     };
     lines.push(format!(
         "case {case}: log 0..{len} ({} offsets, gaps {gap}%), start {s0}, max_backlog {max_backlog}, max_batch {max_batch}, generation {gen} (no-generation acks: {accepts_none}), {steps} steps, {knobs:?}, {policy:?}",

@@ -83,6 +83,7 @@ rustler::atoms! {
     alert,
     emergency,
     not_held,
+    dead_letter,
     held_bytes,
     buffered_bytes,
     max_buffered_bytes,

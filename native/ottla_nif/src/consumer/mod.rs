@@ -142,6 +142,9 @@ pub struct State {
     /// Running backoffs: when each ends (stale entries, of a slot whose backoff changed or
     /// that went, are skipped), so that ending them visits only those partitions.
     pub retries: Vec<(Instant, Tp)>,
+    /// Verdicts on a failed last attempt (`Effect::Skipped`, `Effect::DeadLetter`) for the
+    /// worker whose result is being handled (`State::handle_verdicts`).
+    pub verdicts: Vec<Effect<Msg>>,
     pub last_rebalance_ms: Option<i64>,
     /// How long the last revocation took, from librdkafka's callback to its return.
     pub last_revoke_ms: Option<i64>,
@@ -190,6 +193,7 @@ impl State {
                         });
                     }
                 }
+                Effect::Skipped(_) | Effect::DeadLetter(_) => self.verdicts.push(effect),
                 Effect::Wait(backoff) => {
                     let at = Instant::now() + jitter(backoff);
                     slot.retry_at = Some(at);
@@ -198,6 +202,14 @@ impl State {
                 other => self.ops.push((tp.clone(), other)),
             }
         }
+    }
+
+    /// Hands an event from a partition's worker to it, routes the effects and returns the
+    /// verdicts on a failed last attempt, for that worker.
+    pub fn handle_verdicts(&mut self, tp: &Tp, event: Event<Msg>) -> Vec<Effect<Msg>> {
+        self.verdicts.clear();
+        self.handle(tp, event);
+        std::mem::take(&mut self.verdicts)
     }
 
     /// Hands a partition the messages taken from its queue, with one lookup; false when the

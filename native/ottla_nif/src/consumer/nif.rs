@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use ottla_core::cell::AckOutcome;
-use ottla_core::partition::{Event, RetryPolicy};
+use ottla_core::partition::{Effect, Event, OnFailure, RetryPolicy};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::TopicPartitionList;
 use rustler::{Atom, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
@@ -40,8 +40,29 @@ pub struct Tuning {
     max_attempts: u32,
     retry_backoff: u64,
     max_retry_backoff: u64,
+    /// `:retry | :skip | :dead_letter` (the dead-letter topic stays with the worker, which
+    /// produces).
+    on_failure: OnFailureKind,
     /// Offsets kept elsewhere: each partition starts where its worker says.
     start_from_worker: bool,
+}
+
+/// `:on_failure`, as the state machine applies it.
+#[derive(rustler::NifUnitEnum, Clone, Copy)]
+pub enum OnFailureKind {
+    Retry,
+    Skip,
+    DeadLetter,
+}
+
+impl From<OnFailureKind> for OnFailure {
+    fn from(kind: OnFailureKind) -> Self {
+        match kind {
+            OnFailureKind::Retry => OnFailure::Retry,
+            OnFailureKind::Skip => OnFailure::Skip,
+            OnFailureKind::DeadLetter => OnFailure::DeadLetter,
+        }
+    }
 }
 
 /// Creates the consumer and starts its threads. Creating the client and subscribing do not
@@ -76,6 +97,7 @@ fn consumer_new<'a>(
                 max_attempts: (tuning.max_attempts > 0).then_some(tuning.max_attempts),
                 backoff: Duration::from_millis(tuning.retry_backoff),
                 max_backoff: Duration::from_millis(tuning.max_retry_backoff),
+                on_failure: tuning.on_failure.into(),
             },
         },
         state: Mutex::new(State::default()),
@@ -210,28 +232,101 @@ fn backoff_ms(first_ms: u64, max_ms: u64, failures: u32) -> u64 {
         max_attempts: None,
         backoff: Duration::from_millis(first_ms),
         max_backoff: Duration::from_millis(max_ms),
+        on_failure: OnFailure::Retry,
     }
     .backoff_after(failures)
     .as_millis() as u64
 }
 
-/// The worker is done with its batch and wants the next one. Touches only the cell.
+/// The worker is done with its batch and wants the next one, having acked up to `ack` (when
+/// given; `{:ack, state}`, the common case). Touches only the cell: one call per batch on the
+/// fast path. Returns what became of the ack (`:advanced`, `:behind`, ..., as
+/// `consumer_ack`), or `:ok` without one.
 #[rustler::nif]
-fn consumer_demand(
+fn consumer_next(
     resource: ResourceArc<ConsumerResource>,
     topic: String,
     partition: i32,
     generation: i32,
+    ack: Option<i64>,
 ) -> Atom {
     let _timed = Timed::start();
     let shared = &resource.shared;
     let tp = (topic, partition);
+    let outcome = match ack {
+        Some(offset) => ack_cell(shared, &tp, Some(generation), offset),
+        None => atoms::ok(),
+    };
     if let Some(cell) = shared.cell(&tp) {
         if cell.demand(generation) {
             shared.poke(&tp, &cell, true);
         }
     }
-    atoms::ok()
+    outcome
+}
+
+/// What a handler's batch came to, beyond a plain ack (`consumer_next`), as the worker
+/// reports it: the partition's state machine decides what follows.
+#[derive(rustler::NifTaggedEnum)]
+pub enum BatchResult {
+    /// `{:ack, offset, state}` inside the batch: acked up to `offset`, the rest comes again.
+    PartialAck(i64),
+    /// The handler failed the batch from this offset (a raise, exit, throw or
+    /// `{:error, reason, state}`).
+    Failed(i64),
+    /// `{:seek, offset, state}`.
+    Seek(Position),
+    /// The dead letter the partition asked for was produced (`true`) or not.
+    DeadLettered(i64, bool),
+}
+
+/// Hands a batch's result to its partition (of `generation`); returns the verdict for the
+/// worker: `:ok`, `{:skipped, offset}` (a last attempt given up on: log it) or
+/// `{:dead_letter, offset}` (produce that message to the dead-letter topic, then report
+/// `{:dead_lettered, offset, ok?}`). The worker then asks for its next batch.
+#[rustler::nif(schedule = "DirtyIo")]
+fn consumer_result<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    result: BatchResult,
+) -> NifResult<Term<'a>> {
+    let shared = &resource.shared;
+    let tp = (topic, partition);
+    let events = match result {
+        BatchResult::PartialAck(offset) => {
+            ack_cell(shared, &tp, Some(generation), offset);
+            vec![Event::Redeliver { from: offset + 1 }]
+        }
+        BatchResult::Failed(from) => vec![Event::Failed { from }],
+        BatchResult::Seek(to) => vec![Event::SeekTo {
+            offset: to.offset()?,
+        }],
+        BatchResult::DeadLettered(offset, ok) => vec![Event::DeadLettered { offset, ok }],
+    };
+    let mut st = shared.lock();
+    let held = st
+        .partitions
+        .get(&tp)
+        .is_some_and(|s| s.part.generation() == generation);
+    let mut verdict = atoms::ok().encode(env);
+    if held {
+        for event in events {
+            for effect in st.handle_verdicts(&tp, event) {
+                verdict = match effect {
+                    Effect::Skipped(o) => (atoms::skipped(), o).encode(env),
+                    Effect::DeadLetter(o) => (atoms::dead_letter(), o).encode(env),
+                    _ => verdict,
+                };
+            }
+        }
+        if !st.outbox.is_empty() {
+            shared.work.notify();
+        }
+    }
+    Ok(verdict)
 }
 
 /// Acks every offset of the partition up to `offset`. Acks from another generation, for a
@@ -247,16 +342,19 @@ fn consumer_ack(
     offset: i64,
 ) -> Atom {
     let _timed = Timed::start();
-    let shared = &resource.shared;
+    ack_cell(&resource.shared, &(topic, partition), generation, offset)
+}
+
+/// An ack through the partition's cell (see `consumer_ack`).
+fn ack_cell(shared: &Shared, tp: &Tp, generation: Option<i32>, offset: i64) -> Atom {
     let acks = &shared.acks;
-    let tp = (topic, partition);
     let shown = || generation.map_or("nil".to_string(), |g| g.to_string());
-    let cell = shared.cell(&tp);
+    let cell = shared.cell(tp);
     match cell.as_ref().map(|cell| cell.ack(generation, offset)) {
         Some(AckOutcome::Advanced) => {
             // Visited at the dispatcher's next wake (the worker's demand usually follows).
             if let Some(cell) = &cell {
-                shared.poke(&tp, cell, false);
+                shared.poke(tp, cell, false);
             }
             atoms::advanced()
         }
@@ -292,103 +390,6 @@ fn consumer_ack(
             atoms::unheld()
         }
     }
-}
-
-/// Redeliver the partition from `offset` (a handler acked only part of its batch).
-#[rustler::nif(schedule = "DirtyIo")]
-fn consumer_redeliver(
-    resource: ResourceArc<ConsumerResource>,
-    topic: String,
-    partition: i32,
-    generation: i32,
-    offset: i64,
-) -> Atom {
-    let event = Event::Redeliver { from: offset };
-    worker_event(&resource, topic, partition, generation, event)
-}
-
-/// Hands an event from the partition's worker (of `generation`) to its state machine.
-fn worker_event(
-    resource: &ConsumerResource,
-    topic: String,
-    partition: i32,
-    generation: i32,
-    event: Event<super::Msg>,
-) -> Atom {
-    let shared = &resource.shared;
-    let tp = (topic, partition);
-    let mut st = shared.lock();
-    if st
-        .partitions
-        .get(&tp)
-        .is_some_and(|s| s.part.generation() == generation)
-    {
-        st.handle(&tp, event);
-        if !st.outbox.is_empty() {
-            shared.work.notify();
-        }
-    }
-    atoms::ok()
-}
-
-/// The handler failed the batch starting at `from`: retried after a backoff.
-#[rustler::nif(schedule = "DirtyIo")]
-fn consumer_failed(
-    resource: ResourceArc<ConsumerResource>,
-    topic: String,
-    partition: i32,
-    generation: i32,
-    from: i64,
-) -> Atom {
-    worker_event(
-        &resource,
-        topic,
-        partition,
-        generation,
-        Event::Failed { from },
-    )
-}
-
-/// The handler wants the partition to go on from `to`.
-#[rustler::nif(schedule = "DirtyIo")]
-fn consumer_seek(
-    resource: ResourceArc<ConsumerResource>,
-    topic: String,
-    partition: i32,
-    generation: i32,
-    to: Position,
-) -> NifResult<Atom> {
-    let offset = to.offset()?;
-    Ok(worker_event(
-        &resource,
-        topic,
-        partition,
-        generation,
-        Event::SeekTo { offset },
-    ))
-}
-
-/// The worker gave up on the message at `offset` after its last attempt: acks it, and counts
-/// it as skipped or dead-lettered.
-#[rustler::nif(schedule = "DirtyIo")]
-fn consumer_gave_up(
-    resource: ResourceArc<ConsumerResource>,
-    topic: String,
-    partition: i32,
-    generation: i32,
-    offset: i64,
-    dead_lettered: bool,
-) -> Atom {
-    if let Some(cell) = resource.shared.cell(&(topic.clone(), partition)) {
-        cell.ack(Some(generation), offset);
-    }
-    worker_event(
-        &resource,
-        topic,
-        partition,
-        generation,
-        Event::GaveUp { dead_lettered },
-    )
 }
 
 /// The partition's worker died: forget it; what it did not ack goes to the next worker.

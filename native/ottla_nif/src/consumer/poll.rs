@@ -229,7 +229,9 @@ fn apply_ops(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
                 }
                 Ok(())
             }
-            Effect::Deliver(_) | Effect::Wait(_) => Ok(()),
+            Effect::Deliver(_) | Effect::Wait(_) | Effect::Skipped(_) | Effect::DeadLetter(_) => {
+                Ok(())
+            }
         };
         if let Err((what, err)) = result {
             log(
