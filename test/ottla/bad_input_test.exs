@@ -200,7 +200,7 @@ defmodule Ottla.BadInputTest do
         drain_timeout: 0,
         commit_interval: 1000,
         commit: false,
-        max_attempts: 0,
+        max_attempts: nil,
         retry_backoff: 1,
         max_retry_backoff: 1,
         on_failure: :retry,

@@ -562,6 +562,76 @@ defmodule Ottla.GroupConsumerTest do
   end
 
   describe "backpressure" do
+    test "blocked handlers on 4 partitions hold no more than the consumer's byte budget allows" do
+      topic = create_topic!(partitions: 4)
+      value = :binary.copy("v", 10_000)
+
+      for p <- 0..3 do
+        msgs = for i <- 1..300, do: {"k#{i}", value}
+        :ok = Ottla.produce(endpoints(), topic, msgs, partition: p)
+      end
+
+      me = self()
+      {:ok, released} = Agent.start_link(fn -> false end)
+
+      # Every handler blocks on its first batch: the backlogs fill up to their shares.
+      fun = fn _messages, s ->
+        unless Agent.get(released, & &1) do
+          send(me, {:blocked, self()})
+
+          receive do
+            :release -> :ok
+          end
+        end
+
+        {:ack, s}
+      end
+
+      budget = 8 * 1_048_576
+
+      conn =
+        start_group!(topic, group_name(),
+          max_buffered_bytes: budget,
+          handler_init_args: %{pid: me, fun: fun}
+        )
+
+      workers = for _ <- 1..4, do: assert_receive({:blocked, pid}, 30_000) && pid
+
+      stats =
+        wait_until(
+          fn ->
+            {:ok, stats} = Ottla.stats(conn)
+            Enum.all?(stats.partitions, & &1.paused?) && stats
+          end,
+          15_000,
+          "every partition to pause at its share of the budget"
+        )
+
+      # A share is an eighth of the budget over 4 partitions, for the backlog and as much for
+      # the delivered messages kept; each may go one message past it.
+      share = div(budget, 8 * 4)
+      message = 10_000 + 200
+
+      for p <- stats.partitions do
+        assert p.held_bytes <= 2 * share + message,
+               "partition #{p.partition} holds #{p.held_bytes} bytes, share #{share}"
+      end
+
+      assert stats.max_buffered_bytes == budget
+      assert stats.buffered_bytes == Enum.sum(Enum.map(stats.partitions, & &1.held_bytes))
+      assert stats.buffered_bytes <= div(budget, 4) + 4 * message
+      # Not everything came in: 1.2 MB a partition, far past a share.
+      assert Enum.all?(stats.partitions, &(&1.last_delivered < 299))
+
+      Agent.update(released, fn _ -> true end)
+      for w <- workers, do: send(w, :release)
+
+      delivered =
+        collect_batches(fn acc -> Enum.all?(0..3, &(length(Map.get(acc, &1, [])) >= 300)) end)
+
+      for p <- 0..3, do: assert(Enum.uniq(delivered[p]) == Enum.to_list(0..299))
+    end
+
     test "a sleeping handler pauses its partition at max_backlog while others flow" do
       topic = create_topic!(partitions: 2)
       produce_spread!(topic, 2, 3_000)
@@ -649,6 +719,8 @@ defmodule Ottla.GroupConsumerTest do
             {[begin_offset: 5], ":begin_offset"},
             {[max_batch: 0], ":max_batch"},
             {[max_backlog: -1], ":max_backlog"},
+            {[max_buffered_bytes: 1_000_000], ":max_buffered_bytes"},
+            {[max_buffered_bytes: :lots], ":max_buffered_bytes"},
             {[assignment_strategy: :sticky], ":assignment_strategy"},
             {[drain_timeout: :soon], ":drain_timeout"},
             {[assignment_received_handler: fn -> :ok end], ":assignment_received_handler"},

@@ -46,6 +46,12 @@ defmodule Ottla.Consumer.MessageHandler do
   to `topic` with its key, value and headers plus `ottla.*` headers naming the error, source
   and attempts, and ack it once that produce is confirmed).
 
+  A handler whose effects are per message sees the messages before the failing one again:
+  when a batch fails, each of its messages up to the failing one is retried alone, so a
+  handler that applied their effects before it failed applies them once more. To avoid that,
+  return `{:ack, offset, state}` with the last message it handled (the rest of the batch comes
+  again, from the failing one) instead of failing the whole batch.
+
   Inside a handler, `topic/0`, `partition/0`, `generation_id/0` and `connection/0` tell where
   the batch comes from, and `attempt/0` which attempt this is (1 for a first delivery).
   """

@@ -322,6 +322,31 @@ defmodule Ottla.Consumer.Options do
     }
   end
 
+  @doc """
+  The consumer's settings in the one shape the NIF takes (`Tuning` in
+  `native/ottla_nif/src/consumer/nif.rs`, which documents each field): durations in ms,
+  `nil` for no limit.
+  """
+  def tuning(opts) do
+    %{
+      max_batch: opts.max_batch,
+      max_backlog: opts.max_backlog,
+      max_buffered_bytes: opts.max_buffered_bytes,
+      drain_timeout: opts.drain_timeout,
+      commit_interval: opts.commit_interval,
+      commit: opts.commit,
+      max_attempts: if(opts.max_attempts != :infinity, do: opts.max_attempts),
+      retry_backoff: opts.retry_backoff,
+      max_retry_backoff: opts.max_retry_backoff,
+      on_failure:
+        case opts.on_failure do
+          {:dead_letter, _topic} -> :dead_letter
+          policy -> policy
+        end,
+      start_from_worker: opts.offsets_fun != nil
+    }
+  end
+
   defp max_attempts!(:infinity), do: :infinity
   defp max_attempts!(n) when is_integer(n) and n >= 1 and n <= 1_000_000, do: n
 

@@ -52,7 +52,7 @@ defmodule Ottla.Group.Manager do
              revoker,
              opts.topics,
              assignment,
-             tuning(opts)
+             Ottla.Consumer.Options.tuning(opts)
            ) do
       Ottla.Consumer.Revoker.serve(revoker, resource)
       :persistent_term.put(key(opts), resource)
@@ -60,26 +60,6 @@ defmodule Ottla.Group.Manager do
     else
       {:error, error} -> {:stop, error}
     end
-  end
-
-  defp tuning(opts) do
-    %{
-      max_batch: opts.max_batch,
-      max_backlog: opts.max_backlog,
-      max_buffered_bytes: opts.max_buffered_bytes,
-      drain_timeout: opts.drain_timeout,
-      commit_interval: opts.commit_interval,
-      commit: opts.commit,
-      max_attempts: if(opts.max_attempts == :infinity, do: 0, else: opts.max_attempts),
-      retry_backoff: opts.retry_backoff,
-      max_retry_backoff: opts.max_retry_backoff,
-      on_failure:
-        case opts.on_failure do
-          {:dead_letter, _topic} -> :dead_letter
-          policy -> policy
-        end,
-      start_from_worker: opts.offsets_fun != nil
-    }
   end
 
   # Group mode subscribes; assign mode (Elsa's `consumer:`) lists its partitions.

@@ -26,7 +26,8 @@ use crate::timing::Timed;
 /// `{topic, partition, position}` for assign mode.
 type Assignment = (String, i32, Position);
 
-/// The consumer's settings, as a map from Elixir.
+/// The consumer's settings, as a map from Elixir: the one definition of their shape
+/// (`Ottla.Consumer.Options.tuning/1` builds it). Durations are in ms.
 #[derive(rustler::NifMap)]
 pub struct Tuning {
     max_batch: usize,
@@ -36,8 +37,8 @@ pub struct Tuning {
     commit_interval: u64,
     /// Commit acked offsets to Kafka.
     commit: bool,
-    /// 0: no limit.
-    max_attempts: u32,
+    /// `nil`: no limit.
+    max_attempts: Option<u32>,
     retry_backoff: u64,
     max_retry_backoff: u64,
     /// `:retry | :skip | :dead_letter` (the dead-letter topic stays with the worker, which
@@ -94,7 +95,7 @@ fn consumer_new<'a>(
             commit_interval: Duration::from_millis(tuning.commit_interval.max(10)),
             commit: group && tuning.commit,
             retry: RetryPolicy {
-                max_attempts: (tuning.max_attempts > 0).then_some(tuning.max_attempts),
+                max_attempts: tuning.max_attempts.filter(|&n| n > 0),
                 backoff: Duration::from_millis(tuning.retry_backoff),
                 max_backoff: Duration::from_millis(tuning.max_retry_backoff),
                 on_failure: tuning.on_failure.into(),
