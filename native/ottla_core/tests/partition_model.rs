@@ -1034,25 +1034,13 @@ impl Sim<'_> {
         );
         match got {
             AckOutcome::Advanced => {
-                self.stats.acks_advanced += 1;
-                let before = self.a.acked.replace(off);
                 for &o in self.log.range(self.a.start, off) {
                     ensure!(
                         self.delivered[o as usize] > 0 || self.seek_skipped[o as usize],
                         "ack of {off} covers {o}, never delivered"
                     );
                 }
-                // After a seek, what a later ack covers before it came again is done (the
-                // replayed offsets, at or below the ack of the seek's time, are not covered).
-                if let Some(t) = self.since_from {
-                    let lo = before.map_or(t, |b| t.max(b + 1));
-                    for &o in self.log.range(lo, off) {
-                        if self.since[o as usize] == 0 && !self.since_exempt[o as usize] {
-                            self.since_exempt[o as usize] = true;
-                            self.stats.acked_before_redelivery += 1;
-                        }
-                    }
-                }
+                self.advanced_to(off);
             }
             AckOutcome::Behind => self.stats.acks_behind += 1,
             AckOutcome::StaleGeneration { .. } => self.stats.acks_stale += 1,
@@ -1395,6 +1383,14 @@ impl Sim<'_> {
             );
             return Ok(());
         }
+        self.advanced_to(off);
+        Ok(())
+    }
+
+    /// The reference's ack moves to `off`. After a seek, what a later ack covers before it
+    /// came again is done (the replayed offsets, at or below the ack of the seek's time, are
+    /// not covered).
+    fn advanced_to(&mut self, off: i64) {
         self.stats.acks_advanced += 1;
         let before = self.a.acked.replace(off);
         if let Some(t) = self.since_from {
@@ -1406,7 +1402,6 @@ impl Sim<'_> {
                 }
             }
         }
-        Ok(())
     }
 
     /// A random seek target: back, forward, beyond the log, or logical.

@@ -234,13 +234,21 @@ fn mock_cluster_create_topic(
     partitions: i32,
     replicas: i32,
 ) -> NifResult<Atom> {
-    let (reply, answer) = channel();
-    resource.send(Command::CreateTopic {
+    call(&resource, |reply| Command::CreateTopic {
         topic,
         partitions,
         replicas,
         reply,
-    })?;
+    })
+}
+
+/// Sends the cluster's thread a command and waits for its answer.
+fn call(
+    resource: &MockClusterResource,
+    command: impl FnOnce(Sender<Result<()>>) -> Command,
+) -> NifResult<Atom> {
+    let (reply, answer) = channel();
+    resource.send(command(reply))?;
     answer
         .recv()
         .map_err(|_| Error::new("closed", "the mock cluster is stopped"))??;
@@ -257,18 +265,13 @@ fn mock_cluster_delay_requests(
     count: u32,
     rtt_ms: i32,
 ) -> NifResult<Atom> {
-    let (reply, answer) = channel();
-    resource.send(Command::DelayRequests {
+    call(&resource, |reply| Command::DelayRequests {
         broker,
         api_key,
         count,
         rtt_ms,
         reply,
-    })?;
-    answer
-        .recv()
-        .map_err(|_| Error::new("closed", "the mock cluster is stopped"))??;
-    Ok(atoms::ok())
+    })
 }
 
 #[rustler::nif]

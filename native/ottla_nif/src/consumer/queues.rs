@@ -88,6 +88,18 @@ impl Queue {
     }
 }
 
+/// A queue handle (none for null) that wakes `wake` when it gets an element while empty.
+fn watched(q: *mut rd::rd_kafka_queue_t, wake: &Wake) -> Option<Queue> {
+    if q.is_null() {
+        return None;
+    }
+    // SAFETY: `q` is live; `wake` outlives it (see `on_enqueue`).
+    unsafe {
+        rd::rd_kafka_queue_cb_event_enable(q, Some(on_enqueue), wake as *const Wake as *mut c_void)
+    };
+    Some(Queue(q))
+}
+
 /// The consumer's intake queue, the partitions' queues forwarded to it, and the main
 /// queue's wake-up. Must be cleared ([`Queues::clear`]) before the consumer is destroyed.
 #[derive(Default)]
@@ -102,37 +114,13 @@ impl Queues {
     /// not split) gets an element.
     pub fn watch_main(&mut self, rk: *mut rd::rd_kafka_t, wake: &Wake) {
         // SAFETY: `rk` is a live consumer; the returned handle is owned here.
-        let q = unsafe { rd::rd_kafka_queue_get_consumer(rk) };
-        if q.is_null() {
-            return;
-        }
-        // SAFETY: `q` is live; `wake` outlives it (see `on_enqueue`).
-        unsafe {
-            rd::rd_kafka_queue_cb_event_enable(
-                q,
-                Some(on_enqueue),
-                wake as *const Wake as *mut c_void,
-            )
-        };
-        self.main = Some(Queue(q));
+        self.main = watched(unsafe { rd::rd_kafka_queue_get_consumer(rk) }, wake);
     }
 
     /// Creates the intake queue, which wakes `wake` when it gets an element while empty.
     pub fn open_intake(&mut self, rk: *mut rd::rd_kafka_t, wake: &Wake) {
         // SAFETY: `rk` is a live consumer; the returned handle is owned here.
-        let q = unsafe { rd::rd_kafka_queue_new(rk) };
-        if q.is_null() {
-            return;
-        }
-        // SAFETY: `q` is live; `wake` outlives it (see `on_enqueue`).
-        unsafe {
-            rd::rd_kafka_queue_cb_event_enable(
-                q,
-                Some(on_enqueue),
-                wake as *const Wake as *mut c_void,
-            )
-        };
-        self.intake = Some(Queue(q));
+        self.intake = watched(unsafe { rd::rd_kafka_queue_new(rk) }, wake);
     }
 
     /// Sends a newly assigned partition's messages to the intake queue. On failure they keep
