@@ -303,6 +303,11 @@ defmodule Ottla.FaultTest do
     fault(%{ctx | grow: grow}, {:grew_topic, @grown_partitions})
   end
 
+  defp inject({_, {:join, label}}, ctx) do
+    start_local!(ctx, label, "fault-#{label}")
+    fault(ctx, {:joined, label})
+  end
+
   defp grow_topic(topic, deadline) do
     case Ottla.create_partitions(cluster(), topic, @grown_partitions, timeout: 60_000) do
       {:error, %Ottla.Error{code: :invalid_replication_factor}} = error ->
@@ -316,11 +321,6 @@ defmodule Ottla.FaultTest do
       result ->
         result
     end
-  end
-
-  defp inject({_, {:join, label}}, ctx) do
-    start_local!(ctx, label, "fault-#{label}")
-    fault(ctx, {:joined, label})
   end
 
   defp fault(ctx, event) do
