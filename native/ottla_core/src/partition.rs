@@ -468,7 +468,13 @@ impl<M: Offset + Clone> Partition<M> {
 
     fn fetched(&mut self, message: M, effects: &mut Vec<Effect<M>>) -> Intake {
         let offset = message.offset();
-        if self.revoking || self.seeking.is_some() || self.awaiting_start {
+        if self.awaiting_start && !self.revoking {
+            // Fetched from where librdkafka started: not where this partition starts. It is
+            // paused until its worker says where (fetching on would only be discarded).
+            self.pause(effects);
+            return Intake::Discarded;
+        }
+        if self.revoking || self.seeking.is_some() {
             return Intake::Discarded;
         }
         // Already acked (by a task that outlived its worker while a seek back was pending):
@@ -740,10 +746,9 @@ impl<M: Offset + Clone> Partition<M> {
         self.cell.generation()
     }
 
-    /// Whether the poll thread should take this partition's messages from librdkafka: not
-    /// while it awaits its start position or is being revoked.
-    pub fn takes_intake(&self) -> bool {
-        !self.awaiting_start && !self.revoking
+    /// Whether the partition awaits its start position from its worker.
+    pub fn is_awaiting_start(&self) -> bool {
+        self.awaiting_start
     }
 
     pub fn revoking(&self) -> bool {
@@ -978,12 +983,16 @@ mod tests {
             p: Partition::new(cell, 100, 10).awaiting_start(),
             effects: Vec::new(),
         };
-        assert!(!r.p.takes_intake());
-        // Fetched from where librdkafka started (auto.offset.reset): never delivered.
+        assert!(r.p.is_awaiting_start());
+        // Fetched from where librdkafka started (auto.offset.reset): never delivered, and the
+        // partition is paused until it knows where to start.
         assert_eq!(r.on(Event::Fetched(M(0))), Intake::Discarded);
+        assert_eq!(r.take(), vec![Effect::Pause]);
+        assert_eq!(r.on(Event::Fetched(M(1))), Intake::Discarded);
+        assert!(r.take().is_empty(), "paused once");
         r.on(Event::Start { from: Some(4) });
-        assert_eq!(r.take(), vec![Effect::Seek(4)]);
-        assert!(r.p.takes_intake());
+        assert_eq!(r.take(), vec![Effect::Seek(4), Effect::Resume]);
+        assert!(!r.p.is_awaiting_start());
         assert_eq!(
             r.on(Event::Fetched(M(1))),
             Intake::Discarded,
