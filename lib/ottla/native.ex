@@ -95,7 +95,7 @@ defmodule Ottla.Native do
 
   def consumer_drain(_consumer, _pid, _tag, _timeout_ms), do: :erlang.nif_error(:nif_not_loaded)
   def backoff_ms(_first_ms, _max_ms, _failures), do: :erlang.nif_error(:nif_not_loaded)
-  def consumer_clock_ms, do: :erlang.nif_error(:nif_not_loaded)
+  def consumer_clock_ms(_consumer), do: :erlang.nif_error(:nif_not_loaded)
   def consumer_stats(_consumer), do: :erlang.nif_error(:nif_not_loaded)
   def consumer_close(_consumer, _pid, _tag), do: :erlang.nif_error(:nif_not_loaded)
 

@@ -149,10 +149,12 @@ defmodule Ottla.LifecycleTest do
     # A NIF's own work must stay under 1 ms. Wall time also counts the OS preempting the
     # scheduler thread (2 cores, a broker and librdkafka's threads all busy), which neither
     # long_schedule nor a wall clock can tell from a blocking NIF: a NIF that blocked would be
-    # slow on every call, so a rare slow call (at most 1 in 1,000) is preemption.
+    # slow on every call, so a rare slow call is preemption.
     assert max_cpu < 1_000, "a NIF worked #{max_cpu} µs on a normal scheduler"
 
-    assert over_1ms * 1_000 <= calls,
+    # (A rebalance runs meanwhile: a second consumer's threads and the revocation share the 2
+    # cores, so up to 1 call in 100 may be preempted; a blocking NIF is slow on every call.)
+    assert over_1ms * 100 <= calls,
            "#{over_1ms} of #{calls} NIF calls took 1 ms or more (longest #{max_wall} µs); " <>
              "long schedules: #{inspect(events)}"
 

@@ -164,6 +164,19 @@ defmodule Ottla.PartitionLifecycleTest do
     end
   end
 
+  describe "deadlines" do
+    test "a revocation's deadline is on Erlang's monotonic clock, as the consumer's own threads read it" do
+      topic = create_topic!(partitions: 1)
+      conn = start_group!(topic, group_name())
+      resource = Ottla.Group.Manager.resource(conn)
+      # enif_monotonic_time answers only on scheduler threads: read on the poll thread it
+      # gave ERL_NIF_TIME_ERROR, so every revoke killed busy workers and the revoked handler
+      # at once.
+      clock = Ottla.Native.consumer_clock_ms(resource)
+      assert abs(clock - System.monotonic_time(:millisecond)) < 1_000, "clock read #{clock}"
+    end
+  end
+
   defp now, do: System.monotonic_time(:millisecond)
 
   defp mailbox do

@@ -89,6 +89,8 @@ pub struct Settings {
     /// Offsets kept elsewhere: a partition starts where its worker says (the app's stored
     /// offset), confirmed before anything is delivered.
     pub start_from_worker: bool,
+    /// Deadlines handed to Elixir are on this clock.
+    pub clock: ErlangClock,
     /// Group mode commits and exposes generations; assign mode (Elsa's `consumer:`) does not.
     pub group: bool,
     pub max_batch: usize,
@@ -410,11 +412,36 @@ impl Shared {
     }
 }
 
-/// Erlang's monotonic clock in milliseconds (`System.monotonic_time(:millisecond)`), so that a
-/// deadline set here is read as the same instant by Elixir code.
-pub fn erlang_monotonic_ms() -> i64 {
-    // SAFETY: a plain clock read, safe from any thread.
-    unsafe { rustler::sys::enif_monotonic_time(rustler::sys::ErlNifTimeUnit::ERL_NIF_MSEC) }
+/// Erlang's monotonic clock (`System.monotonic_time(:millisecond)`) for the consumer's own
+/// threads: `enif_monotonic_time` answers only on scheduler threads (on others it returns
+/// `ERL_NIF_TIME_ERROR`), so the NIF that creates the consumer reads it once, beside an
+/// `Instant`, and the threads convert from there.
+#[derive(Clone, Copy)]
+pub struct ErlangClock {
+    at: Instant,
+    erlang_ms: i64,
+}
+
+impl ErlangClock {
+    /// Reads both clocks; only on a scheduler thread (a NIF call).
+    pub fn read() -> Self {
+        // SAFETY: a plain clock read, on the scheduler thread running the NIF.
+        let erlang_ms = unsafe {
+            rustler::sys::enif_monotonic_time(rustler::sys::ErlNifTimeUnit::ERL_NIF_MSEC)
+        };
+        ErlangClock {
+            at: Instant::now(),
+            erlang_ms,
+        }
+    }
+
+    /// `t` in Erlang's monotonic milliseconds.
+    pub fn ms(&self, t: Instant) -> i64 {
+        match t.checked_duration_since(self.at) {
+            Some(after) => self.erlang_ms + after.as_millis() as i64,
+            None => self.erlang_ms - self.at.duration_since(t).as_millis() as i64,
+        }
+    }
 }
 
 /// Between half the backoff and the whole of it ("equal jitter"), so that partitions that

@@ -87,6 +87,7 @@ fn consumer_new<'a>(
             manager,
             revoker,
             start_from_worker: tuning.start_from_worker,
+            clock: super::ErlangClock::read(),
             group,
             max_batch: tuning.max_batch.max(1),
             max_backlog: tuning.max_backlog.max(1),
@@ -612,9 +613,14 @@ fn consumer_test_panic(resource: ResourceArc<ConsumerResource>) -> Atom {
     atoms::ok()
 }
 
-/// Test-only (hidden as `Ottla.Native.consumer_clock_ms/0`): the clock revocation deadlines
-/// are set in, so a test can check it is Erlang's monotonic clock.
+/// Test-only (hidden as `Ottla.Native.consumer_clock_ms/1`): the clock revocation deadlines
+/// are set in, read on a thread of the consumer's own, so a test can check it is Erlang's
+/// monotonic clock.
 #[rustler::nif]
-fn consumer_clock_ms() -> i64 {
-    super::erlang_monotonic_ms()
+fn consumer_clock_ms(resource: ResourceArc<ConsumerResource>) -> i64 {
+    let clock = resource.shared.settings.clock;
+    // Read as the consumer's own threads read it.
+    std::thread::spawn(move || clock.ms(std::time::Instant::now()))
+        .join()
+        .unwrap_or(i64::MIN)
 }

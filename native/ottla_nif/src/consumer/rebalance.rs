@@ -138,10 +138,7 @@ fn revoking(ctx: &GroupCtx, consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartit
                 .collect();
             (st.revoke_seq, workers)
         };
-        let left_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i64;
-        let deadline_ms = super::erlang_monotonic_ms() + left_ms;
+        let deadline_ms = shared.settings.clock.ms(deadline);
         send_reliably(
             &shared.settings.revoker,
             Box::new(move |env| (atoms::ottla_revoke(), id, deadline_ms, workers).encode(env)),
