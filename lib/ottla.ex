@@ -3,9 +3,17 @@ defmodule Ottla do
   A Kafka client for Elixir with a Rust core (librdkafka), and the API of Elsa.
 
   Every function that talks to Kafka takes either **endpoints** (`[localhost: 9092]`,
-  `[{"10.0.0.1", 9092}]` or `"host:port,host:port"`), in which case it uses a short-lived
-  client and leaves nothing running, or the name of a connection started with
-  `Ottla.Supervisor`, in which case it uses that connection's clients and settings.
+  `[{"10.0.0.1", 9092}]` or `"host:port,host:port"`), or the name of a connection started
+  with `Ottla.Supervisor`, in which case it uses that connection's clients and settings.
+
+  Admin, fetch and metadata calls reuse clients rather than connect each time: a connection
+  creates an admin client, fetch consumers (one per concurrent fetch, up to 4 kept idle) and
+  a consumer per group asked about with `committed_offsets/4` when a call first needs them,
+  and closes them when it stops. Calls given endpoints share such clients per endpoints
+  list, closed once no call has used them for 30 seconds. Partition counts are remembered
+  for 30 seconds (forgotten at once when a topic is created, grown or deleted through Ottla,
+  and asked again for a partition beyond the remembered count); `list_topics/2` always asks
+  the cluster. A produce with endpoints uses a short-lived producer (see `produce/4`).
 
   ## Example
 
@@ -114,16 +122,17 @@ defmodule Ottla do
     replicas = Options.integer!(opts[:replicas], :replicas, 1, 32_767)
     topic_config = Options.config!(opts[:config])
     timeout = Options.timeout!(opts[:timeout], :timeout)
-    {bootstrap, config, _} = Connection.resolve!(target)
+    {bootstrap, _, _} = Connection.resolve!(target)
 
     case Ottla.Testing.lookup(bootstrap) do
       nil ->
+        clients = Connection.clients!(target)
+
         Reply.await(
           &Native.admin_create_topic(
             &1,
             &2,
-            bootstrap,
-            config,
+            clients,
             topic,
             partitions,
             replicas,
@@ -164,20 +173,14 @@ defmodule Ottla do
     topic = Options.topic!(topic)
     partitions = Options.integer!(partitions, :partitions, 1, 100_000)
     timeout = Options.timeout!(opts[:timeout], :timeout)
-    {bootstrap, config, _} = Connection.resolve!(target)
+    {bootstrap, _, _} = Connection.resolve!(target)
 
     case Ottla.Testing.lookup(bootstrap) do
       nil ->
+        clients = Connection.clients!(target)
+
         Reply.await(
-          &Native.admin_create_partitions(
-            &1,
-            &2,
-            bootstrap,
-            config,
-            topic,
-            partitions,
-            timeout
-          ),
+          &Native.admin_create_partitions(&1, &2, clients, topic, partitions, timeout),
           timeout
         )
 
@@ -198,14 +201,12 @@ defmodule Ottla do
     opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.delete_topic/3 options")
     topic = Options.topic!(topic)
     timeout = Options.timeout!(opts[:timeout], :timeout)
-    {bootstrap, config, _} = Connection.resolve!(target)
+    {bootstrap, _, _} = Connection.resolve!(target)
 
     case Ottla.Testing.lookup(bootstrap) do
       nil ->
-        Reply.await(
-          &Native.admin_delete_topic(&1, &2, bootstrap, config, topic, timeout),
-          timeout
-        )
+        clients = Connection.clients!(target)
+        Reply.await(&Native.admin_delete_topic(&1, &2, clients, topic, timeout), timeout)
 
       _mock ->
         {:error, Ottla.Error.new(:unsupported, "librdkafka's mock cluster cannot delete topics")}
@@ -225,8 +226,8 @@ defmodule Ottla do
   def list_topics(target, opts \\ []) do
     opts = Options.keyword!(opts, [timeout: @default_timeout], "Ottla.list_topics/2 options")
     timeout = Options.timeout!(opts[:timeout], :timeout)
-    {bootstrap, config, _} = Connection.resolve!(target)
-    Reply.await(&Native.admin_list_topics(&1, &2, bootstrap, config, timeout), timeout)
+    clients = Connection.clients!(target)
+    Reply.await(&Native.admin_list_topics(&1, &2, clients, timeout), timeout)
   end
 
   @doc """
@@ -280,10 +281,10 @@ defmodule Ottla do
       end
       |> Options.position()
 
-    {bootstrap, config, _} = Connection.resolve!(target)
+    clients = Connection.clients!(target)
 
     Reply.await(
-      &Native.fetch_messages(&1, &2, bootstrap, config, topic, partition, offset, max, timeout),
+      &Native.fetch_messages(&1, &2, clients, topic, partition, offset, max, timeout),
       timeout
     )
   end
@@ -307,10 +308,10 @@ defmodule Ottla do
 
     group = Options.name!(group, :group)
     topic = Options.topic!(topic)
-    {bootstrap, config, _} = Connection.resolve!(target)
+    clients = Connection.clients!(target)
 
     Reply.await(
-      &Native.admin_committed_offsets(&1, &2, bootstrap, config, group, topic, timeout),
+      &Native.admin_committed_offsets(&1, &2, clients, group, topic, timeout),
       timeout
     )
   end

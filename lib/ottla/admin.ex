@@ -1,29 +1,26 @@
 defmodule Ottla.Admin do
   @moduledoc false
-  # Metadata lookups the library makes for itself.
+  # Metadata lookups the library makes for itself, on the clients of a connection or of
+  # endpoints (see Ottla.Connection.clients!/1).
 
-  alias Ottla.{Native, Reply}
+  alias Ottla.{Connection, Native, Reply}
 
   @doc "The partition count of `topic`: `{:ok, count}` or `{:error, %Ottla.Error{}}`."
-  @spec partition_count(String.t(), [{String.t(), String.t()}], String.t(), pos_integer) ::
+  @spec partition_count(Ottla.target(), String.t(), pos_integer) ::
           {:ok, pos_integer} | {:error, Ottla.Error.t()}
-  def partition_count(bootstrap, config, topic, timeout) do
-    Reply.await(
-      &Native.admin_partition_count(&1, &2, bootstrap, config, topic, timeout),
-      timeout
-    )
+  def partition_count(target, topic, timeout) do
+    clients = Connection.clients!(target)
+    Reply.await(&Native.admin_partition_count(&1, &2, clients, topic, timeout), timeout)
   end
 
   @doc """
   The leader (broker id) of each partition of `topic`: `{:ok, [{partition, broker_id}]}`
   (`-1` when a partition has none), or `{:error, %Ottla.Error{}}`.
   """
-  @spec partition_leaders(String.t(), [{String.t(), String.t()}], String.t(), pos_integer) ::
+  @spec partition_leaders(Ottla.target(), String.t(), pos_integer) ::
           {:ok, [{non_neg_integer, integer}]} | {:error, Ottla.Error.t()}
-  def partition_leaders(bootstrap, config, topic, timeout) do
-    Reply.await(
-      &Native.admin_partition_leaders(&1, &2, bootstrap, config, topic, timeout),
-      timeout
-    )
+  def partition_leaders(target, topic, timeout) do
+    clients = Connection.clients!(target)
+    Reply.await(&Native.admin_partition_leaders(&1, &2, clients, topic, timeout), timeout)
   end
 end

@@ -5,13 +5,14 @@ defmodule Ottla.Connection do
   use GenServer
   require Logger
 
-  defstruct [:name, :bootstrap, :config, :producer, :pid]
+  defstruct [:name, :bootstrap, :config, :producer, :clients, :pid]
 
   @type t :: %__MODULE__{
           name: atom,
           bootstrap: String.t(),
           config: [{String.t(), String.t()}],
           producer: reference | nil,
+          clients: reference,
           pid: pid
         }
 
@@ -50,6 +51,27 @@ defmodule Ottla.Connection do
 
   def resolve!(endpoints), do: {Ottla.Options.bootstrap!(endpoints), [], nil}
 
+  @doc """
+  The clients that admin, fetch and metadata calls on `target` reuse: a connection's own, or
+  the ones shared by calls given the same endpoints, closed once no call has used them for
+  the application env `:endpoint_clients_idle` (ms, 30 s by default).
+  """
+  @spec clients!(atom | Ottla.Options.endpoints()) :: reference
+  def clients!(target) do
+    case resolve!(target) do
+      {_, _, %__MODULE__{clients: clients}} ->
+        clients
+
+      {bootstrap, config, nil} ->
+        idle = Application.get_env(:ottla, :endpoint_clients_idle, 30_000)
+        Ottla.Native.clients_cached(bootstrap, config, idle)
+    end
+  end
+
+  @doc "How many clients of each kind a connection's calls created (a test hook)."
+  @spec clients_created(atom | Ottla.Options.endpoints()) :: %{atom => non_neg_integer}
+  def clients_created(target), do: Ottla.Native.clients_created(clients!(target))
+
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
@@ -63,6 +85,7 @@ defmodule Ottla.Connection do
         bootstrap: bootstrap,
         config: config,
         producer: producer,
+        clients: Ottla.Native.clients_new(bootstrap, config),
         pid: self()
       }
 
@@ -107,6 +130,7 @@ defmodule Ottla.Connection do
   @impl true
   def terminate(_reason, %__MODULE__{} = conn) do
     :persistent_term.erase({__MODULE__, conn.name})
+    if conn.clients, do: Ottla.Native.clients_close(conn.clients)
 
     if conn.producer do
       # Deliver what is queued before the connection goes away.

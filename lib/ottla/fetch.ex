@@ -12,7 +12,7 @@ defmodule Ottla.Fetch do
       |> Enum.take(10)
   """
 
-  alias Ottla.{Connection, Options}
+  alias Ottla.{Connection, Native, Options, Reply}
 
   @chunk 10_000
 
@@ -23,7 +23,8 @@ defmodule Ottla.Fetch do
 
   @doc """
   A lazy `Stream` of every message of `topic` (all partitions, one after the other, each in
-  offset order), or of one partition. It reads in chunks and never holds more than a chunk,
+  offset order), or of one partition. One fetch consumer reads the whole stream, in chunks,
+  and the stream never holds more than a chunk,
   from `:start_offset` up to the high watermark each partition had when its reading began
   (or `:end_offset`). Raises `Ottla.Error` when a chunk cannot be read.
 
@@ -59,23 +60,30 @@ defmodule Ottla.Fetch do
         p -> fn -> [Options.integer!(p, :partition, 0)] end
       end
 
-    # The partition count is asked for when the stream starts, not when it is built.
-    fn -> Enum.to_list(partitions.()) end
-    |> Stream.resource(
-      fn
-        [] -> {:halt, []}
-        [p | rest] -> {[p], rest}
+    # The partition count is asked for, and the stream's one fetch consumer taken, when the
+    # stream starts, not when it is built; the consumer goes back when the stream ends or halts.
+    Stream.resource(
+      fn ->
+        clients = Connection.clients!(target)
+        {Native.fetch_cursor_new(clients), Enum.to_list(partitions.())}
       end,
-      fn _ -> :ok end
+      fn
+        {cursor, []} ->
+          {:halt, {cursor, []}}
+
+        {cursor, [p | rest]} ->
+          {[partition_stream(cursor, topic, p, {start, stop, chunk, timeout})], {cursor, rest}}
+      end,
+      fn {cursor, _} -> Reply.await(&Native.fetch_cursor_close(&1, &2, cursor), 10_000) end
     )
-    |> Stream.flat_map(&partition_stream(target, topic, &1, {start, stop, chunk, timeout}))
+    |> Stream.flat_map(& &1)
   end
 
-  defp partition_stream(target, topic, partition, {start, stop, chunk, timeout}) do
+  defp partition_stream(cursor, topic, partition, {start, stop, chunk, timeout}) do
     Stream.resource(
       fn ->
         # The high watermark when this partition's reading begins ends it.
-        {:ok, high, _} = fetch!(target, topic, partition, :latest, 1, timeout)
+        {:ok, high, _} = read!(cursor, topic, partition, :latest, nil, 1, timeout)
         {start || :earliest, min(stop || high, high)}
       end,
       fn
@@ -88,8 +96,8 @@ defmodule Ottla.Fetch do
               {:halt, {:done, stop}}
 
             false ->
-              {:ok, _high, messages} = fetch!(target, topic, partition, offset, chunk, timeout)
-              messages = Enum.take_while(messages, &(&1.offset < stop))
+              {:ok, _high, messages} =
+                read!(cursor, topic, partition, offset, stop, chunk, timeout)
 
               case messages do
                 [] -> {:halt, {:done, stop}}
@@ -101,12 +109,12 @@ defmodule Ottla.Fetch do
     )
   end
 
-  defp fetch!(target, topic, partition, offset, max, timeout) do
-    case Ottla.fetch(target, topic,
-           partition: partition,
-           offset: offset,
-           max_messages: max,
-           timeout: timeout
+  defp read!(cursor, topic, partition, offset, until, max, timeout) do
+    from = Options.position(offset)
+
+    case Reply.await(
+           &Native.fetch_cursor_read(&1, &2, cursor, topic, partition, from, until, max, timeout),
+           timeout
          ) do
       {:ok, _, _} = ok -> ok
       {:error, error} -> raise error
@@ -114,9 +122,7 @@ defmodule Ottla.Fetch do
   end
 
   defp partition_count!(target, topic, timeout) do
-    {bootstrap, config, _} = Connection.resolve!(target)
-
-    case Ottla.Admin.partition_count(bootstrap, config, topic, timeout) do
+    case Ottla.Admin.partition_count(target, topic, timeout) do
       {:ok, count} -> count
       {:error, error} -> raise error
     end
@@ -127,8 +133,12 @@ defmodule Ottla.Fetch do
           Enumerable.t()
   def search(target, topic, fun, opts \\ [])
 
-  def search(target, topic, fun, opts) when is_function(fun, 1),
-    do: Stream.filter(fetch_stream(target, topic, opts), fun)
+  def search(target, topic, fun, opts) when is_function(fun, 1) do
+    # A match is copied out of its chunk's binary, so a few matches do not keep whole chunks.
+    fetch_stream(target, topic, opts)
+    |> Stream.filter(fun)
+    |> Stream.map(&Ottla.Message.copy/1)
+  end
 
   def search(_target, _topic, fun, _opts),
     do: raise(ArgumentError, "invalid fun #{inspect(fun)}: expected a function of 1 argument")

@@ -143,6 +143,25 @@ defmodule Ottla.Message do
   def to_kafka_message(other),
     do: raise(ArgumentError, "invalid message #{inspect(other)}: expected an %Ottla.Message{}")
 
+  @doc """
+  `message` with its key, value and headers copied into binaries of their own. The messages
+  of one delivery or fetch share one binary: a message kept long after the others are gone
+  keeps all of it alive unless copied.
+  """
+  @spec copy(t) :: t
+  def copy(%__MODULE__{} = message) do
+    %{
+      message
+      | key: copy_binary(message.key),
+        value: copy_binary(message.value),
+        headers:
+          for({name, value} <- message.headers, do: {copy_binary(name), copy_binary(value)})
+    }
+  end
+
+  defp copy_binary(nil), do: nil
+  defp copy_binary(binary), do: :binary.copy(binary)
+
   defp undefined_to_nil(:undefined), do: nil
   defp undefined_to_nil(value), do: value
 end

@@ -23,40 +23,44 @@ defmodule Ottla.Native do
   def producer_flush(_pid, _tag, _producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
   def producer_close(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 
+  # Clients that admin, fetch and metadata calls reuse (see native/ottla_nif/src/clients.rs).
+  def clients_new(_bootstrap, _props), do: :erlang.nif_error(:nif_not_loaded)
+  def clients_cached(_bootstrap, _props, _idle_ms), do: :erlang.nif_error(:nif_not_loaded)
+  def clients_cached_bootstraps, do: :erlang.nif_error(:nif_not_loaded)
+  def clients_close(_clients), do: :erlang.nif_error(:nif_not_loaded)
+  def clients_forget(_bootstrap), do: :erlang.nif_error(:nif_not_loaded)
+  def clients_created(_clients), do: :erlang.nif_error(:nif_not_loaded)
+
   # Calls that wait on Kafka answer {:ottla_reply, tag, result} to pid (see Ottla.Reply).
-  def admin_create_topic(
-        _pid,
-        _tag,
-        _bootstrap,
-        _props,
-        _topic,
-        _partitions,
-        _replicas,
-        _config,
-        _timeout
-      ),
-      do: :erlang.nif_error(:nif_not_loaded)
-
-  def admin_create_partitions(_pid, _tag, _bootstrap, _props, _topic, _partitions, _timeout),
+  def admin_create_topic(_pid, _tag, _clients, _topic, _partitions, _replicas, _config, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_delete_topic(_pid, _tag, _bootstrap, _props, _topic, _timeout),
+  def admin_create_partitions(_pid, _tag, _clients, _topic, _partitions, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_list_topics(_pid, _tag, _bootstrap, _props, _timeout),
+  def admin_delete_topic(_pid, _tag, _clients, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_partition_count(_pid, _tag, _bootstrap, _props, _topic, _timeout),
+  def admin_list_topics(_pid, _tag, _clients, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+
+  def admin_partition_count(_pid, _tag, _clients, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_partition_leaders(_pid, _tag, _bootstrap, _props, _topic, _timeout),
+  def admin_partition_leaders(_pid, _tag, _clients, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def admin_committed_offsets(_pid, _tag, _bootstrap, _props, _group, _topic, _timeout),
+  def admin_committed_offsets(_pid, _tag, _clients, _group, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def fetch_messages(_pid, _tag, _bootstrap, _props, _topic, _partition, _offset, _max, _timeout),
+  def fetch_messages(_pid, _tag, _clients, _topic, _partition, _offset, _max, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
+
+  def fetch_cursor_new(_clients), do: :erlang.nif_error(:nif_not_loaded)
+
+  def fetch_cursor_read(_pid, _tag, _cursor, _topic, _partition, _from, _until, _max, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def fetch_cursor_close(_pid, _tag, _cursor), do: :erlang.nif_error(:nif_not_loaded)
 
   def mock_cluster_start(_brokers), do: :erlang.nif_error(:nif_not_loaded)
   def mock_cluster_stop(_cluster), do: :erlang.nif_error(:nif_not_loaded)

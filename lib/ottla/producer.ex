@@ -19,13 +19,17 @@ defmodule Ottla.Producer do
   @max_timestamp 9_223_372_036_854_775_807
 
   @doc """
-  Produces through a connection's producer, or, when the connection has none, through a
-  short-lived producer with the connection's endpoints and settings (dead letters).
+  Produces through a connection's producer (dead letters). A connection started without one
+  gets one, with Ottla's producer defaults, the first time it is needed; only when that
+  producer cannot start does a short-lived one with the connection's settings send.
   """
   def produce_for_connection(name, topic, messages, opts) do
     case Connection.lookup(name) do
       %Connection{producer: nil} = conn ->
-        produce({:connection_settings, conn}, topic, messages, opts)
+        case Connection.start_producer(conn, []) do
+          :ok -> produce(name, topic, messages, opts)
+          {:error, _} -> produce({:connection_settings, conn}, topic, messages, opts)
+        end
 
       _ ->
         produce(name, topic, messages, opts)

@@ -84,7 +84,7 @@ defmodule Ottla.Testing do
               [h, p] = String.split(e, ":"),
               do: {h, String.to_integer(p)}
 
-        {:ok, %{cluster: cluster, endpoints: endpoints, groups: %{}}}
+        {:ok, %{cluster: cluster, bootstrap: bootstrap, endpoints: endpoints, groups: %{}}}
 
       {:error, error} ->
         {:stop, error}
@@ -158,5 +158,9 @@ defmodule Ottla.Testing do
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, state), do: Ottla.Native.mock_cluster_stop(state.cluster)
+  def terminate(_reason, state) do
+    # Clients cached for calls given this cluster's endpoints would only retry a dead port.
+    Ottla.Native.clients_forget(state.bootstrap)
+    Ottla.Native.mock_cluster_stop(state.cluster)
+  end
 end

@@ -121,6 +121,9 @@ defmodule Ottla.FailurePolicyTest do
 
       {:ok, stats} = Ottla.stats(conn)
       assert Enum.map(stats.partitions, & &1.dead_lettered) == [2, 2]
+      # Started without a producer, the connection got one for its dead letters.
+      assert %Ottla.Connection{producer: producer} = Ottla.Connection.lookup(conn)
+      assert producer != nil
       assert log =~ "dead-lettered offset 337"
       refute log =~ "v0-337", "a payload was logged"
     end

@@ -283,7 +283,7 @@ defmodule Ottla.FaultTest do
   end
 
   defp inject({_, :stop_broker}, ctx) do
-    {:ok, leaders} = Ottla.Admin.partition_leaders(cluster(), [], ctx.topic, 10_000)
+    {:ok, leaders} = Ottla.Admin.partition_leaders(cluster(), ctx.topic, 10_000)
     {id, led} = leaders |> Enum.frequencies_by(&elem(&1, 1)) |> Enum.max_by(&elem(&1, 1))
     assert id in 1..3 and led > 0, "no broker leads a partition: #{inspect(leaders)}"
     task = Task.async(fn -> kafka!(["stop-broker", "#{id}"]) end)

@@ -133,6 +133,14 @@ defmodule Ottla.SecurityTest do
     assert fetched |> List.flatten() |> Enum.map(&{&1.key, &1.value}) |> Enum.sort() ==
              Enum.sort(messages)
 
+    for _ <- 1..20 do
+      assert {:ok, _, [_ | _]} = Ottla.fetch(admin, topic, partition: 0)
+      assert Ottla.topic?(admin, topic)
+    end
+
+    # Every call above reused the connection's authenticated clients.
+    assert %{admin: 1, fetch: 1} = Ottla.Connection.clients_created(admin)
+
     group = group_name()
 
     start_connection!(conn_name(), bootstrap, config,

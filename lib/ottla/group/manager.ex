@@ -69,7 +69,7 @@ defmodule Ottla.Group.Manager do
     # A partition the topic does not have would never deliver anything: refused up front.
     partitions =
       with {:ok, count} <-
-             Ottla.Admin.partition_count(opts.bootstrap, opts.connection_config, topic, 10_000) do
+             Ottla.Admin.partition_count(opts.connection, topic, 10_000) do
         case opts.partition do
           :all ->
             {:ok, Enum.to_list(0..(count - 1))}

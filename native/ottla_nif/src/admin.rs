@@ -1,5 +1,6 @@
-//! Topic administration and cluster metadata, each call with a short-lived admin client on a
-//! Rust thread of its own that answers by message (`reply.rs`). Create waits until every
+//! Topic administration and cluster metadata, each call on a Rust thread of its own that
+//! answers by message (`reply.rs`), with the admin client of its connection or of its
+//! endpoints (`clients.rs`). Create waits until every
 //! partition's leader answers for the topic, and delete until the metadata no longer shows
 //! it, so a produce or fetch right after `create_topic` finds the topic.
 
@@ -12,38 +13,14 @@ use rdkafka::metadata::Metadata;
 use std::ffi::CString;
 
 use rdkafka::bindings as rd;
-use rustler::{Atom, LocalPid};
+use rustler::{Atom, LocalPid, ResourceArc};
+use std::sync::Arc;
 
 use crate::atoms;
-use crate::config::client_config;
+use crate::clients::{forget_everywhere, Clients, ClientsResource};
 use crate::context::OttlaContext;
 use crate::error::{Error, Result};
 use crate::reply;
-
-/// A short-lived admin client. Nothing polls its main queue while it works, so librdkafka's
-/// error callbacks (why a broker refused it) wait there: dropping it serves them first, so the
-/// context knows the cause when the call's error is explained.
-struct Admin(AdminClient<OttlaContext>);
-
-impl std::ops::Deref for Admin {
-    type Target = AdminClient<OttlaContext>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl Drop for Admin {
-    fn drop(&mut self) {
-        let client = self.0.inner();
-        crate::context::serve_main_queue(client.native_ptr(), client.context());
-    }
-}
-
-fn admin(ctx: &OttlaContext, bootstrap: &str, props: &[(String, String)]) -> Result<Admin> {
-    Ok(Admin(
-        client_config(bootstrap, props).create_with_context(ctx.clone())?,
-    ))
-}
 
 fn options(timeout: Duration) -> AdminOptions {
     AdminOptions::new()
@@ -101,16 +78,21 @@ fn wait_for_metadata(
     }
 }
 
-/// Runs an admin call on a Rust thread with a fresh client context, and answers its result;
-/// a failure is explained by why a broker refused the client, if one did.
-fn answer_call<T, F>(pid: LocalPid, tag: u64, call: F) -> Atom
+/// Runs an admin call on a Rust thread with the given clients, and answers its result; a
+/// failure is explained by why a broker refused them, if one did.
+fn answer_call<T, F>(pid: LocalPid, tag: u64, clients: Arc<Clients>, call: F) -> Atom
 where
     T: rustler::Encoder,
-    F: FnOnce(&OttlaContext) -> Result<T> + Send + 'static,
+    F: FnOnce(&Clients) -> Result<T> + Send + 'static,
 {
     reply::spawn("ottla-admin", pid, tag, move |env| {
-        let ctx = OttlaContext::default();
-        let result = call(&ctx).map_err(|e| ctx.explain(e));
+        let result = match call(&clients) {
+            Ok(value) => {
+                clients.succeeded();
+                Ok(value)
+            }
+            Err(err) => Err(clients.explain(err)),
+        };
         reply::answer(env, result)
     })
 }
@@ -140,9 +122,7 @@ fn leaders_serve(client: &AdminClient<OttlaContext>, topic: &str, partitions: i3
 
 #[allow(clippy::too_many_arguments)]
 fn create_topic(
-    ctx: &OttlaContext,
-    bootstrap: &str,
-    props: &[(String, String)],
+    clients: &Clients,
     topic: &str,
     partitions: i32,
     replicas: i32,
@@ -150,13 +130,15 @@ fn create_topic(
     timeout: Duration,
 ) -> Result<Atom> {
     let deadline = reply::deadline_after(timeout);
-    let client = admin(ctx, bootstrap, props)?;
+    let client = clients.admin()?;
     let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
     for (key, value) in topic_config {
         new_topic = new_topic.set(key, value);
     }
-    let results = block_on(client.create_topics([&new_topic], &options(timeout)))?;
-    for result in results {
+    let results = block_on(client.create_topics([&new_topic], &options(timeout)));
+    // Whatever the outcome, what any client knew of a topic of that name may be stale now.
+    forget_everywhere(topic);
+    for result in results? {
         if let Err((name, code)) = result {
             return Err(Error::from_code(
                 code,
@@ -191,8 +173,7 @@ fn create_topic(
 fn admin_create_topic(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     topic: String,
     partitions: i32,
     replicas: i32,
@@ -200,10 +181,14 @@ fn admin_create_topic(
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        let (name, config) = (&topic, &topic_config);
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
         create_topic(
-            ctx, &bootstrap, &props, name, partitions, replicas, config, timeout,
+            clients,
+            &topic,
+            partitions,
+            replicas,
+            &topic_config,
+            timeout,
         )
     })
 }
@@ -211,19 +196,18 @@ fn admin_create_topic(
 /// Grows `topic` to `partitions` partitions; waits until the metadata shows them all with a
 /// leader that serves them, so producers and consumers refreshing their metadata find them.
 fn create_partitions(
-    ctx: &OttlaContext,
-    bootstrap: &str,
-    props: &[(String, String)],
+    clients: &Clients,
     topic: &str,
     partitions: usize,
     timeout: Duration,
 ) -> Result<Atom> {
-    let deadline = Instant::now() + timeout;
-    let client = admin(ctx, bootstrap, props)?;
+    let deadline = reply::deadline_after(timeout);
+    let client = clients.admin()?;
     let results = block_on(
         client.create_partitions([&NewPartitions::new(topic, partitions)], &options(timeout)),
-    )?;
-    for result in results {
+    );
+    forget_everywhere(topic);
+    for result in results? {
         if let Err((name, code)) = result {
             return Err(Error::from_code(
                 code,
@@ -255,29 +239,23 @@ fn create_partitions(
 fn admin_create_partitions(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     topic: String,
     partitions: usize,
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        create_partitions(ctx, &bootstrap, &props, &topic, partitions, timeout)
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
+        create_partitions(clients, &topic, partitions, timeout)
     })
 }
 
-fn delete_topic(
-    ctx: &OttlaContext,
-    bootstrap: &str,
-    props: &[(String, String)],
-    topic: &str,
-    timeout: Duration,
-) -> Result<Atom> {
+fn delete_topic(clients: &Clients, topic: &str, timeout: Duration) -> Result<Atom> {
     let deadline = reply::deadline_after(timeout);
-    let client = admin(ctx, bootstrap, props)?;
-    let results = block_on(client.delete_topics(&[topic], &options(timeout)))?;
-    for result in results {
+    let client = clients.admin()?;
+    let results = block_on(client.delete_topics(&[topic], &options(timeout)));
+    forget_everywhere(topic);
+    for result in results? {
         if let Err((name, code)) = result {
             return Err(Error::from_code(
                 code,
@@ -294,24 +272,18 @@ fn delete_topic(
 fn admin_delete_topic(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        delete_topic(ctx, &bootstrap, &props, &topic, timeout)
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
+        delete_topic(clients, &topic, timeout)
     })
 }
 
-fn list_topics(
-    ctx: &OttlaContext,
-    bootstrap: &str,
-    props: &[(String, String)],
-    timeout: Duration,
-) -> Result<(Atom, Vec<(String, usize)>)> {
-    let client = admin(ctx, bootstrap, props)?;
+fn list_topics(clients: &Clients, timeout: Duration) -> Result<(Atom, Vec<(String, usize)>)> {
+    let client = clients.admin()?;
     let md = metadata(&client, None, timeout)?;
     let mut topics: Vec<(String, usize)> = md
         .topics()
@@ -324,52 +296,49 @@ fn list_topics(
 }
 
 /// Answers `{:ok, [{topic, partition_count}]}`, internal topics (`__*`) left out, sorted.
+/// Always asks the cluster (the answer is never a cached one).
 #[rustler::nif]
 fn admin_list_topics(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        list_topics(ctx, &bootstrap, &props, timeout)
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
+        list_topics(clients, timeout)
     })
 }
 
-/// Answers `{:ok, partition_count}` of `topic`, or the error saying why it is not available.
+/// Answers `{:ok, partition_count}` of `topic` (learnt less than `METADATA_TTL` ago, or
+/// asked for), or the error saying why it is not available.
 #[rustler::nif]
 fn admin_partition_count(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        let client = admin(ctx, &bootstrap, &props)?;
-        let count = crate::metadata::partition_count(client.inner(), &topic, timeout)?;
-        Ok((atoms::ok(), count))
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
+        Ok((atoms::ok(), clients.partition_count(&topic, 0, timeout)?))
     })
 }
 
 /// Answers `{:ok, [{partition, leader_broker_id}]}` for `topic`, sorted by partition
-/// (`-1` for a partition without a leader).
+/// (`-1` for a partition without a leader), from a metadata request.
 #[rustler::nif]
 fn admin_partition_leaders(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        let client = admin(ctx, &bootstrap, &props)?;
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
+        let client = clients.admin()?;
         crate::metadata::partition_count(client.inner(), &topic, timeout)?;
         let md = metadata(&client, Some(&topic), timeout)?;
         let mut leaders: Vec<(i32, i32)> = md
@@ -387,23 +356,16 @@ fn admin_partition_leaders(
 type Committed = (i32, Option<i64>);
 
 fn committed_offsets(
-    ctx: &OttlaContext,
-    bootstrap: &str,
-    props: &[(String, String)],
-    group: String,
+    clients: &Clients,
+    group: &str,
     topic: &str,
     timeout: Duration,
 ) -> Result<(Atom, Vec<Committed>)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};
 
-    let mut props = props.to_vec();
-    props.push(("group.id".into(), group));
-    props.push(("enable.auto.commit".into(), "false".into()));
-    let consumer: BaseConsumer<OttlaContext> =
-        client_config(bootstrap, &props).create_with_context(ctx.clone())?;
-    let _serve = crate::context::ServeOnDrop(&consumer);
-    let count = crate::metadata::partition_count(consumer.client(), topic, timeout)?;
+    let count = clients.partition_count(topic, 0, timeout)?;
+    let consumer = clients.group_consumer(group)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..count {
         tpl.add_partition(topic, p);
@@ -427,14 +389,13 @@ fn committed_offsets(
 fn admin_committed_offsets(
     pid: LocalPid,
     tag: u64,
-    bootstrap: String,
-    props: Vec<(String, String)>,
+    clients: ResourceArc<ClientsResource>,
     group: String,
     topic: String,
     timeout_ms: u64,
 ) -> Atom {
     let timeout = Duration::from_millis(timeout_ms);
-    answer_call(pid, tag, move |ctx| {
-        committed_offsets(ctx, &bootstrap, &props, group, &topic, timeout)
+    answer_call(pid, tag, clients.0.clone(), move |clients| {
+        committed_offsets(clients, &group, &topic, timeout)
     })
 }

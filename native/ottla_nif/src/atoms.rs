@@ -2,6 +2,9 @@
 
 rustler::atoms! {
     ok,
+    admin,
+    fetch,
+    group,
     error,
     nil,
     pending,

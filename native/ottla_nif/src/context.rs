@@ -119,6 +119,13 @@ impl OttlaContext {
         }
     }
 
+    /// A call succeeded: the last refusal no longer explains the next failure.
+    pub fn forget_refusal(&self) {
+        if let Ok(mut slot) = self.refused.lock() {
+            *slot = None;
+        }
+    }
+
     /// Called with librdkafka's log lines and client errors. A client that never polls its
     /// main queue (admin, fetch) gets no error callbacks, only log lines: both are read.
     fn remember_refusal(&self, error: Option<&KafkaError>, reason: &str) {
@@ -147,9 +154,10 @@ impl OttlaContext {
     }
 }
 
-/// Hands the log lines and errors waiting in a client's main queue to its context. A
-/// short-lived admin or fetch client polls nothing else, so without this its log lines (and
-/// why a broker refused it) would be lost with it.
+/// Hands the log lines and errors waiting in a client's main queue to its context. Admin and
+/// fetch clients poll nothing else, so without this their log lines (and why a broker refused
+/// them) would wait there (`clients.rs` serves them twice a second and before explaining an
+/// error).
 pub fn serve_main_queue(rk: *mut rdkafka::bindings::rd_kafka_t, ctx: &OttlaContext) {
     use rdkafka::bindings as rd;
     use std::ffi::CStr;
@@ -205,17 +213,6 @@ pub fn serve_main_queue(rk: *mut rdkafka::bindings::rd_kafka_t, ctx: &OttlaConte
             rd::rd_kafka_event_destroy(event);
         }
         rd::rd_kafka_queue_destroy(queue);
-    }
-}
-
-/// Serves a short-lived consumer's main queue (see [`serve_main_queue`]) when dropped;
-/// declare it after the consumer.
-pub struct ServeOnDrop<'a>(pub &'a rdkafka::consumer::BaseConsumer<OttlaContext>);
-
-impl Drop for ServeOnDrop<'_> {
-    fn drop(&mut self) {
-        use rdkafka::consumer::Consumer;
-        serve_main_queue(self.0.client().native_ptr(), self.0.context());
     }
 }
 

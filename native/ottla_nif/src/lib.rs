@@ -6,6 +6,7 @@
 
 mod admin;
 mod atoms;
+mod clients;
 mod config;
 mod consumer;
 mod context;

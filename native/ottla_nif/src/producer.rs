@@ -223,8 +223,10 @@ impl ProducerResource {
     /// The partition count of `topic`, from the cache or a metadata request (which waits: call
     /// it only on a Rust thread). An unknown topic is asked about again for a moment, since a
     /// topic just created may not be known to every broker yet.
-    fn partition_count(&self, topic: &str, deadline: Instant) -> Result<i32> {
-        if let Some(count) = self.cached_count(topic) {
+    /// A cached count below `at_least` (a message for a partition beyond it: the topic may
+    /// have grown) is asked for again.
+    fn partition_count(&self, topic: &str, at_least: i32, deadline: Instant) -> Result<i32> {
+        if let Some(count) = self.cached_count(topic).filter(|c| *c >= at_least) {
             return Ok(count);
         }
         let client = self.client()?;
@@ -373,7 +375,8 @@ fn send_on_thread(
 ) {
     let guard = batch.clone();
     let run = move || {
-        let count = match resource.partition_count(&topic, deadline) {
+        let needed = messages.iter().map(|m| m.partition + 1).max().unwrap_or(0);
+        let count = match resource.partition_count(&topic, needed, deadline) {
             Ok(count) => count,
             Err(error) => {
                 let error = match resource.client() {
@@ -478,7 +481,7 @@ fn producer_partition_count(
     reply::spawn("ottla-metadata", pid, tag, move |env| {
         let deadline = reply::deadline_after(Duration::from_millis(timeout_ms));
         let result = resource
-            .partition_count(&topic, deadline)
+            .partition_count(&topic, 0, deadline)
             .map(|count| (atoms::ok(), count));
         reply::answer(env, result)
     })
@@ -538,7 +541,10 @@ fn producer_send<'a>(
         .collect();
 
     let mut rest_from = 0;
-    match (resource.client(), resource.cached_count(&topic)) {
+    // A partition beyond the cached count may be one the topic has just grown: asked again.
+    let needed = outs.iter().map(|o| o.partition + 1).max().unwrap_or(0);
+    let cached = resource.cached_count(&topic).filter(|c| *c >= needed);
+    match (resource.client(), cached) {
         (Err(error), _) => {
             batch.fail_unreported(&error);
             rest_from = outs.len();
