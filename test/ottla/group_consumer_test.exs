@@ -213,6 +213,17 @@ defmodule Ottla.GroupConsumerTest do
         "commits 20 and 10"
       )
 
+      # The consumer learns its commit succeeded from the commit's result, which may reach it
+      # a moment after the group coordinator already answers with the new offsets.
+      wait_until(
+        fn ->
+          {:ok, %{partitions: ps}} = Ottla.stats(conn)
+          Enum.map(ps, & &1.committed) == [20, 10]
+        end,
+        5_000,
+        "the consumer to see its commits"
+      )
+
       {:ok, %{partitions: [p0, p1]}} = Ottla.stats(conn)
       assert {p0.last_acked, p0.committed} == {19, 20}
       assert {p1.last_acked, p1.committed} == {9, 10}

@@ -17,10 +17,19 @@ use rustler::{Atom, LocalPid, ResourceArc};
 use std::sync::Arc;
 
 use crate::atoms;
-use crate::clients::{forget_everywhere, Clients, ClientsResource};
+use crate::clients::{forget_everywhere, Clients, ClientsResource, FreshAdmin};
 use crate::context::OttlaContext;
 use crate::error::{Error, Result};
 use crate::reply;
+
+/// An admin client of its own for a call that changes topics. Such a call waits until every
+/// partition's leader serves the change, which a long-lived client cannot always see: its
+/// cached view of a topic it looked at while the topic was being created may show no
+/// partitions until its next periodic refresh (seen on the 3-broker cluster: 30 s of
+/// `_UNKNOWN_PARTITION`). Log lines and refusals go to the clients' context.
+fn own_admin(clients: &Clients) -> Result<FreshAdmin> {
+    clients.fresh_admin()
+}
 
 fn options(timeout: Duration) -> AdminOptions {
     AdminOptions::new()
@@ -130,7 +139,7 @@ fn create_topic(
     timeout: Duration,
 ) -> Result<Atom> {
     let deadline = reply::deadline_after(timeout);
-    let client = clients.admin()?;
+    let client = own_admin(clients)?;
     let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
     for (key, value) in topic_config {
         new_topic = new_topic.set(key, value);
@@ -202,7 +211,7 @@ fn create_partitions(
     timeout: Duration,
 ) -> Result<Atom> {
     let deadline = reply::deadline_after(timeout);
-    let client = clients.admin()?;
+    let client = own_admin(clients)?;
     let results = block_on(
         client.create_partitions([&NewPartitions::new(topic, partitions)], &options(timeout)),
     );
@@ -252,7 +261,7 @@ fn admin_create_partitions(
 
 fn delete_topic(clients: &Clients, topic: &str, timeout: Duration) -> Result<Atom> {
     let deadline = reply::deadline_after(timeout);
-    let client = clients.admin()?;
+    let client = own_admin(clients)?;
     let results = block_on(client.delete_topics(&[topic], &options(timeout)));
     forget_everywhere(topic);
     for result in results? {

@@ -76,6 +76,23 @@ pub struct Clients {
 
 type Key = (String, Vec<(String, String)>);
 
+/// See [`Clients::fresh_admin`].
+pub struct FreshAdmin(AdminClient<OttlaContext>);
+
+impl std::ops::Deref for FreshAdmin {
+    type Target = AdminClient<OttlaContext>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for FreshAdmin {
+    fn drop(&mut self) {
+        let client = self.0.inner();
+        serve_main_queue(client.native_ptr(), client.context());
+    }
+}
+
 static LIVE: Mutex<Vec<Weak<Clients>>> = Mutex::new(Vec::new());
 static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Clients>>>> = OnceLock::new();
 static JANITOR: OnceLock<()> = OnceLock::new();
@@ -147,6 +164,17 @@ impl Clients {
         self.admin_created.fetch_add(1, Ordering::Relaxed);
         *slot = Some(admin.clone());
         Ok(admin)
+    }
+
+    /// A new admin client with these clients' settings and context, for the caller alone (not
+    /// counted in `clients_created`): it closes when dropped, after its log lines and
+    /// refusals are served to the context.
+    pub fn fresh_admin(&self) -> Result<FreshAdmin> {
+        self.check_open()?;
+        self.touch();
+        let admin: AdminClient<OttlaContext> =
+            client_config(&self.bootstrap, &self.props).create_with_context(self.ctx.clone())?;
+        Ok(FreshAdmin(admin))
     }
 
     /// An idle fetch consumer, or a new one; give it back with [`Clients::give_back`].

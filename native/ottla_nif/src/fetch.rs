@@ -55,11 +55,27 @@ fn fetch_messages(
     reply::spawn("ottla-fetch", pid, tag, move |env| {
         let result = clients.take_fetcher().and_then(|mut fetcher| {
             let result = fetch(env, &clients, &mut fetcher, &read);
-            clients.give_back(fetcher);
+            keep_unless_stale(&clients, fetcher, &result);
             result
         });
         finish(env, &clients, &read.topic, result)
     })
+}
+
+/// Whether a read failed because the topic or partition is unknown: the consumer's view of
+/// the topic may be stale (librdkafka keeps a topic it looked at while it was being created
+/// without partitions until its next periodic refresh), so it is not reused.
+fn stale(result: &Result<Term<'_>>) -> bool {
+    matches!(result, Err(e) if e.code == "unknown_partition" || e.code == "unknown_topic_or_partition")
+}
+
+/// Gives the fetch consumer back to the pool, unless its view of the topic may be stale.
+fn keep_unless_stale(clients: &Clients, fetcher: Fetcher, result: &Result<Term<'_>>) {
+    if stale(result) {
+        drop(fetcher);
+    } else {
+        clients.give_back(fetcher);
+    }
 }
 
 fn finish<'a>(env: Env<'a>, clients: &Clients, topic: &str, result: Result<Term<'a>>) -> Term<'a> {
@@ -140,7 +156,11 @@ fn fetch_cursor_read(
                 };
                 fetcher.and_then(|mut fetcher| {
                     let result = fetch(env, &clients, &mut fetcher, &read);
-                    *slot = Some(fetcher);
+                    if stale(&result) {
+                        drop(fetcher);
+                    } else {
+                        *slot = Some(fetcher);
+                    }
                     result
                 })
             }
