@@ -19,6 +19,9 @@ defmodule Ottla.Native do
   def producer_send(_producer, _pid, _tag, _topic, _messages, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
+  def producer_send_dirty(_producer, _pid, _tag, _topic, _messages, _timeout),
+    do: :erlang.nif_error(:nif_not_loaded)
+
   def producer_abandon(_batch), do: :erlang.nif_error(:nif_not_loaded)
   def producer_flush(_pid, _tag, _producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
   def producer_close(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)

@@ -15,6 +15,7 @@ defmodule Ottla.Producer do
   alias Ottla.{Connection, Native, Options}
 
   @opts [:partition, :connection, partitioner: :default, timeout: 30_000, config: []]
+  @inline_messages 2_000
   # librdkafka's timestamps are 64-bit milliseconds.
   @max_timestamp 9_223_372_036_854_775_807
 
@@ -207,21 +208,32 @@ defmodule Ottla.Producer do
         left = max(timeout - (System.monotonic_time(:millisecond) - started), 0)
         tag = System.unique_integer([:positive])
 
-        case Native.producer_send(producer, self(), tag, topic, tuples, left) do
+        case native_send(producer, tag, topic, tuples, left) do
           {:pending, batch} ->
             await(batch, tag, originals, left)
 
           :needs_encoding ->
             # Not reached with the shapes all_plain?/1 lets through; a safe path all the same.
             encoded = Enum.map(originals, &encode!/1)
-
-            {:pending, batch} = Native.producer_send(producer, self(), tag, topic, encoded, left)
-
+            {:pending, batch} = native_send(producer, tag, topic, encoded, left)
             await(batch, tag, originals, left)
         end
 
       {:error, error} ->
         whole_call_failed(error, originals)
+    end
+  end
+
+  # A call of up to @inline_messages messages and 1 MiB is copied on this scheduler and handed
+  # to the producer's thread; a larger one enqueues on a dirty CPU scheduler.
+  defp native_send(producer, tag, topic, messages, timeout) do
+    if length(messages) <= @inline_messages do
+      case Native.producer_send(producer, self(), tag, topic, messages, timeout) do
+        :large -> Native.producer_send_dirty(producer, self(), tag, topic, messages, timeout)
+        other -> other
+      end
+    else
+      Native.producer_send_dirty(producer, self(), tag, topic, messages, timeout)
     end
   end
 

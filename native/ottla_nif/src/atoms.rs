@@ -3,6 +3,7 @@
 rustler::atoms! {
     ok,
     admin,
+    large,
     fetch,
     group,
     error,

@@ -2,14 +2,18 @@
 //! whole call's messages at once; when librdkafka has reported on every one of them, one
 //! message `{:ottla_produced, tag, failures}` goes to the calling process.
 //!
-//! Nothing here waits on Kafka on a BEAM scheduler. Enqueueing runs on a dirty CPU scheduler
-//! (it only copies into librdkafka's queue); when the call needs something that waits (the
-//! topic's partition count is not cached, or librdkafka's queue is full) the rest of the call
-//! moves to a Rust thread. A caller that stops waiting abandons its batch
+//! Nothing here waits on Kafka on a BEAM scheduler. A call of up to 1 MiB is copied on the
+//! caller's normal scheduler and enqueued by the producer's enqueue thread; a larger one is
+//! enqueued in place on a dirty CPU scheduler. When a call needs something that waits (the
+//! topic's partition count is not cached, or librdkafka's queue is full) the rest of it waits
+//! on a Rust thread. Delivery reports cost two atomic operations a message; only failures
+//! take a lock. A caller that stops waiting abandons its batch
 //! (`producer_abandon`): it gets the verdicts known so far, and no message arrives later.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::bindings as rd;
@@ -33,81 +37,87 @@ const METADATA_TTL: Duration = Duration::from_secs(30);
 /// asked about again before the call fails.
 const UNKNOWN_TOPIC_GRACE: Duration = Duration::from_millis(1_500);
 
-/// One `producer_send` call: who to tell, and what is known of each message so far.
+/// One `producer_send` call: who to tell, and what is known of each message so far. Each
+/// delivery report costs two atomic operations; only failures take a lock.
 pub struct Batch {
     pid: LocalPid,
     tag: u64,
-    state: Mutex<BatchState>,
+    /// Messages without a verdict, plus one held by the enqueuing side until it is done.
+    remaining: AtomicUsize,
+    reported: Box<[AtomicBool]>,
+    failures: Mutex<Vec<(usize, Error)>>,
+    /// [`OPEN`], then [`SENT`] (the final message went) or [`ABANDONED`] (the caller stopped
+    /// waiting: nothing is sent any more).
+    state: AtomicU8,
 }
 
-struct BatchState {
-    /// Messages without a verdict, plus one held by the enqueuing side until it is done.
-    remaining: usize,
-    reported: Vec<bool>,
-    failures: Vec<(usize, Error)>,
-    /// The caller stopped waiting: nothing is sent any more.
-    abandoned: bool,
-    /// The final message was sent.
-    sent: bool,
-}
+const OPEN: u8 = 0;
+const SENT: u8 = 1;
+const ABANDONED: u8 = 2;
 
 impl Batch {
     fn new(pid: LocalPid, tag: u64, count: usize) -> Arc<Self> {
         Arc::new(Batch {
             pid,
             tag,
-            state: Mutex::new(BatchState {
-                remaining: count + 1,
-                reported: vec![false; count],
-                failures: Vec::new(),
-                abandoned: false,
-                sent: false,
-            }),
+            remaining: AtomicUsize::new(count + 1),
+            reported: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            failures: Mutex::new(Vec::new()),
+            state: AtomicU8::new(OPEN),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BatchState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn failures(&self) -> std::sync::MutexGuard<'_, Vec<(usize, Error)>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records the verdict of message `index` (`None`: delivered).
+    /// Records the verdict of message `index` (`None`: delivered), once. A failure is recorded
+    /// under the failures' lock, with its flag: `producer_abandon` never sees a failed
+    /// message as reported without its failure.
     fn report(&self, index: usize, error: Option<Error>) {
-        let mut st = self.lock();
-        if let Some(flag) = st.reported.get_mut(index) {
-            if *flag {
-                return;
+        let Some(flag) = self.reported.get(index) else {
+            return;
+        };
+        match error {
+            None => {
+                if flag.swap(true, Ordering::AcqRel) {
+                    return;
+                }
             }
-            *flag = true;
+            Some(error) => {
+                let mut failures = self.failures();
+                if flag.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                failures.push((index, error));
+            }
         }
-        if let Some(error) = error {
-            st.failures.push((index, error));
-        }
-        self.complete_one(&mut st);
+        self.complete_one();
     }
 
     /// The enqueuing side is done.
     fn enqueued(&self) {
-        let mut st = self.lock();
-        self.complete_one(&mut st);
+        self.complete_one();
     }
 
-    /// Every message of the call failed with `error` (the call could not be made).
+    /// Every message of the call without a verdict failed with `error` (the call could not be
+    /// made).
     fn fail_unreported(&self, error: &Error) {
-        let mut st = self.lock();
-        for index in 0..st.reported.len() {
-            if !st.reported[index] {
-                st.reported[index] = true;
-                st.failures.push((index, error.clone()));
-                self.complete_one(&mut st);
-            }
+        for index in 0..self.reported.len() {
+            self.report(index, Some(error.clone()));
         }
     }
 
-    fn complete_one(&self, st: &mut BatchState) {
-        st.remaining = st.remaining.saturating_sub(1);
-        if st.remaining == 0 && !st.abandoned && !st.sent {
-            st.sent = true;
-            let mut failures = std::mem::take(&mut st.failures);
+    fn complete_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if self
+            .state
+            .compare_exchange(OPEN, SENT, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let mut failures = std::mem::take(&mut *self.failures());
             failures.sort_by_key(|(index, _)| *index);
             let tag = self.tag;
             send_reliably(
@@ -118,7 +128,7 @@ impl Batch {
     }
 
     fn abandoned(&self) -> bool {
-        self.lock().abandoned
+        self.state.load(Ordering::Acquire) == ABANDONED
     }
 }
 
@@ -172,10 +182,24 @@ impl ProducerContext for ProducerCtx {
 
 type Client = ThreadedProducer<ProducerCtx>;
 
-pub struct ProducerResource {
+/// What the NIFs and the producer's threads share.
+pub struct Shared {
     /// `None` once closed. Sends take the read lock; only `producer_close` writes.
     producer: RwLock<Option<Arc<Client>>>,
     partitions: Mutex<HashMap<String, (i32, Instant)>>,
+}
+
+pub struct ProducerResource {
+    shared: Arc<Shared>,
+    /// To the enqueue thread (`enqueue_thread`); it ends when this resource goes.
+    jobs: Sender<Job>,
+}
+
+impl std::ops::Deref for ProducerResource {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 #[rustler::resource_impl]
@@ -191,7 +215,7 @@ fn closed() -> Error {
     Error::new("closed", "the producer is closed")
 }
 
-impl ProducerResource {
+impl Shared {
     fn client(&self) -> Result<Arc<Client>> {
         let guard = self.producer.read().map_err(|_| closed())?;
         guard.clone().ok_or_else(closed)
@@ -259,44 +283,88 @@ struct Out<'b> {
     partition: i32,
 }
 
-/// The owned form, for the part of a call that moves to a thread.
-struct OwnedOut {
+/// A call's messages (or the part of them left to enqueue) copied out of the caller's terms,
+/// for a thread: every key, value and header in one buffer, each message as ranges into it
+/// (one allocation for the bytes, one for the messages).
+struct Copied {
+    buf: Vec<u8>,
+    messages: Vec<CopiedOut>,
+}
+
+type Span = std::ops::Range<usize>;
+
+struct CopiedOut {
     index: usize,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    key: Option<Span>,
+    value: Option<Span>,
+    headers: Vec<(Span, Option<Span>)>,
     timestamp: Option<i64>,
     partition: i32,
 }
 
-impl OwnedOut {
-    fn new(index: usize, m: &Out<'_>) -> Self {
-        OwnedOut {
-            index,
-            key: m.key.map(<[u8]>::to_vec),
-            value: m.value.map(<[u8]>::to_vec),
+impl Copied {
+    /// Copies `outs`, numbering them from `first`.
+    fn new(outs: &[Out<'_>], first: usize) -> Self {
+        let bytes = outs.iter().map(Out::bytes).sum();
+        let mut buf = Vec::with_capacity(bytes);
+        let mut put = |bytes: &[u8]| {
+            let start = buf.len();
+            buf.extend_from_slice(bytes);
+            start..buf.len()
+        };
+        let messages = outs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| CopiedOut {
+                index: first + i,
+                key: m.key.map(&mut put),
+                value: m.value.map(&mut put),
+                headers: m
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (put(k), v.map(&mut put)))
+                    .collect(),
+                timestamp: m.timestamp,
+                partition: m.partition,
+            })
+            .collect();
+        Copied { buf, messages }
+    }
+
+    fn out(&self, m: &CopiedOut) -> Out<'_> {
+        let at = |span: &Span| &self.buf[span.clone()];
+        Out {
+            key: m.key.as_ref().map(at),
+            value: m.value.as_ref().map(at),
             headers: m
                 .headers
                 .iter()
-                .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+                .map(|(k, v)| (at(k), v.as_ref().map(at)))
                 .collect(),
             timestamp: m.timestamp,
             partition: m.partition,
         }
     }
 
-    fn borrow(&self) -> Out<'_> {
-        Out {
-            key: self.key.as_deref(),
-            value: self.value.as_deref(),
-            headers: self
+    /// The partition count a topic needs for every explicit partition here to exist.
+    fn needed_count(&self) -> i32 {
+        self.messages
+            .iter()
+            .map(|m| m.partition + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl Out<'_> {
+    fn bytes(&self) -> usize {
+        self.key.map_or(0, <[u8]>::len)
+            + self.value.map_or(0, <[u8]>::len)
+            + self
                 .headers
                 .iter()
-                .map(|(k, v)| (k.as_slice(), v.as_deref()))
-                .collect(),
-            timestamp: self.timestamp,
-            partition: self.partition,
-        }
+                .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
+                .sum::<usize>()
     }
 }
 
@@ -364,18 +432,96 @@ fn enqueue(
     }
 }
 
+/// Enqueues `messages`, waiting for room in librdkafka's queue until the deadline; a message
+/// that finds none by then fails with `queue_full`.
+fn enqueue_all(
+    producer: &Client,
+    topic: &str,
+    count: i32,
+    batch: &Arc<Batch>,
+    messages: &Copied,
+    deadline: Instant,
+) {
+    for m in &messages.messages {
+        let out = messages.out(m);
+        loop {
+            if batch.abandoned() {
+                return;
+            }
+            match enqueue(producer, topic, count, batch, m.index, &out) {
+                Enqueue::Done => break,
+                Enqueue::Full if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Enqueue::Full => {
+                    let error = Error::from_code(
+                        RDKafkaErrorCode::QueueFull,
+                        "librdkafka's queue stayed full until the timeout",
+                    );
+                    batch.report(m.index, Some(error));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One call handed to the enqueue thread.
+pub struct Job {
+    topic: String,
+    batch: Arc<Batch>,
+    messages: Copied,
+    deadline: Instant,
+}
+
+/// The producer's enqueue thread: hands each call's messages to librdkafka, so that
+/// `producer_send` returns from a normal scheduler after a copy. A call whose topic's
+/// partition count is not cached (the metadata request waits) goes to a thread of its own,
+/// so that it holds up no other call. Ends when the producer resource goes.
+fn enqueue_thread(shared: Arc<Shared>, queue: Receiver<Job>) {
+    for job in queue {
+        let needed = job.messages.needed_count();
+        let count = shared.cached_count(&job.topic).filter(|c| *c >= needed);
+        let (Some(count), Ok(producer)) = (count, shared.client()) else {
+            send_on_thread(
+                shared.clone(),
+                job.topic,
+                job.batch,
+                job.messages,
+                job.deadline,
+            );
+            continue;
+        };
+        let batch = job.batch.clone();
+        let run = || {
+            enqueue_all(
+                &producer,
+                &job.topic,
+                count,
+                &job.batch,
+                &job.messages,
+                job.deadline,
+            )
+        };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+            batch.fail_unreported(&Error::new("internal", "the produce failed inside the NIF"));
+        }
+        batch.enqueued();
+    }
+}
+
 /// The rest of a call, on a thread: learns the partition count if needed, then enqueues,
 /// waiting for room in librdkafka's queue until the deadline.
 fn send_on_thread(
-    resource: ResourceArc<ProducerResource>,
+    resource: Arc<Shared>,
     topic: String,
     batch: Arc<Batch>,
-    messages: Vec<OwnedOut>,
+    messages: Copied,
     deadline: Instant,
 ) {
     let guard = batch.clone();
     let run = move || {
-        let needed = messages.iter().map(|m| m.partition + 1).max().unwrap_or(0);
+        let needed = messages.needed_count();
         let count = match resource.partition_count(&topic, needed, deadline) {
             Ok(count) => count,
             Err(error) => {
@@ -396,28 +542,7 @@ fn send_on_thread(
                 return;
             }
         };
-        for m in &messages {
-            let out = m.borrow();
-            loop {
-                if batch.abandoned() {
-                    break;
-                }
-                match enqueue(&producer, &topic, count, &batch, m.index, &out) {
-                    Enqueue::Done => break,
-                    Enqueue::Full if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Enqueue::Full => {
-                        let error = Error::from_code(
-                            RDKafkaErrorCode::QueueFull,
-                            "librdkafka's queue stayed full until the timeout",
-                        );
-                        batch.report(m.index, Some(error));
-                        break;
-                    }
-                }
-            }
-        }
+        enqueue_all(&producer, &topic, count, &batch, &messages, deadline);
         batch.enqueued();
     };
     // A panic on this thread (the rdkafka crate panics on some malformed metadata from a
@@ -461,10 +586,17 @@ fn producer_new<'a>(
     let producer: Client = client_config(&bootstrap, &props)
         .create_with_context(ProducerCtx::default())
         .map_err(Error::from)?;
-    let resource = ResourceArc::new(ProducerResource {
+    let shared = Arc::new(Shared {
         producer: RwLock::new(Some(Arc::new(producer))),
         partitions: Mutex::new(HashMap::new()),
     });
+    let (jobs, queue) = channel::<Job>();
+    let thread_shared = shared.clone();
+    std::thread::Builder::new()
+        .name("ottla-enqueue".into())
+        .spawn(move || enqueue_thread(thread_shared, queue))
+        .map_err(|e| Error::new("thread_spawn", format!("could not start a thread: {e}")))?;
+    let resource = ResourceArc::new(ProducerResource { shared, jobs });
     Ok((atoms::ok(), resource).encode(env))
 }
 
@@ -497,36 +629,19 @@ fn decode_message(term: Term<'_>) -> Option<InMessage<'_>> {
     term.decode::<InMessage<'_>>().ok()
 }
 
-/// Enqueues every message of a call and returns `{:pending, batch}`
-/// `{:ottla_produced, tag, failures}` follows once every message has its verdict, where
-/// `failures` is `[{index, %Ottla.Error{}}]`. Runs on a dirty CPU scheduler: it only
-/// copies into librdkafka's queue, and hands anything that would wait to a thread.
-#[rustler::nif(schedule = "DirtyCpu")]
-fn producer_send<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<ProducerResource>,
-    pid: LocalPid,
-    tag: u64,
-    topic: String,
-    messages: Vec<Term<'a>>,
-    timeout_ms: u64,
-) -> Term<'a> {
-    // One pass over the caller's terms, borrowing their binaries: a message is a value
-    // binary, `{key, value}` (binaries or nil) or the encoded 5-tuple; anything else is
-    // encoded by the caller first.
-    let Some(messages) = messages
-        .iter()
-        .map(|t| decode_message(*t))
-        .collect::<Option<Vec<InMessage<'a>>>>()
-    else {
-        return atoms::needs_encoding().encode(env);
-    };
-    // Waits on the thread end a little before the caller's: a message that could not be
-    // handed to librdkafka then has its own verdict when the caller stops waiting.
-    let margin = (timeout_ms / 10).min(500);
-    let deadline = reply::deadline_after(Duration::from_millis(timeout_ms - margin));
-    let batch = Batch::new(pid, tag, messages.len());
-    let outs: Vec<Out<'_>> = messages
+/// The most bytes `producer_send` copies on a normal scheduler (about 0.1 ms of copying);
+/// a larger call is `:large`, for `producer_send_dirty`.
+const INLINE_BYTES: usize = 1 << 20;
+
+/// Decodes a call's terms in one pass, borrowing their binaries: a message is a value binary,
+/// `{key, value}` (binaries or nil) or the encoded 5-tuple; `None` if any is something else
+/// (the caller encodes those first).
+fn decode_all<'a>(messages: &[Term<'a>]) -> Option<Vec<InMessage<'a>>> {
+    messages.iter().map(|t| decode_message(*t)).collect()
+}
+
+fn outs_of<'b>(messages: &'b [InMessage<'_>]) -> Vec<Out<'b>> {
+    messages
         .iter()
         .map(|(key, value, headers, timestamp, partition)| Out {
             key: key.as_ref().map(|b| b.as_slice()),
@@ -538,7 +653,78 @@ fn producer_send<'a>(
             timestamp: *timestamp,
             partition: *partition,
         })
-        .collect();
+        .collect()
+}
+
+/// When the call's waits on Rust threads end: a little before the caller's, so that a
+/// message that could not be handed to librdkafka has its own verdict when the caller stops
+/// waiting.
+fn deadline_for(timeout_ms: u64) -> Instant {
+    let margin = (timeout_ms / 10).min(500);
+    reply::deadline_after(Duration::from_millis(timeout_ms - margin))
+}
+
+/// `{:pending, batch}`: every verdict may already be in (the message then is on its way);
+/// either way the caller waits for `{:ottla_produced, tag, failures}`.
+fn pending<'a>(env: Env<'a>, batch: Arc<Batch>) -> Term<'a> {
+    (atoms::pending(), ResourceArc::new(BatchResource(batch))).encode(env)
+}
+
+/// Copies a call's messages (at most [`INLINE_BYTES`]) and hands them to the producer's
+/// enqueue thread; returns `{:pending, batch}` on a normal scheduler without waiting for
+/// anything. `{:ottla_produced, tag, failures}` follows once every message has its verdict,
+/// where `failures` is `[{index, %Ottla.Error{}}]`. `:large` for a bigger call,
+/// `:needs_encoding` for terms of another shape.
+#[rustler::nif]
+fn producer_send<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<ProducerResource>,
+    pid: LocalPid,
+    tag: u64,
+    topic: String,
+    messages: Vec<Term<'a>>,
+    timeout_ms: u64,
+) -> Term<'a> {
+    let Some(decoded) = decode_all(&messages) else {
+        return atoms::needs_encoding().encode(env);
+    };
+    let outs = outs_of(&decoded);
+    if outs.iter().map(Out::bytes).sum::<usize>() > INLINE_BYTES {
+        return atoms::large().encode(env);
+    }
+    let batch = Batch::new(pid, tag, outs.len());
+    let job = Job {
+        topic,
+        batch: batch.clone(),
+        messages: Copied::new(&outs, 0),
+        deadline: deadline_for(timeout_ms),
+    };
+    if resource.jobs.send(job).is_err() {
+        batch.fail_unreported(&closed());
+        batch.enqueued();
+    }
+    pending(env, batch)
+}
+
+/// `producer_send` for calls of any size, on a dirty CPU scheduler: enqueues in place,
+/// borrowing the caller's binaries, and hands anything that would wait (an unknown partition
+/// count, a full queue) to a thread.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn producer_send_dirty<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<ProducerResource>,
+    pid: LocalPid,
+    tag: u64,
+    topic: String,
+    messages: Vec<Term<'a>>,
+    timeout_ms: u64,
+) -> Term<'a> {
+    let Some(decoded) = decode_all(&messages) else {
+        return atoms::needs_encoding().encode(env);
+    };
+    let outs = outs_of(&decoded);
+    let deadline = deadline_for(timeout_ms);
+    let batch = Batch::new(pid, tag, outs.len());
 
     let mut rest_from = 0;
     // A partition beyond the cached count may be one the topic has just grown: asked again.
@@ -569,19 +755,18 @@ fn producer_send<'a>(
     }
 
     if rest_from < outs.len() {
-        let rest: Vec<OwnedOut> = outs[rest_from..]
-            .iter()
-            .enumerate()
-            .map(|(i, m)| OwnedOut::new(rest_from + i, m))
-            .collect();
-        send_on_thread(resource, topic, batch.clone(), rest, deadline);
+        let rest = Copied::new(&outs[rest_from..], rest_from);
+        send_on_thread(
+            resource.shared.clone(),
+            topic,
+            batch.clone(),
+            rest,
+            deadline,
+        );
     } else {
         batch.enqueued();
     }
-
-    // Every verdict may already be in (the message then is on its way): either way the
-    // caller waits for {:ottla_produced, tag, failures}.
-    (atoms::pending(), ResourceArc::new(BatchResource(batch))).encode(env)
+    pending(env, batch)
 }
 
 /// The caller stopped waiting for `batch`. Returns `{:abandoned, failures, unreported}` (the
@@ -590,20 +775,25 @@ fn producer_send<'a>(
 /// message is already on its way to the caller.
 #[rustler::nif]
 fn producer_abandon<'a>(env: Env<'a>, batch: ResourceArc<BatchResource>) -> Term<'a> {
-    let mut st = batch.0.lock();
-    if st.sent {
+    let batch = &batch.0;
+    if batch
+        .state
+        .compare_exchange(OPEN, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return atoms::sent().encode(env);
     }
-    st.abandoned = true;
-    let mut failures = std::mem::take(&mut st.failures);
+    // Under the failures' lock no failure is half recorded; a delivery being recorded right
+    // now may show as unreported (still queued, possibly persisted): never as delivered
+    // when it failed.
+    let (mut failures, unreported) = {
+        let mut guard = batch.failures();
+        let unreported: Vec<usize> = (0..batch.reported.len())
+            .filter(|i| !batch.reported[*i].load(Ordering::Acquire))
+            .collect();
+        (std::mem::take(&mut *guard), unreported)
+    };
     failures.sort_by_key(|(index, _)| *index);
-    let unreported: Vec<usize> = st
-        .reported
-        .iter()
-        .enumerate()
-        .filter(|(_, reported)| !**reported)
-        .map(|(index, _)| index)
-        .collect();
     (atoms::abandoned(), failures, unreported).encode(env)
 }
 
