@@ -154,8 +154,12 @@ defmodule OttlaTest do
     test "an explicit :partition sends every message there" do
       topic = create_topic!(partitions: 4)
       assert :ok = Ottla.produce(endpoints(), topic, [{"a", "1"}, {"b", "2"}, "3"], partition: 2)
-      assert {3, msgs} = fetch_all!(topic, 2)
-      assert Enum.map(msgs, & &1.value) == ["1", "2", "3"]
+      # Messages the NIF reads as they are and messages encoded first (maps, iodata) alike.
+      assert :ok =
+               Ottla.produce(endpoints(), topic, [%{key: "c", value: "4"}, ["5"]], partition: 2)
+
+      assert {5, msgs} = fetch_all!(topic, 2)
+      assert Enum.map(msgs, & &1.value) == ["1", "2", "3", "4", "5"]
       for p <- [0, 1, 3], do: assert({0, []} == fetch_all!(topic, p))
     end
 

@@ -128,6 +128,8 @@ defmodule Bench do
     # Without prebuilt lists each call's list is built just before it (the schedulers
     # benchmark: large prebuilt heaps make garbage collections that are not Ottla's).
     prebuilt? = Keyword.get(opts, :prebuilt, true)
+    # `by_process: true`: process p sends to partition p - 1 (else the key places each message).
+    by_process? = Keyword.get(opts, :by_process, false)
 
     tasks =
       Enum.map(1..procs, fn p ->
@@ -145,7 +147,11 @@ defmodule Bench do
           send(parent, {:ready, self()})
 
           receive do
-            :go -> Enum.each(calls, &(:ok = Ottla.produce(conn, topic, &1, timeout: 60_000)))
+            :go ->
+              opts =
+                if by_process?, do: [timeout: 60_000, partition: p - 1], else: [timeout: 60_000]
+
+              Enum.each(calls, &(:ok = Ottla.produce(conn, topic, &1, opts)))
           end
         end)
       end)

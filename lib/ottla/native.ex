@@ -16,10 +16,10 @@ defmodule Ottla.Native do
   def producer_partition_count(_pid, _tag, _producer, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def producer_send(_producer, _pid, _tag, _topic, _messages, _timeout),
+  def producer_send(_producer, _pid, _tag, _topic, _messages, _partition, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def producer_send_dirty(_producer, _pid, _tag, _topic, _messages, _timeout),
+  def producer_send_dirty(_producer, _pid, _tag, _topic, _messages, _partition, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def producer_abandon(_batch), do: :erlang.nif_error(:nif_not_loaded)

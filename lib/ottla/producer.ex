@@ -56,9 +56,10 @@ defmodule Ottla.Producer do
         raise(ArgumentError, "invalid messages #{inspect(messages, limit: 5)}: not a proper list")
 
     # Binaries and {key, value} pairs of binaries go to the NIF as they are (it reads them in
-    # place); other shapes (iodata, maps) and calls that set partitions are encoded here.
+    # place, and gives them the call's :partition); other shapes (iodata, maps) and calls with
+    # an Elixir-side partitioner are encoded here.
     encoded =
-      if is_nil(partition) and partitioner == :default and all_plain?(originals),
+      if (partition != nil or partitioner == :default) and all_plain?(originals),
         do: originals,
         else: Enum.map(originals, &encode!/1)
 
@@ -208,14 +209,17 @@ defmodule Ottla.Producer do
         left = max(timeout - (System.monotonic_time(:millisecond) - started), 0)
         tag = System.unique_integer([:positive])
 
-        case native_send(producer, tag, topic, tuples, left) do
+        # Messages without a partition of their own (-1) go to the call's :partition.
+        call_partition = partition || -1
+
+        case native_send(producer, tag, topic, tuples, call_partition, left) do
           {:pending, batch} ->
             await(batch, tag, originals, left)
 
           :needs_encoding ->
             # Not reached with the shapes all_plain?/1 lets through; a safe path all the same.
             encoded = Enum.map(originals, &encode!/1)
-            {:pending, batch} = native_send(producer, tag, topic, encoded, left)
+            {:pending, batch} = native_send(producer, tag, topic, encoded, call_partition, left)
             await(batch, tag, originals, left)
         end
 
@@ -226,14 +230,17 @@ defmodule Ottla.Producer do
 
   # A call of up to @inline_messages messages and 1 MiB is copied on this scheduler and handed
   # to the producer's thread; a larger one enqueues on a dirty CPU scheduler.
-  defp native_send(producer, tag, topic, messages, timeout) do
+  defp native_send(producer, tag, topic, messages, partition, timeout) do
     if length(messages) <= @inline_messages do
-      case Native.producer_send(producer, self(), tag, topic, messages, timeout) do
-        :large -> Native.producer_send_dirty(producer, self(), tag, topic, messages, timeout)
-        other -> other
+      case Native.producer_send(producer, self(), tag, topic, messages, partition, timeout) do
+        :large ->
+          Native.producer_send_dirty(producer, self(), tag, topic, messages, partition, timeout)
+
+        other ->
+          other
       end
     else
-      Native.producer_send_dirty(producer, self(), tag, topic, messages, timeout)
+      Native.producer_send_dirty(producer, self(), tag, topic, messages, partition, timeout)
     end
   end
 
@@ -288,10 +295,10 @@ defmodule Ottla.Producer do
      failed}
   end
 
+  # The NIF gives the call's partition to every message.
   defp assign_partitions(_producer, _topic, encoded, partition, _partitioner, _timeout)
-       when is_integer(partition) do
-    {:ok, Enum.map(encoded, &put_elem(&1, 4, partition))}
-  end
+       when is_integer(partition),
+       do: {:ok, encoded}
 
   defp assign_partitions(_producer, _topic, encoded, nil, :default, _timeout), do: {:ok, encoded}
 

@@ -3,11 +3,15 @@
 //! machine in the same run.
 //!
 //! ```text
-//! ottla-baseline produce BOOTSTRAP TOPIC MESSAGES THREADS BATCH [VALUE_BYTES]
+//! ottla-baseline produce BOOTSTRAP TOPIC MESSAGES THREADS BATCH [VALUE_BYTES [PLACEMENT]]
 //!     THREADS threads each send their share in calls of BATCH keyed messages (16-byte key,
 //!     VALUE_BYTES-byte value, 100 unless given) and wait for every delivery report of a call
 //!     before the next, with the producer settings Ottla uses (idempotent, acks=all,
-//!     linger.ms 0), after one warm-up message.
+//!     linger.ms 0), after one warm-up message. BATCH = MESSAGES with one thread is "all
+//!     queued at once": every message handed to librdkafka (waiting 1 ms whenever its queue
+//!     is full), then every report awaited. PLACEMENT `keyed` (the default) lets the
+//!     partitioner place each message by its key; `by-thread` sends thread t's messages to
+//!     partition t.
 //! ottla-baseline consume BOOTSTRAP TOPIC GROUP MESSAGES
 //!     a group member as a user of the rdkafka crate writes one: a `BaseConsumer` polling its
 //!     one queue with librdkafka's default fetch settings (but `fetch.queue.backoff.ms` 10,
@@ -40,27 +44,19 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["produce", bootstrap, topic, messages, threads, batch] => produce(
-            bootstrap,
-            topic,
-            number(messages),
-            number(threads),
-            number(batch),
-            VALUE_BYTES,
-        ),
-        ["produce", bootstrap, topic, messages, threads, batch, value] => produce(
-            bootstrap,
-            topic,
-            number(messages),
-            number(threads),
-            number(batch),
-            number(value),
-        ),
+        ["produce", bootstrap, topic, messages, threads, batch, rest @ ..] if rest.len() <= 2 => {
+            let value = rest.first().map_or(VALUE_BYTES, |v| number(v));
+            match rest.get(1).copied().unwrap_or("keyed") {
+                "keyed" => produce(bootstrap, topic, number(messages), number(threads), number(batch), value, false),
+                "by-thread" => produce(bootstrap, topic, number(messages), number(threads), number(batch), value, true),
+                other => Err(format!("placement {other:?}: expected keyed or by-thread")),
+            }
+        }
         ["consume", bootstrap, topic, group, messages] => {
             consume(bootstrap, topic, group, number(messages))
         }
         _ => Err(
-            "usage: ottla-baseline produce BOOTSTRAP TOPIC MESSAGES THREADS BATCH\n       \
+            "usage: ottla-baseline produce BOOTSTRAP TOPIC MESSAGES THREADS BATCH [VALUE_BYTES [keyed|by-thread]]\n       \
              ottla-baseline consume BOOTSTRAP TOPIC GROUP MESSAGES"
                 .to_string(),
         ),
@@ -135,6 +131,7 @@ fn produce(
     threads: usize,
     batch: usize,
     value_bytes: usize,
+    by_thread: bool,
 ) -> Result<(), String> {
     let producer: ThreadedProducer<Reports> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -195,6 +192,9 @@ fn produce(
                         let mut record = BaseRecord::with_opaque_to(topic, call.clone())
                             .key(key.as_bytes())
                             .payload(value.as_slice());
+                        if by_thread {
+                            record = record.partition(t as i32);
+                        }
                         loop {
                             match producer.send(record) {
                                 Ok(()) => break,

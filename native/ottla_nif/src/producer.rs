@@ -619,14 +619,19 @@ fn producer_partition_count(
     })
 }
 
-fn decode_message(term: Term<'_>) -> Option<InMessage<'_>> {
+/// A message's own partition, or the call's (`partition`, -1 for none) where it has none.
+fn decode_message(term: Term<'_>, partition: i32) -> Option<InMessage<'_>> {
     if let Ok(value) = term.decode::<Binary<'_>>() {
-        return Some((None, Some(value), Vec::new(), None, -1));
+        return Some((None, Some(value), Vec::new(), None, partition));
     }
     if let Ok((key, value)) = term.decode::<(Option<Binary<'_>>, Option<Binary<'_>>)>() {
-        return Some((key, value, Vec::new(), None, -1));
+        return Some((key, value, Vec::new(), None, partition));
     }
-    term.decode::<InMessage<'_>>().ok()
+    let mut message = term.decode::<InMessage<'_>>().ok()?;
+    if message.4 < 0 {
+        message.4 = partition;
+    }
+    Some(message)
 }
 
 /// The most bytes `producer_send` copies on a normal scheduler (about 0.1 ms of copying);
@@ -635,9 +640,13 @@ const INLINE_BYTES: usize = 1 << 20;
 
 /// Decodes a call's terms in one pass, borrowing their binaries: a message is a value binary,
 /// `{key, value}` (binaries or nil) or the encoded 5-tuple; `None` if any is something else
-/// (the caller encodes those first).
-fn decode_all<'a>(messages: &[Term<'a>]) -> Option<Vec<InMessage<'a>>> {
-    messages.iter().map(|t| decode_message(*t)).collect()
+/// (the caller encodes those first). A message without a partition of its own gets the call's
+/// `partition` (-1: the partitioner chooses).
+fn decode_all<'a>(messages: &[Term<'a>], partition: i32) -> Option<Vec<InMessage<'a>>> {
+    messages
+        .iter()
+        .map(|t| decode_message(*t, partition))
+        .collect()
 }
 
 fn outs_of<'b>(messages: &'b [InMessage<'_>]) -> Vec<Out<'b>> {
@@ -671,7 +680,8 @@ fn pending<'a>(env: Env<'a>, batch: Arc<Batch>) -> Term<'a> {
 }
 
 /// Copies a call's messages (at most [`INLINE_BYTES`]) and hands them to the producer's
-/// enqueue thread; returns `{:pending, batch}` on a normal scheduler without waiting for
+/// enqueue thread (`partition`: the partition of every message that names none, -1 to let the
+/// partitioner choose); returns `{:pending, batch}` on a normal scheduler without waiting for
 /// anything. `{:ottla_produced, tag, failures}` follows once every message has its verdict,
 /// where `failures` is `[{index, %Ottla.Error{}}]`. `:large` for a bigger call,
 /// `:needs_encoding` for terms of another shape.
@@ -683,9 +693,10 @@ fn producer_send<'a>(
     tag: u64,
     topic: String,
     messages: Vec<Term<'a>>,
+    partition: i32,
     timeout_ms: u64,
 ) -> Term<'a> {
-    let Some(decoded) = decode_all(&messages) else {
+    let Some(decoded) = decode_all(&messages, partition) else {
         return atoms::needs_encoding().encode(env);
     };
     let outs = outs_of(&decoded);
@@ -717,9 +728,10 @@ fn producer_send_dirty<'a>(
     tag: u64,
     topic: String,
     messages: Vec<Term<'a>>,
+    partition: i32,
     timeout_ms: u64,
 ) -> Term<'a> {
-    let Some(decoded) = decode_all(&messages) else {
+    let Some(decoded) = decode_all(&messages, partition) else {
         return atoms::needs_encoding().encode(env);
     };
     let outs = outs_of(&decoded);
