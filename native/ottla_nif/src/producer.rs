@@ -686,6 +686,7 @@ fn pending<'a>(env: Env<'a>, batch: Arc<Batch>) -> Term<'a> {
 /// where `failures` is `[{index, %Ottla.Error{}}]`. `:large` for a bigger call,
 /// `:needs_encoding` for terms of another shape.
 #[rustler::nif]
+#[allow(clippy::too_many_arguments)]
 fn producer_send<'a>(
     env: Env<'a>,
     resource: ResourceArc<ProducerResource>,
@@ -721,6 +722,7 @@ fn producer_send<'a>(
 /// borrowing the caller's binaries, and hands anything that would wait (an unknown partition
 /// count, a full queue) to a thread.
 #[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
 fn producer_send_dirty<'a>(
     env: Env<'a>,
     resource: ResourceArc<ProducerResource>,
