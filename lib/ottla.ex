@@ -13,7 +13,10 @@ defmodule Ottla do
   list, closed once no call has used them for 30 seconds. Partition counts are remembered
   for 30 seconds (forgotten at once when a topic is created, grown or deleted through Ottla,
   and asked again for a partition beyond the remembered count); `list_topics/2` always asks
-  the cluster. A produce with endpoints uses a short-lived producer (see `produce/4`).
+  the cluster. Creating, growing and deleting a topic use an admin client of their own each
+  time (a long-lived client that looked at a topic while it was being created can go on
+  seeing it without partitions for a while). A produce with endpoints uses a short-lived
+  producer (see `produce/4`).
 
   ## Example
 
