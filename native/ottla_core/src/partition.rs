@@ -314,9 +314,14 @@ impl<M: Offset + Clone> Partition<M> {
     }
 
     /// The partition starts where its worker says ([`Event::Start`]), not where librdkafka
-    /// starts: offsets kept elsewhere.
+    /// starts: offsets kept elsewhere. It starts paused (the glue pauses it in librdkafka at
+    /// the assignment, before anything is fetched), and fetching resumes only once librdkafka
+    /// has confirmed the seek to the start position: a partition whose fetcher already
+    /// fetched to the log end from librdkafka's own start, and was sought back while doing
+    /// so, was seen never to fetch again.
     pub fn awaiting_start(mut self) -> Self {
         self.awaiting_start = true;
+        self.paused = true;
         self
     }
 
@@ -728,6 +733,8 @@ impl<M: Offset + Clone> Partition<M> {
     fn maybe_resume(&mut self, effects: &mut Vec<Effect<M>>) {
         if self.paused
             && !self.revoking
+            && !self.awaiting_start
+            && self.seeking.is_none()
             && self.backlog.len() <= self.max_backlog / 2
             && self.backlog_bytes <= self.max_bytes / 2
         {
@@ -984,14 +991,17 @@ mod tests {
             effects: Vec::new(),
         };
         assert!(r.p.is_awaiting_start());
-        // Fetched from where librdkafka started (auto.offset.reset): never delivered, and the
-        // partition is paused until it knows where to start.
+        // Paused from the start (the glue pauses it at the assignment); what librdkafka still
+        // fetched from where it started (auto.offset.reset) is never delivered.
+        assert!(r.p.paused());
         assert_eq!(r.on(Event::Fetched(M(0))), Intake::Discarded);
-        assert_eq!(r.take(), vec![Effect::Pause]);
-        assert_eq!(r.on(Event::Fetched(M(1))), Intake::Discarded);
-        assert!(r.take().is_empty(), "paused once");
+        assert!(r.take().is_empty(), "paused already");
         r.on(Event::Start { from: Some(4) });
-        assert_eq!(r.take(), vec![Effect::Seek(4), Effect::Resume]);
+        assert_eq!(
+            r.take(),
+            vec![Effect::Seek(4)],
+            "no resume before the seek is done"
+        );
         assert!(!r.p.is_awaiting_start());
         assert_eq!(
             r.on(Event::Fetched(M(1))),
@@ -1001,7 +1011,13 @@ mod tests {
         // librdkafka refused the seek (its fetcher had not started): asked again.
         r.on(Event::SeekFailed { offset: 4 });
         assert_eq!(r.take(), vec![Effect::Seek(4)]);
+        assert!(r.p.paused());
         r.on(Event::SeekDone { offset: 4 });
+        assert_eq!(
+            r.take(),
+            vec![Effect::Resume],
+            "fetching from the start position"
+        );
         r.fetch(4..7);
         assert_eq!(r.delivered(), vec![vec![4, 5, 6]]);
         assert_eq!(

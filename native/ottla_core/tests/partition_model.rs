@@ -320,7 +320,8 @@ impl Assignment {
             max_added: None,
             next_exp: start,
             credit: false,
-            paused: false,
+            // Offsets elsewhere: paused from the start, by the glue at the assignment.
+            paused: elsewhere,
             seek_pending: None,
             seeks: 0,
             revoked: false,
@@ -1756,6 +1757,8 @@ impl Sim<'_> {
         } else {
             start
         });
+        // ... paused there by the glue at the assignment, until the start seek is confirmed.
+        self.fetch.paused = self.elsewhere;
         // The partition's slot, and its backoff timer, went with the old assignment.
         self.retry_timer = false;
         // A seek is not kept over a rebalance: the new owner starts at the commit.
@@ -2090,7 +2093,10 @@ fn run_case(seed: u64, case: u64, lines: &mut Vec<String>, stats: &mut Stats) ->
             elsewhere,
             max_bytes,
         ),
-        fetch: Fetcher::new(if elsewhere { reset } else { s0 }),
+        fetch: Fetcher {
+            paused: elsewhere,
+            ..Fetcher::new(if elsewhere { reset } else { s0 })
+        },
         worker: None,
         orphans: Vec::new(),
         delivered: vec![0; (len + 1) as usize],

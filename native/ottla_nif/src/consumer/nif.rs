@@ -139,6 +139,9 @@ fn consumer_new<'a>(
                 .map_err(Error::from)?;
         }
         consumer.assign(&tpl).map_err(Error::from)?;
+        if shared.settings.start_from_worker {
+            super::rebalance::hold_for_start(&consumer, &tpl);
+        }
         super::rebalance::split_queues(&consumer, &tpl);
         super::rebalance::assigned(&shared, &tpl);
     }

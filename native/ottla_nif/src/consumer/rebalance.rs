@@ -44,6 +44,22 @@ pub(super) fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
+/// Offsets kept elsewhere: newly assigned partitions are paused before anything is fetched,
+/// and each resumes once librdkafka confirms the seek to where its worker starts it (the
+/// state machines start paused and ask for the resume). A partition that fetched on from
+/// librdkafka's own start (`auto.offset.reset`, nothing being committed) up to the log end,
+/// and was sought back meanwhile, was seen never to fetch again: its messages after the
+/// stored offset were never delivered.
+pub fn hold_for_start(consumer: &BaseConsumer<GroupCtx>, tpl: &TopicPartitionList) {
+    if let Err(err) = consumer.pause(tpl) {
+        log(
+            atoms::warning(),
+            "PAUSE",
+            &format!("pause after assign failed: {err}"),
+        );
+    }
+}
+
 /// Records newly assigned partitions under a new generation and tells the manager:
 /// `{:ottla_assigned, generation, [{topic, partition}]}`.
 pub fn assigned(shared: &Shared, tpl: &TopicPartitionList) {
@@ -237,7 +253,9 @@ impl ConsumerContext for GroupCtx {
             // librdkafka keeps a partition's pause flag across unassign/assign; a new
             // assignment starts with an empty backlog, so it must flow.
             if tpl.count() > 0 {
-                if let Err(err) = consumer.resume(tpl) {
+                if self.shared.settings.start_from_worker {
+                    hold_for_start(consumer, tpl);
+                } else if let Err(err) = consumer.resume(tpl) {
                     log(
                         atoms::warning(),
                         "RESUME",
