@@ -315,10 +315,8 @@ impl<M: Offset + Clone> Partition<M> {
 
     /// The partition starts where its worker says ([`Event::Start`]), not where librdkafka
     /// starts: offsets kept elsewhere. It starts paused (the glue pauses it in librdkafka at
-    /// the assignment, before anything is fetched), and fetching resumes only once librdkafka
-    /// has confirmed the seek to the start position: a partition whose fetcher already
-    /// fetched to the log end from librdkafka's own start, and was sought back while doing
-    /// so, was seen never to fetch again.
+    /// the assignment, before anything is fetched: see the glue's `hold_for_start` for why),
+    /// and fetching resumes only once librdkafka has confirmed the seek to the start position.
     pub fn awaiting_start(mut self) -> Self {
         self.awaiting_start = true;
         self.paused = true;

@@ -251,7 +251,8 @@ impl ConsumerContext for GroupCtx {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             // librdkafka keeps a partition's pause flag across unassign/assign; a new
-            // assignment starts with an empty backlog, so it must flow.
+            // assignment starts with an empty backlog, so it must flow, unless it waits for
+            // its worker's start position (offsets elsewhere).
             if tpl.count() > 0 {
                 if self.shared.settings.start_from_worker {
                     hold_for_start(consumer, tpl);
