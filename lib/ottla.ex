@@ -99,6 +99,48 @@ defmodule Ottla do
     do: Ottla.Producer.produce(target, topic, messages, opts)
 
   @doc """
+  Runs `fun` in a Kafka transaction on `connection`'s transactional producer (one started with
+  `producer: [transactional_id: "…"]`).
+
+  Every `produce/4` to `connection` from the calling process while `fun` runs joins the
+  transaction. When `fun` returns, the transaction commits and the call returns
+  `{:ok, fun_result}`: all its messages become visible to `read_committed` readers (Ottla's
+  consumers and fetches) together. When `fun` raises, throws or exits, the transaction is
+  aborted and the exception goes on: none of its messages is ever visible. When the commit
+  fails (a message could not be delivered, say), the transaction is aborted and the call
+  returns `{:error, %Ottla.Error{}}`; a produce call inside `fun` that failed has made the
+  transaction one that can only abort.
+
+  One transaction is open on a producer at a time: concurrent callers wait their turn. A
+  caller that dies has its transaction aborted. Outside `transaction/3`, a `produce/4` call to
+  a transactional connection is a transaction of its own.
+
+  A producer fenced by a newer one with the same transactional id (another instance started
+  with it) answers `{:error, %Ottla.Error{code: :fenced}}` from then on and is not restarted:
+  the newer one has taken over. Transactions do not nest.
+
+  ## Options
+
+    * `:timeout` - milliseconds to wait for the transaction to begin (its turn, and the
+      producer's start on a cluster that is away), and again for the commit. When a commit
+      does not finish in time the call returns `code: :timed_out` with
+      `possibly_persisted?: true`: the producer goes on committing it before any other
+      transaction begins. Defaults to `30000`.
+
+  ## Example
+
+      {:ok, :done} =
+        Ottla.transaction(:conn, fn ->
+          :ok = Ottla.produce(:conn, "orders", {"id-1", "created"})
+          :ok = Ottla.produce(:conn, "audit", {"id-1", "order created"})
+          :done
+        end)
+  """
+  @spec transaction(atom, (() -> result), keyword) :: {:ok, result} | {:error, Ottla.Error.t()}
+        when result: term
+  def transaction(connection, fun, opts \\ []), do: Ottla.Transaction.run(connection, fun, opts)
+
+  @doc """
   Creates a topic and waits until the leader of every partition serves it, so a produce or
   fetch right after it finds the topic.
 

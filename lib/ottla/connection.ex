@@ -5,7 +5,7 @@ defmodule Ottla.Connection do
   use GenServer
   require Logger
 
-  defstruct [:name, :bootstrap, :config, :producer, :clients, :pid]
+  defstruct [:name, :bootstrap, :config, :producer, :clients, :pid, transactional?: false]
 
   @type t :: %__MODULE__{
           name: atom,
@@ -13,7 +13,8 @@ defmodule Ottla.Connection do
           config: [{String.t(), String.t()}],
           producer: reference | nil,
           clients: reference,
-          pid: pid
+          pid: pid,
+          transactional?: boolean
         }
 
   @producer_defaults [
@@ -86,7 +87,8 @@ defmodule Ottla.Connection do
         config: config,
         producer: producer,
         clients: Ottla.Native.clients_new(bootstrap, config),
-        pid: self()
+        pid: self(),
+        transactional?: transactional?(config, opts[:producer])
       }
 
       :persistent_term.put({__MODULE__, name}, conn)
@@ -112,7 +114,12 @@ defmodule Ottla.Connection do
   def handle_call({:start_producer, producer_config}, _from, conn) do
     case start_producer(conn.bootstrap, conn.config, producer_config) do
       {:ok, producer} ->
-        conn = %{conn | producer: producer}
+        conn = %{
+          conn
+          | producer: producer,
+            transactional?: transactional?(conn.config, producer_config)
+        }
+
         :persistent_term.put({__MODULE__, conn.name}, conn)
         {:reply, :ok, conn}
 
@@ -120,6 +127,31 @@ defmodule Ottla.Connection do
         {:reply, {:error, error}, conn}
     end
   end
+
+  # The producer is transactional when its configuration (the last value wins) has an id.
+  defp transactional?(_config, nil), do: false
+
+  defp transactional?(config, producer_config) do
+    case List.keyfind(Enum.reverse(config ++ producer_config), "transactional.id", 0) do
+      {_, id} when id != "" -> true
+      _ -> false
+    end
+  end
+
+  # A transactional producer's fatal error other than fencing: the connection stops and its
+  # supervisor starts it again, with a new producer. (A fenced producer stays as it is: a
+  # newer one with its id has taken over.)
+  @impl true
+  def handle_info({:ottla_producer_failed, %Ottla.Error{} = error}, conn) do
+    Logger.error(
+      "Ottla connection #{inspect(conn.name)}: the transactional producer failed " <>
+        "(#{error.code}): #{error.message}; restarting the connection"
+    )
+
+    {:stop, {:producer_failed, error}, conn}
+  end
+
+  def handle_info(_message, conn), do: {:noreply, conn}
 
   defp start_producer(_bootstrap, _config, nil), do: {:ok, nil}
 

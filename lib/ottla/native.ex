@@ -16,15 +16,19 @@ defmodule Ottla.Native do
   def producer_partition_count(_pid, _tag, _producer, _topic, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def producer_send(_producer, _pid, _tag, _topic, _messages, _partition, _timeout),
+  def producer_send(_producer, _pid, _tag, _topic, _messages, _partition, _txn, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def producer_send_dirty(_producer, _pid, _tag, _topic, _messages, _partition, _timeout),
+  def producer_send_dirty(_producer, _pid, _tag, _topic, _messages, _partition, _txn, _timeout),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def producer_abandon(_batch), do: :erlang.nif_error(:nif_not_loaded)
   def producer_flush(_pid, _tag, _producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
   def producer_close(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
+
+  def transaction_begin(_producer, _tag), do: :erlang.nif_error(:nif_not_loaded)
+  def transaction_cancel(_call), do: :erlang.nif_error(:nif_not_loaded)
+  def transaction_finish(_call, _commit, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 
   # Clients that admin, fetch and metadata calls reuse (see native/ottla_nif/src/clients.rs).
   def clients_new(_bootstrap, _props), do: :erlang.nif_error(:nif_not_loaded)

@@ -49,6 +49,15 @@ defmodule Ottla.Producer do
     partition = opts[:partition] && Options.integer!(opts[:partition], :partition, 0)
     partitioner = partitioner!(opts[:partitioner])
     extra_config = Options.kafka_config!(opts[:config])
+
+    if List.keymember?(extra_config, "transactional.id", 0),
+      do:
+        raise(
+          ArgumentError,
+          "invalid :config: a transactional.id belongs to a connection's producer " <>
+            "(Ottla.Supervisor's producer: [transactional_id: ...]), not to one call"
+        )
+
     originals = if is_list(messages), do: messages, else: [messages]
 
     unless Options.proper_list?(originals),
@@ -174,8 +183,34 @@ defmodule Ottla.Producer do
 
         whole_call_failed(error, originals)
 
+      conn != nil and conn.transactional? ->
+        send =
+          &send_batch(
+            conn.producer,
+            topic,
+            encoded,
+            originals,
+            partition,
+            partitioner,
+            timeout,
+            &1
+          )
+
+        # Inside Ottla.transaction/3 the messages join the caller's transaction; outside
+        # it, the call is a transaction of its own.
+        case Ottla.Transaction.current(conn) do
+          nil ->
+            case Ottla.Transaction.produce_alone(conn, timeout, send) do
+              :ok -> :ok
+              {:error, error} -> whole_call_failed(error, originals)
+            end
+
+          txn ->
+            send.(txn)
+        end
+
       conn != nil ->
-        send_batch(conn.producer, topic, encoded, originals, partition, partitioner, timeout)
+        send_batch(conn.producer, topic, encoded, originals, partition, partitioner, timeout, 0)
 
       true ->
         # librdkafka gives every message its verdict within message.timeout.ms: a little
@@ -190,7 +225,7 @@ defmodule Ottla.Producer do
         case Native.producer_new(bootstrap, props) do
           {:ok, producer} ->
             try do
-              send_batch(producer, topic, encoded, originals, partition, partitioner, timeout)
+              send_batch(producer, topic, encoded, originals, partition, partitioner, timeout, 0)
             after
               Native.producer_close(producer, 1_000)
             end
@@ -201,7 +236,8 @@ defmodule Ottla.Producer do
     end
   end
 
-  defp send_batch(producer, topic, encoded, originals, partition, partitioner, timeout) do
+  # `txn`: the id of the caller's open transaction on a transactional producer, 0 otherwise.
+  defp send_batch(producer, topic, encoded, originals, partition, partitioner, timeout, txn) do
     started = System.monotonic_time(:millisecond)
 
     case assign_partitions(producer, topic, encoded, partition, partitioner, timeout) do
@@ -212,14 +248,17 @@ defmodule Ottla.Producer do
         # Messages without a partition of their own (-1) go to the call's :partition.
         call_partition = partition || -1
 
-        case native_send(producer, tag, topic, tuples, call_partition, left) do
+        case native_send(producer, tag, topic, tuples, {call_partition, txn}, left) do
           {:pending, batch} ->
             await(batch, tag, originals, left)
 
           :needs_encoding ->
             # Not reached with the shapes all_plain?/1 lets through; a safe path all the same.
             encoded = Enum.map(originals, &encode!/1)
-            {:pending, batch} = native_send(producer, tag, topic, encoded, call_partition, left)
+
+            {:pending, batch} =
+              native_send(producer, tag, topic, encoded, {call_partition, txn}, left)
+
             await(batch, tag, originals, left)
         end
 
@@ -230,17 +269,26 @@ defmodule Ottla.Producer do
 
   # A call of up to @inline_messages messages and 1 MiB is copied on this scheduler and handed
   # to the producer's thread; a larger one enqueues on a dirty CPU scheduler.
-  defp native_send(producer, tag, topic, messages, partition, timeout) do
+  defp native_send(producer, tag, topic, messages, {partition, txn}, timeout) do
     if length(messages) <= @inline_messages do
-      case Native.producer_send(producer, self(), tag, topic, messages, partition, timeout) do
+      case Native.producer_send(producer, self(), tag, topic, messages, partition, txn, timeout) do
         :large ->
-          Native.producer_send_dirty(producer, self(), tag, topic, messages, partition, timeout)
+          Native.producer_send_dirty(
+            producer,
+            self(),
+            tag,
+            topic,
+            messages,
+            partition,
+            txn,
+            timeout
+          )
 
         other ->
           other
       end
     else
-      Native.producer_send_dirty(producer, self(), tag, topic, messages, partition, timeout)
+      Native.producer_send_dirty(producer, self(), tag, topic, messages, partition, txn, timeout)
     end
   end
 

@@ -34,6 +34,9 @@ defmodule Ottla.Supervisor do
       lingering for more would only delay it) and `message.timeout.ms=30000` unless
       overridden. Without it,
       `Ottla.produce/4` on the connection returns `{:error, %Ottla.Error{code: :no_producer}, _}`.
+      With `transactional_id: "…"` the producer is transactional: `Ottla.transaction/3` runs
+      transactions on it, and it fences (stops) any older producer with the same id as it
+      starts. Give each producer its own id, stable across restarts of the same producer.
     * `:group_consumer` - consume `:topics` as a member of consumer group `:group`; see
       "Group consumer options" below.
     * `:consumer` - consume without a group (Elsa's `consumer:`): fixed partitions, no
@@ -345,9 +348,26 @@ defmodule Ottla.Supervisor do
 
     Enum.flat_map(entries, fn entry ->
       # :poll (pick up new partitions) is what librdkafka does on its own.
-      entry = Ottla.Options.keyword!(entry, [:topic, :poll, config: []], ":producer")
+      entry =
+        Ottla.Options.keyword!(entry, [:topic, :poll, :transactional_id, config: []], ":producer")
+
       if entry[:topic], do: Ottla.Options.topic!(entry[:topic])
-      Ottla.Options.kafka_config!(entry[:config], :producer)
+      config = Ottla.Options.kafka_config!(entry[:config], :producer)
+
+      case entry[:transactional_id] do
+        nil ->
+          config
+
+        id when is_binary(id) and id != "" ->
+          unless Ottla.Options.text?(id),
+            do: raise(ArgumentError, "invalid :transactional_id #{inspect(id)}: not UTF-8 text")
+
+          [{"transactional.id", id} | List.keydelete(config, "transactional.id", 0)]
+
+        other ->
+          raise ArgumentError,
+                "invalid :transactional_id #{inspect(other)}: expected a non-empty string"
+      end
     end)
   end
 

@@ -10,6 +10,9 @@ defmodule Ottla.Telemetry do
   | `[:ottla, :produce, :start]` | `system_time`, `count` | `topic`, `target` |
   | `[:ottla, :produce, :stop]` | `duration`, `count`, `bytes`, `failed` | `topic`, `target`, `result` (`:ok` / `:error`) |
   | `[:ottla, :produce, :exception]` | `duration` | `topic`, `target`, `kind`, `reason` |
+  | `[:ottla, :transaction, :start]` | `system_time` | `connection` |
+  | `[:ottla, :transaction, :stop]` | `duration` | `connection`, `result` (`:committed` / `:failed`) |
+  | `[:ottla, :transaction, :exception]` | `duration` | `connection`, `kind`, `reason` (the transaction was aborted) |
   | `[:ottla, :consumer, :batch, :start]` | `system_time`, `count` | `connection`, `topic`, `partition`, `generation_id`, `attempt`, `lag` |
   | `[:ottla, :consumer, :batch, :stop]` | `duration`, `count` | the same, and `result` (`:ok` / `:error`) |
   | `[:ottla, :consumer, :batch, :exception]` | `duration`, `count` | the same, and `kind`, `reason` |

@@ -93,4 +93,9 @@ rustler::atoms! {
     max_buffered_bytes,
     ottla_drained,
     ottla_revoke,
+    ottla_txn,
+    ottla_producer_failed,
+    cancelled,
+    open,
+    gone,
 }

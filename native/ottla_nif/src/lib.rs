@@ -19,5 +19,6 @@ mod position;
 mod producer;
 mod reply;
 mod timing;
+mod transaction;
 
 rustler::init!("Elixir.Ottla.Native");

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::bindings as rd;
@@ -30,6 +30,7 @@ use crate::context::{send_reliably, OttlaContext};
 use crate::error::{Error, Result};
 use crate::metadata::partition_count;
 use crate::reply;
+use crate::transaction::Txn;
 
 /// How long a topic's partition count is trusted before metadata is asked again.
 const METADATA_TTL: Duration = Duration::from_secs(30);
@@ -49,6 +50,8 @@ pub struct Batch {
     /// [`OPEN`], then [`SENT`] (the final message went) or [`ABANDONED`] (the caller stopped
     /// waiting: nothing is sent any more).
     state: AtomicU8,
+    /// The transaction the messages belong to (0: none).
+    txn: u64,
 }
 
 const OPEN: u8 = 0;
@@ -56,10 +59,11 @@ const SENT: u8 = 1;
 const ABANDONED: u8 = 2;
 
 impl Batch {
-    fn new(pid: LocalPid, tag: u64, count: usize) -> Arc<Self> {
+    fn new(pid: LocalPid, tag: u64, count: usize, txn: u64) -> Arc<Self> {
         Arc::new(Batch {
             pid,
             tag,
+            txn,
             remaining: AtomicUsize::new(count + 1),
             reported: (0..count).map(|_| AtomicBool::new(false)).collect(),
             failures: Mutex::new(Vec::new()),
@@ -180,13 +184,15 @@ impl ProducerContext for ProducerCtx {
     }
 }
 
-type Client = ThreadedProducer<ProducerCtx>;
+pub(crate) type Client = ThreadedProducer<ProducerCtx>;
 
 /// What the NIFs and the producer's threads share.
 pub struct Shared {
     /// `None` once closed. Sends take the read lock; only `producer_close` writes.
     producer: RwLock<Option<Arc<Client>>>,
     partitions: Mutex<HashMap<String, (i32, Instant)>>,
+    /// A transactional producer's transactions.
+    txn: OnceLock<Arc<Txn>>,
 }
 
 pub struct ProducerResource {
@@ -216,7 +222,7 @@ fn closed() -> Error {
 }
 
 impl Shared {
-    fn client(&self) -> Result<Arc<Client>> {
+    pub(crate) fn client(&self) -> Result<Arc<Client>> {
         let guard = self.producer.read().map_err(|_| closed())?;
         guard.clone().ok_or_else(closed)
     }
@@ -224,6 +230,9 @@ impl Shared {
     /// Takes the producer out and closes it on a plain thread: closing flushes and joins
     /// librdkafka's threads, which must never happen on a BEAM scheduler.
     fn close(&self, flush: Duration) {
+        if let Some(txn) = self.txn() {
+            txn.stop();
+        }
         let taken = match self.producer.write() {
             Ok(mut slot) => slot.take(),
             Err(_) => None,
@@ -236,6 +245,10 @@ impl Shared {
                     drop(producer);
                 });
         }
+    }
+
+    pub(crate) fn txn(&self) -> Option<&Arc<Txn>> {
+        self.txn.get()
     }
 
     fn cached_count(&self, topic: &str) -> Option<i32> {
@@ -377,6 +390,7 @@ enum Enqueue {
 /// Hands one message to librdkafka; its verdict comes through the delivery report (or is
 /// recorded here when it cannot be enqueued).
 fn enqueue(
+    shared: &Shared,
     producer: &Client,
     topic: &str,
     count: i32,
@@ -420,6 +434,23 @@ fn enqueue(
         }
         record = record.headers(owned);
     }
+    // A transactional producer takes only the open transaction's messages, and that
+    // transaction cannot end while one is being handed over.
+    let _admitted = match (shared.txn(), batch.txn) {
+        (None, 0) => None,
+        (Some(txn), id) => match txn.admit(id, &batch.pid) {
+            Ok(admitted) => Some(admitted),
+            Err(error) => {
+                batch.report(index, Some(error));
+                return Enqueue::Done;
+            }
+        },
+        (None, _) => {
+            let error = Error::new("not_transactional", "the producer has no transactional id");
+            batch.report(index, Some(error));
+            return Enqueue::Done;
+        }
+    };
     match producer.send(record) {
         Ok(()) => Enqueue::Done,
         // `_back` owns this message's delivery opaque; dropping it releases the batch
@@ -435,6 +466,7 @@ fn enqueue(
 /// Enqueues `messages`, waiting for room in librdkafka's queue until the deadline; a message
 /// that finds none by then fails with `queue_full`.
 fn enqueue_all(
+    shared: &Shared,
     producer: &Client,
     topic: &str,
     count: i32,
@@ -448,7 +480,7 @@ fn enqueue_all(
             if batch.abandoned() {
                 return;
             }
-            match enqueue(producer, topic, count, batch, m.index, &out) {
+            match enqueue(shared, producer, topic, count, batch, m.index, &out) {
                 Enqueue::Done => break,
                 Enqueue::Full if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
@@ -495,6 +527,7 @@ fn enqueue_thread(shared: Arc<Shared>, queue: Receiver<Job>) {
         let batch = job.batch.clone();
         let run = || {
             enqueue_all(
+                &shared,
                 &producer,
                 &job.topic,
                 count,
@@ -542,7 +575,9 @@ fn send_on_thread(
                 return;
             }
         };
-        enqueue_all(&producer, &topic, count, &batch, &messages, deadline);
+        enqueue_all(
+            &resource, &producer, &topic, count, &batch, &messages, deadline,
+        );
         batch.enqueued();
     };
     // A panic on this thread (the rdkafka crate panics on some malformed metadata from a
@@ -589,7 +624,14 @@ fn producer_new<'a>(
     let shared = Arc::new(Shared {
         producer: RwLock::new(Some(Arc::new(producer))),
         partitions: Mutex::new(HashMap::new()),
+        txn: OnceLock::new(),
     });
+    // A transactional producer initialises at once (fencing any older one with its id), on
+    // its transaction thread; a fatal error is told to the process creating it.
+    if props.iter().any(|(k, _)| k == "transactional.id") {
+        let txn = Txn::start(&shared, env.pid())?;
+        let _ = shared.txn.set(txn);
+    }
     let (jobs, queue) = channel::<Job>();
     let thread_shared = shared.clone();
     std::thread::Builder::new()
@@ -695,6 +737,7 @@ fn producer_send<'a>(
     topic: String,
     messages: Vec<Term<'a>>,
     partition: i32,
+    txn: u64,
     timeout_ms: u64,
 ) -> Term<'a> {
     let Some(decoded) = decode_all(&messages, partition) else {
@@ -704,7 +747,7 @@ fn producer_send<'a>(
     if outs.iter().map(Out::bytes).sum::<usize>() > INLINE_BYTES {
         return atoms::large().encode(env);
     }
-    let batch = Batch::new(pid, tag, outs.len());
+    let batch = Batch::new(pid, tag, outs.len(), txn);
     let job = Job {
         topic,
         batch: batch.clone(),
@@ -731,6 +774,7 @@ fn producer_send_dirty<'a>(
     topic: String,
     messages: Vec<Term<'a>>,
     partition: i32,
+    txn: u64,
     timeout_ms: u64,
 ) -> Term<'a> {
     let Some(decoded) = decode_all(&messages, partition) else {
@@ -738,7 +782,7 @@ fn producer_send_dirty<'a>(
     };
     let outs = outs_of(&decoded);
     let deadline = deadline_for(timeout_ms);
-    let batch = Batch::new(pid, tag, outs.len());
+    let batch = Batch::new(pid, tag, outs.len(), txn);
 
     let mut rest_from = 0;
     // A partition beyond the cached count may be one the topic has just grown: asked again.
@@ -752,6 +796,7 @@ fn producer_send_dirty<'a>(
         (Ok(producer), Some(count)) => {
             while rest_from < outs.len() {
                 match enqueue(
+                    &resource,
                     &producer,
                     &topic,
                     count,

@@ -1,0 +1,246 @@
+defmodule Ottla.TransactionTest do
+  # Transactions against the real broker: Ottla.transaction/3 and a transactional
+  # connection's produce calls.
+  use ExUnit.Case, async: true
+
+  import Ottla.TestSupport
+
+  defp start_transactional!(opts \\ []) do
+    name = Keyword.get(opts, :connection, conn_name())
+    id = Keyword.get_lazy(opts, :transactional_id, fn -> "ottla-txn-#{name}" end)
+    endpoints = Keyword.get(opts, :endpoints, endpoints())
+
+    spec =
+      Supervisor.child_spec(
+        {Ottla.Supervisor,
+         connection: name, endpoints: endpoints, producer: [transactional_id: id]},
+        id: name
+      )
+
+    start_supervised!(spec)
+    name
+  end
+
+  # The values a read_committed reader sees once `count` are there: a commit returns when the
+  # transaction coordinator has decided; the markers that make the messages readable follow.
+  defp values(topic, count) do
+    topic |> committed_messages(count) |> Enum.map(& &1.value)
+  end
+
+  defp committed_messages(topic, count) do
+    wait_until(
+      fn ->
+        {_hw, messages} = fetch_all!(topic, 0)
+        length(messages) >= count and messages
+      end,
+      15_000,
+      "#{count} committed messages in #{topic}"
+    )
+  end
+
+  test "messages to two topics become visible together on commit, never after a raise" do
+    orders = create_topic!()
+    audit = create_topic!()
+    conn = start_transactional!()
+
+    assert {:ok, :done} =
+             Ottla.transaction(conn, fn ->
+               assert :ok = Ottla.produce(conn, orders, {"o-1", "created"})
+               assert :ok = Ottla.produce(conn, audit, {"o-1", "audit created"})
+
+               # Delivered, but not committed: a read_committed reader sees none of it yet.
+               assert {:ok, _, []} = Ottla.fetch(endpoints(), orders, timeout: 1_000)
+               :done
+             end)
+
+    assert values(orders, 1) == ["created"]
+    assert values(audit, 1) == ["audit created"]
+
+    assert_raise RuntimeError, "boom", fn ->
+      Ottla.transaction(conn, fn ->
+        :ok = Ottla.produce(conn, orders, {"o-2", "never"})
+        :ok = Ottla.produce(conn, audit, {"o-2", "never"})
+        raise "boom"
+      end)
+    end
+
+    # A later transaction commits past the aborted one: the aborted messages were written
+    # (their offsets are taken) and are never read.
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, orders, "later") end)
+
+    messages = committed_messages(orders, 2)
+    assert Enum.map(messages, & &1.value) == ["created", "later"]
+    assert List.last(messages).offset >= 4
+    assert values(audit, 1) == ["audit created"]
+  end
+
+  test "a throw or an exit in the function aborts the transaction and goes on" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    assert catch_throw(
+             Ottla.transaction(conn, fn ->
+               :ok = Ottla.produce(conn, topic, "thrown")
+               throw(:away)
+             end)
+           ) == :away
+
+    assert catch_exit(
+             Ottla.transaction(conn, fn ->
+               :ok = Ottla.produce(conn, topic, "exited")
+               exit(:gone)
+             end)
+           ) == :gone
+
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "kept") end)
+    assert values(topic, 1) == ["kept"]
+  end
+
+  test "a produce call outside a transaction on a transactional connection is one of its own" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    assert :ok = Ottla.produce(conn, topic, ["a", "b"])
+    assert values(topic, 2) == ["a", "b"]
+  end
+
+  test "concurrent transactions on one connection are serialised: their messages never interleave" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    run = fn who ->
+      Ottla.transaction(conn, fn ->
+        for i <- 1..4 do
+          :ok = Ottla.produce(conn, topic, "#{who}#{i}", partition: 0)
+          Process.sleep(20)
+        end
+
+        who
+      end)
+    end
+
+    results =
+      ["a", "b", "c"]
+      |> Enum.map(fn who -> Task.async(fn -> run.(who) end) end)
+      |> Task.await_many(30_000)
+
+    assert Enum.sort(results) == [{:ok, "a"}, {:ok, "b"}, {:ok, "c"}]
+
+    all = values(topic, 12)
+    chunks = Enum.chunk_by(all, &String.first/1)
+    assert length(chunks) == 3, "interleaved: #{inspect(all)}"
+    assert Enum.all?(chunks, &(length(&1) == 4))
+  end
+
+  test "a caller killed inside its transaction has it aborted, and the next one goes ahead" do
+    topic = create_topic!()
+    conn = start_transactional!()
+    test = self()
+
+    {pid, ref} =
+      spawn_monitor(fn ->
+        Ottla.transaction(conn, fn ->
+          :ok = Ottla.produce(conn, topic, "from the dead")
+          send(test, :produced)
+          Process.sleep(:infinity)
+        end)
+      end)
+
+    assert_receive :produced, 10_000
+    Process.exit(pid, :kill)
+    assert_receive {:DOWN, ^ref, :process, ^pid, :killed}
+
+    assert {:ok, :ok} =
+             Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "alive") end,
+               timeout: 15_000
+             )
+
+    assert values(topic, 1) == ["alive"]
+  end
+
+  test "a second producer with the same transactional id fences the first, which stays fenced" do
+    topic = create_topic!()
+    id = "ottla-txn-fence-#{System.unique_integer([:positive])}"
+    old = start_transactional!(transactional_id: id)
+    assert {:ok, :ok} = Ottla.transaction(old, fn -> Ottla.produce(old, topic, "old") end)
+    old_pid = Ottla.Connection.lookup(old).pid
+
+    new = start_transactional!(transactional_id: id)
+    assert {:ok, :ok} = Ottla.transaction(new, fn -> Ottla.produce(new, topic, "new") end)
+
+    assert {:error, %Ottla.Error{code: :fenced, retriable?: false}} =
+             Ottla.transaction(old, fn -> Ottla.produce(old, topic, "zombie") end)
+
+    # And on every call after it, without a restart that would fence the newer one in turn.
+    assert {:error, %Ottla.Error{code: :fenced}} = Ottla.transaction(old, fn -> :ok end)
+    assert {:error, %Ottla.Error{code: :fenced}, _} = Ottla.produce(old, topic, "zombie")
+    assert Ottla.Connection.lookup(old).pid == old_pid
+    assert {:ok, :ok} = Ottla.transaction(new, fn -> Ottla.produce(new, topic, "newer") end)
+
+    assert values(topic, 3) == ["old", "new", "newer"]
+  end
+
+  test "a transaction on an unreachable cluster returns by its :timeout" do
+    conn = start_transactional!(endpoints: "127.0.0.1:1")
+    started = System.monotonic_time(:millisecond)
+
+    assert {:error, %Ottla.Error{code: :timed_out, retriable?: true}} =
+             Ottla.transaction(conn, fn -> flunk("the transaction cannot have begun") end,
+               timeout: 1_500
+             )
+
+    assert System.monotonic_time(:millisecond) - started < 1_500 + 1_000
+    refute_received {:ottla_txn, _, _}
+  end
+
+  test "bad input gets a clear error" do
+    topic = create_topic!()
+    conn = start_transactional!()
+    plain = conn_name()
+
+    start_supervised!(
+      Supervisor.child_spec(
+        {Ottla.Supervisor, connection: plain, endpoints: endpoints(), producer: []},
+        id: plain
+      )
+    )
+
+    assert {:error, %Ottla.Error{code: :not_transactional}} =
+             Ottla.transaction(plain, fn -> :ok end)
+
+    assert {:error, %Ottla.Error{code: :no_connection}} =
+             Ottla.transaction(:no_such_connection, fn -> :ok end)
+
+    assert_raise ArgumentError, ~r/invalid fun/, fn ->
+      Ottla.transaction(conn, fn _ -> :ok end)
+    end
+
+    assert_raise ArgumentError, ~r/invalid connection/, fn ->
+      Ottla.transaction("x", fn -> :ok end)
+    end
+
+    assert_raise ArgumentError, ~r/:timeout/, fn ->
+      Ottla.transaction(conn, fn -> :ok end, timeout: -1)
+    end
+
+    assert_raise ArgumentError, ~r/do not nest/, fn ->
+      Ottla.transaction(conn, fn -> Ottla.transaction(conn, fn -> :ok end) end)
+    end
+
+    assert_raise ArgumentError, ~r/transactional_id/, fn ->
+      Ottla.Supervisor.start_link(
+        connection: conn_name(),
+        endpoints: endpoints(),
+        producer: [transactional_id: 1]
+      )
+    end
+
+    assert_raise ArgumentError, ~r/transactional.id/, fn ->
+      Ottla.produce(endpoints(), topic, "x", config: ["transactional.id": "t"])
+    end
+
+    # The failed nesting aborted its transaction; the connection goes on.
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "fine") end)
+    assert values(topic, 1) == ["fine"]
+  end
+end
