@@ -74,6 +74,41 @@ defmodule Ottla.TransactionTest do
     assert values(audit, 1) == ["audit created"]
   end
 
+  test "readers see only committed messages, and a group commits past the transaction markers" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    assert {:ok, :ok} =
+             Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, ["c1", "c2"]) end)
+
+    assert_raise RuntimeError, fn ->
+      Ottla.transaction(conn, fn ->
+        :ok = Ottla.produce(conn, topic, ["aborted"])
+        raise "abort"
+      end)
+    end
+
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "c3") end)
+    # c1 c2 (marker) aborted (marker) c3 (marker): the log ends at 7.
+    [_, _, last] = committed_messages(topic, 3)
+    assert last.offset == 5
+
+    streamed = Ottla.Fetch.fetch_stream(endpoints(), topic) |> Enum.map(& &1.value)
+    assert streamed == ["c1", "c2", "c3"]
+
+    group = group_name()
+    consumer = start_group!(topic, group)
+    delivered = collect_batches(fn acc -> length(Map.get(acc, 0, [])) >= 3 end, 30_000)
+    assert delivered == %{0 => [0, 1, 5]}
+
+    # Everything is handled: the commit and the lag go past the last marker (a consumer that
+    # committed "last acked + 1" would stay at 6 with a lag of 1 for good).
+    wait_until(fn -> committed(group, topic) == %{0 => 7} end, 15_000, "a commit at 7")
+
+    assert {:ok, %{partitions: [%{lag: 0, high_watermark: 7}]}} = Ottla.stats(consumer)
+    refute_received {:batch, _, _, _, _}
+  end
+
   test "a throw or an exit in the function aborts the transaction and goes on" do
     topic = create_topic!()
     conn = start_transactional!()

@@ -142,6 +142,10 @@ pub enum Event<M> {
     Committed { offset: i64, ok: bool },
     /// The partition's high watermark as librdkafka last saw it.
     Watermark(i64),
+    /// librdkafka's position: the next offset it will hand over, past records it hands to
+    /// no one (transaction markers, aborted transactions' messages). Read after everything it
+    /// handed over was taken in.
+    Position(i64),
     /// Acks or demand may have arrived through the cell.
     Tick,
 }
@@ -234,6 +238,10 @@ pub struct Partition<M> {
     awaiting_start: bool,
     /// The offset handed to the worker to dead-letter, until it reports.
     dead_letter: Option<i64>,
+    /// librdkafka's position when it had gone past the last acked message over records that
+    /// are never delivered (a transaction's marker, aborted messages), with nothing else to
+    /// process before it: the next offset to commit, and where the lag counts from.
+    passed: Option<i64>,
     /// The bytes of the backlog's messages, and of the delivered ones kept.
     backlog_bytes: usize,
     kept_bytes: usize,
@@ -279,6 +287,7 @@ impl<M: Offset + Clone> Partition<M> {
             sought: false,
             awaiting_start: false,
             dead_letter: None,
+            passed: None,
             backlog_bytes: 0,
             kept_bytes: 0,
             max_bytes: usize::MAX,
@@ -407,6 +416,7 @@ impl<M: Offset + Clone> Partition<M> {
                 }
             }
             Event::Watermark(high) => self.high_watermark = Some(high),
+            Event::Position(next) => self.position(next),
             Event::Tick => {}
         }
         self.deliver(effects);
@@ -418,13 +428,40 @@ impl<M: Offset + Clone> Partition<M> {
     /// beyond what is committed or being committed. Marks it as being committed.
     pub fn commit_due(&mut self) -> Option<i64> {
         self.absorb();
-        let next = self.acked? + 1;
+        let next = self.next_to_process()?;
         let ahead = |o: Option<i64>| o.is_none_or(|o| next > o);
         if ahead(self.committed) && ahead(self.committing) {
             self.committing = Some(next);
             Some(next)
         } else {
             None
+        }
+    }
+
+    /// The next offset to process: after the last ack, or past the records librdkafka skipped
+    /// after it (see [`Event::Position`]).
+    fn next_to_process(&self) -> Option<i64> {
+        let next = self.acked? + 1;
+        Some(self.passed.map_or(next, |p| p.max(next)))
+    }
+
+    /// librdkafka is at `next`: when every message it handed over was delivered and acked and
+    /// `next` is beyond the ack, what lies between is records it delivers to no one, and
+    /// `next` is the offset to commit. Anything that moves the partition's position (a seek,
+    /// a backoff, a replay, an overflow's seek back) makes it wait for a later reading.
+    fn position(&mut self, next: i64) {
+        let caught_up = self.backlog.is_empty()
+            && self.seeking.is_none()
+            && self.replay_until.is_none()
+            && self.waiting.is_none()
+            && self.dead_letter.is_none()
+            && !self.sought
+            && !self.awaiting_start
+            && !self.revoking
+            && self.next_fetch.is_none_or(|f| next >= f)
+            && matches!((self.last_delivered, self.acked), (Some(d), Some(a)) if a >= d);
+        if caught_up && self.acked.is_some_and(|a| next > a + 1) {
+            self.passed = Some(self.passed.map_or(next, |p| p.max(next)));
         }
     }
 
@@ -649,6 +686,7 @@ impl<M: Offset + Clone> Partition<M> {
         self.batch_end = None;
         self.last_seek = Some(offset);
         self.sought = true;
+        self.passed = None;
         // Back at or below the ack: what was acked is delivered again, up to that ack.
         let back = |a: i64| offset == OFFSET_BEGINNING || (offset >= 0 && offset <= a);
         self.replay_until = self.acked.filter(|&a| back(a));
@@ -669,6 +707,7 @@ impl<M: Offset + Clone> Partition<M> {
         }
         self.backlog.clear();
         self.recount();
+        self.passed = None;
         self.kept_from = match offset {
             OFFSET_BEGINNING => Some(0),
             o => (o >= 0).then_some(o),
@@ -868,11 +907,7 @@ impl<M: Offset + Clone> Partition<M> {
     /// Messages between the next offset to process and the high watermark.
     pub fn lag(&self) -> Option<i64> {
         let hw = self.high_watermark?;
-        let next = self
-            .acked
-            .map(|a| a + 1)
-            .or(self.committed)
-            .or(self.first)?;
+        let next = self.next_to_process().or(self.committed).or(self.first)?;
         Some((hw - next).max(0))
     }
 }
@@ -1264,6 +1299,50 @@ mod tests {
             ok: true,
         });
         assert_eq!(r.p.committed(), Some(10), "a commit never moves backwards");
+        assert_eq!(r.p.commit_due(), None);
+    }
+
+    #[test]
+    fn records_librdkafka_skipped_after_the_last_ack_are_committed_past_and_not_lag() {
+        // A transaction's messages at 0..=1, its commit marker at 2: librdkafka hands over
+        // 0 and 1 and is then at 3.
+        let mut r = Rig::new(10, 10);
+        r.fetch(0..2);
+        r.on(Event::WorkerAttached);
+        r.take();
+        r.on(Event::Watermark(3));
+        r.on(Event::Position(3));
+        assert_eq!(
+            r.p.commit_due(),
+            None,
+            "nothing acked: the position says nothing"
+        );
+        r.ack(0);
+        r.on(Event::Position(3));
+        assert_eq!(r.p.lag(), Some(2), "message 1 is delivered and not acked");
+        r.ack(1);
+        assert_eq!(r.p.lag(), Some(1), "no position read since the ack");
+        r.on(Event::Position(3));
+        assert_eq!(r.p.lag(), Some(0));
+        assert_eq!(r.p.commit_due(), Some(3));
+
+        // Messages taken in and not delivered yet: a position beyond them says nothing.
+        r.fetch(5..7);
+        r.on(Event::Position(8));
+        r.on(Event::Watermark(8));
+        assert_eq!(
+            r.p.lag(),
+            Some(5),
+            "from the last reading (3) to the watermark"
+        );
+        // A seek back forgets the position: what comes again is processed again, and
+        // the commit does not move back.
+        r.on(Event::SeekTo { offset: 0 });
+        assert_eq!(r.p.lag(), Some(6), "next after the ack (1): 2");
+        r.on(Event::Committed {
+            offset: 3,
+            ok: true,
+        });
         assert_eq!(r.p.commit_due(), None);
     }
 

@@ -252,7 +252,7 @@ fn notify(shared: &Shared, kind: rustler::Atom, topic: &str, partition: i32) {
     );
 }
 
-/// Reads each partition's high watermark from librdkafka's cache (no request).
+/// Reads each partition's high watermark and position from librdkafka (no request).
 fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
     let list: Vec<Tp> = shared.lock().partitions.keys().cloned().collect();
     let mut marks: Vec<(Tp, i64)> = Vec::new();
@@ -276,9 +276,29 @@ fn refresh_watermarks(shared: &Shared, consumer: &BaseConsumer<GroupCtx>) {
             marks.push((tp, high));
         }
     }
+    // librdkafka's positions, past the records it hands to no one (transaction markers,
+    // aborted messages). On this thread, after the intake: every message they count was
+    // taken in.
+    let positions: Vec<(Tp, i64)> = consumer
+        .position()
+        .map(|list| {
+            list.elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(n) => Some(((e.topic().to_string(), e.partition()), n)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let mut st = shared.lock();
     for (tp, high) in marks {
         st.handle(&tp, Event::Watermark(high));
+    }
+    for (tp, next) in positions {
+        if st.partitions.contains_key(&tp) {
+            st.handle(&tp, Event::Position(next));
+        }
     }
 }
 
