@@ -108,6 +108,10 @@ defmodule Ottla.Supervisor do
       acks are committed and its worker stopped; also bounds the wait for the revoked handler.
       Defaults to `5000`.
     * `:commit_interval` - ms between background commits of acked offsets. Defaults to `1000`.
+    * `:isolation_level` - `:read_committed` (handlers get only messages of committed
+      transactions, and messages produced without one; those of aborted transactions and
+      transaction markers never reach them) or `:read_uncommitted` (every message as soon
+      as it is written). Defaults to `:read_committed`.
     * `:shutdown_timeout` - ms a graceful stop gives what was delivered to be acked, from any
       process (a worker finishing its batch, or a task a handler returned `{:continue, state}`
       after); then the workers stop (busy ones are killed), the acks are committed and the
@@ -138,7 +142,8 @@ defmodule Ottla.Supervisor do
     * `:topic` - required. `:partition` - a partition or `:all` (default).
     * `:begin_offset` - `:earliest`, `:latest` or an offset. Defaults to `:latest`.
     * `:handler`, `:handler_init_args`, `:max_batch`, `:max_backlog`, `:retry_backoff`,
-      `:max_retry_backoff`, `:max_attempts`, `:on_failure`, `:config` - as above.
+      `:max_retry_backoff`, `:max_attempts`, `:on_failure`, `:isolation_level`, `:config` -
+      as above.
   """
   use Supervisor
 

@@ -86,7 +86,14 @@ defmodule Ottla.SupervisorTest do
             {[connection: :x, endpoints: endpoints(), group_consumer: gc(instance_id: :a)],
              ":instance_id"},
             {[connection: :x, endpoints: endpoints(), group_consumer: gc(session_timeout: 0)],
-             ":session_timeout"}
+             ":session_timeout"},
+            {[
+               connection: :x,
+               endpoints: endpoints(),
+               group_consumer: gc(isolation_level: :dirty)
+             ], ":isolation_level"},
+            {[connection: :x, endpoints: endpoints(), producer: [transactional_id: ""]],
+             ":transactional_id"}
           ] do
         error = assert_raise ArgumentError, fn -> Ottla.Supervisor.start_link(opts) end
         assert error.message =~ name, "expected #{inspect(name)} in: #{error.message}"

@@ -107,6 +107,29 @@ defmodule Ottla.TransactionTest do
 
     assert {:ok, %{partitions: [%{lag: 0, high_watermark: 7}]}} = Ottla.stats(consumer)
     refute_received {:batch, _, _, _, _}
+
+    # A consumer that asks for read_uncommitted gets the aborted message too.
+    dirty = conn_name()
+
+    start_supervised!(
+      Supervisor.child_spec(
+        {Ottla.Supervisor,
+         connection: dirty,
+         endpoints: endpoints(),
+         consumer: [
+           topic: topic,
+           partition: 0,
+           begin_offset: :earliest,
+           isolation_level: :read_uncommitted,
+           handler: Ottla.TestHandler,
+           handler_init_args: %{pid: self()}
+         ]},
+        id: dirty
+      )
+    )
+
+    assert collect_batches(fn acc -> length(Map.get(acc, 0, [])) >= 4 end, 30_000) ==
+             %{0 => [0, 1, 3, 5]}
   end
 
   test "a throw or an exit in the function aborts the transaction and goes on" do

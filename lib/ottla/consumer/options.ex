@@ -20,6 +20,7 @@ defmodule Ottla.Consumer.Options do
     on_failure: :retry,
     retry_backoff: 500,
     max_retry_backoff: 30_000,
+    isolation_level: :read_committed,
     config: []
   ]
 
@@ -246,6 +247,14 @@ defmodule Ottla.Consumer.Options do
       else: []
   end
 
+  defp isolation_level!(:read_committed), do: "read_committed"
+  defp isolation_level!(:read_uncommitted), do: "read_uncommitted"
+
+  defp isolation_level!(other) do
+    raise ArgumentError,
+          "invalid :isolation_level #{inspect(other)}: expected :read_committed or :read_uncommitted"
+  end
+
   # Static membership (KIP-345): the member keeps its identity across restarts and broker
   # outages, so the group gives its partitions back without waiting for its old session.
   defp instance_id!(nil), do: []
@@ -293,7 +302,8 @@ defmodule Ottla.Consumer.Options do
         {"queued.max.messages.kbytes", prefetch_kb},
         # librdkafka's reconnect backoff grows to 10 s: after a broker outage the consumer
         # would find the broker back up to 10 s late.
-        {"reconnect.backoff.max.ms", "1000"}
+        {"reconnect.backoff.max.ms", "1000"},
+        {"isolation.level", isolation_level!(opts[:isolation_level])}
       ] ++ session_tunables ++ mock_cluster_tunables(Keyword.fetch!(conn, :bootstrap))
 
     # What the guarantees rest on comes last (and is refused in user config): Ottla commits
