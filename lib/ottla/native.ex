@@ -113,4 +113,5 @@ defmodule Ottla.Native do
   # Test-only: the consumer's poll thread panics at its next turn (a forced-panic test shows
   # the consumer restarting with nothing lost). Nothing in the library calls it.
   def consumer_test_panic(_consumer), do: :erlang.nif_error(:nif_not_loaded)
+  def producer_test_fatal(_producer), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -205,8 +205,20 @@ defmodule Ottla.Producer do
               {:error, error} -> whole_call_failed(error, originals)
             end
 
+          :stale ->
+            error = Ottla.Transaction.stale_error(conn)
+            Ottla.Transaction.failed(conn, error)
+            whole_call_failed(error, originals)
+
           txn ->
-            send.(txn)
+            case send.(txn) do
+              :ok ->
+                :ok
+
+              {:error, error, _failed} = failure ->
+                Ottla.Transaction.failed(conn, error)
+                failure
+            end
         end
 
       conn != nil ->

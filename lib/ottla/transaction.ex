@@ -4,7 +4,9 @@ defmodule Ottla.Transaction do
   # queues the caller on the producer's transaction thread and answers
   # {:ottla_txn, tag, result} when its transaction opens, and again when it has committed or
   # aborted. While it is open, this process's produce calls to the connection carry its id
-  # (kept in the process dictionary), and the producer takes no other process's messages.
+  # (kept in the process dictionary under the connection's name, with the producer it was
+  # opened on), and the producer takes no other process's messages. A produce call that
+  # fails inside the transaction marks it: it is aborted instead of committed.
 
   alias Ottla.{Connection, Native, Options}
 
@@ -20,7 +22,7 @@ defmodule Ottla.Transaction do
       do: raise(ArgumentError, "invalid fun #{inspect(fun)}: expected a function of no arguments")
 
     with {:ok, conn} <- transactional(connection) do
-      if Process.get(key(conn)) do
+      if Process.get(key(conn)) != nil do
         raise ArgumentError,
               "Ottla.transaction/3 called inside a transaction on connection " <>
                 "#{inspect(conn.name)}: transactions do not nest"
@@ -36,11 +38,39 @@ defmodule Ottla.Transaction do
 
   @doc """
   The id of the transaction this process has open on `conn`'s producer: 0 when the producer
-  is not transactional, `nil` when it is and this process has none open.
+  is not transactional, `nil` when it is and this process has none open, `:stale` when the
+  transaction was opened on a producer the connection has since replaced (a restart).
   """
-  @spec current(Connection.t()) :: non_neg_integer | nil
+  @spec current(Connection.t()) :: non_neg_integer | nil | :stale
   def current(%Connection{transactional?: false}), do: 0
-  def current(%Connection{} = conn), do: Process.get(key(conn))
+
+  def current(%Connection{producer: producer} = conn) do
+    case Process.get(key(conn)) do
+      nil -> nil
+      %{producer: ^producer, id: id} -> id
+      %{} -> :stale
+    end
+  end
+
+  @doc "A produce call inside this process's open transaction on `conn` failed: it must abort."
+  @spec failed(Connection.t(), Ottla.Error.t()) :: :ok
+  def failed(conn, error) do
+    case Process.get(key(conn)) do
+      %{failed: nil} = open -> Process.put(key(conn), %{open | failed: error})
+      _ -> :ok
+    end
+
+    :ok
+  end
+
+  @doc "The error for a produce call in a transaction opened on a producer since replaced."
+  def stale_error(conn) do
+    Ottla.Error.new(
+      :not_in_transaction,
+      "connection #{inspect(conn.name)} restarted its producer during this transaction: " <>
+        "the transaction is gone, and will be reported as failed"
+    )
+  end
 
   @doc """
   Runs `fun` (which produces with the transaction's id) in a transaction of its own, for a
@@ -50,13 +80,13 @@ defmodule Ottla.Transaction do
   def produce_alone(conn, timeout, fun) do
     case open(conn.producer, timeout) do
       {:ok, call, tag, id} ->
-        Process.put(key(conn), id)
-
         result =
           try do
             fun.(id)
-          after
-            Process.delete(key(conn))
+          catch
+            kind, reason ->
+              _ = finish(call, tag, false, timeout)
+              :erlang.raise(kind, reason, __STACKTRACE__)
           end
 
         case result do
@@ -79,7 +109,7 @@ defmodule Ottla.Transaction do
   defp in_transaction(conn, fun, timeout) do
     case open(conn.producer, timeout) do
       {:ok, call, tag, id} ->
-        Process.put(key(conn), id)
+        Process.put(key(conn), %{producer: conn.producer, id: id, failed: nil})
 
         try do
           fun.()
@@ -90,11 +120,28 @@ defmodule Ottla.Transaction do
             :erlang.raise(kind, reason, __STACKTRACE__)
         else
           result ->
-            Process.delete(key(conn))
+            case Process.delete(key(conn)) do
+              %{failed: nil} ->
+                case finish(call, tag, true, timeout) do
+                  :ok -> {:ok, result}
+                  {:error, error} -> {:error, error}
+                end
 
-            case finish(call, tag, true, timeout) do
-              :ok -> {:ok, result}
-              {:error, error} -> {:error, error}
+              %{failed: error} ->
+                case finish(call, tag, false, timeout) do
+                  # Why the produce failed: the producer was fenced.
+                  {:error, %Ottla.Error{code: :fenced} = fenced} ->
+                    {:error, fenced}
+
+                  _ ->
+                    {:error,
+                     %{
+                       error
+                       | message:
+                           "a produce call in the transaction failed, so it was aborted: " <>
+                             error.message
+                     }}
+                end
             end
         end
 
@@ -138,7 +185,7 @@ defmodule Ottla.Transaction do
         "invalid connection #{inspect(other)}: expected the name of a running Ottla connection"
       )
 
-  defp key(conn), do: {__MODULE__, conn.producer}
+  defp key(conn), do: {__MODULE__, conn.name}
 
   # Waits (up to `timeout`) for this caller's turn: {:ok, call, tag, id} once its transaction
   # is open.
@@ -174,10 +221,13 @@ defmodule Ottla.Transaction do
                 {:error, late}
 
               :gone ->
+                # Refused, or opened and ended by the producer's stop: the answer was sent
+                # before the NIF said so.
                 receive do
                   {:ottla_txn, ^tag, {:error, error}} -> {:error, error}
+                  {:ottla_txn, ^tag, {:ok, _}} -> {:error, late}
                 after
-                  0 -> {:error, late}
+                  @margin -> {:error, late}
                 end
             end
         end

@@ -9,11 +9,11 @@ defmodule Ottla.TransactionTest do
     name = Keyword.get(opts, :connection, conn_name())
     id = Keyword.get_lazy(opts, :transactional_id, fn -> "ottla-txn-#{name}" end)
     endpoints = Keyword.get(opts, :endpoints, endpoints())
+    producer = [transactional_id: id, config: Keyword.get(opts, :config, [])]
 
     spec =
       Supervisor.child_spec(
-        {Ottla.Supervisor,
-         connection: name, endpoints: endpoints, producer: [transactional_id: id]},
+        {Ottla.Supervisor, connection: name, endpoints: endpoints, producer: producer},
         id: name
       )
 
@@ -213,7 +213,104 @@ defmodule Ottla.TransactionTest do
                timeout: 15_000
              )
 
-    assert values(topic, 1) == ["alive"]
+    [alive] = committed_messages(topic, 1)
+    assert alive.value == "alive"
+    # The dead caller's message was written and aborted (its marker follows it).
+    assert alive.offset >= 2
+  end
+
+  test "a produce call that fails inside the function makes the transaction abort" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    assert {:error, %Ottla.Error{code: :unknown_partition} = error} =
+             Ottla.transaction(conn, fn ->
+               :ok = Ottla.produce(conn, topic, "written, then aborted")
+               {:error, _, _} = Ottla.produce(conn, topic, "nowhere", partition: 99)
+               :returned_normally
+             end)
+
+    assert error.message =~ "aborted"
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "after") end)
+    [after_] = committed_messages(topic, 1)
+    assert after_.value == "after"
+    assert after_.offset >= 2
+  end
+
+  test "a produce call outside a transaction that raises aborts its transaction" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    assert_raise ArgumentError, ~r/:partitioner/, fn ->
+      Ottla.produce(conn, topic, {"k", "v"}, partitioner: fn _, _ -> raise "no partition" end)
+    end
+
+    # Left open, it would hold up the next transaction until its timeout.
+    assert {:ok, :ok} =
+             Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "next") end, timeout: 5_000)
+
+    assert values(topic, 1) == ["next"]
+  end
+
+  test "a transaction open too long is aborted before the broker times it out, and the producer goes on" do
+    topic = create_topic!()
+    conn = start_transactional!(config: ["transaction.timeout.ms": 3_000])
+
+    # Aborted after 80% of the 3 s: the coordinator, had it timed the transaction out, would
+    # have fenced the producer for good.
+    assert {:error, %Ottla.Error{code: :timed_out} = error} =
+             Ottla.transaction(conn, fn ->
+               :ok = Ottla.produce(conn, topic, "too slow")
+               Process.sleep(3_000)
+               :late
+             end)
+
+    assert error.message =~ "transaction.timeout.ms"
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "next") end)
+    assert values(topic, 1) == ["next"]
+  end
+
+  test "a fatal producer error other than fencing restarts the connection with a new producer" do
+    topic = create_topic!()
+    conn = start_transactional!()
+    old = Ottla.Connection.lookup(conn)
+    :ok = Ottla.Native.producer_test_fatal(old.producer)
+
+    assert {:error, %Ottla.Error{code: :out_of_order_sequence_number}} =
+             Ottla.transaction(conn, fn -> :ok end)
+
+    wait_until(
+      fn -> match?(%{pid: pid} when pid != old.pid, Ottla.Connection.lookup(conn)) end,
+      15_000,
+      "the connection's restart"
+    )
+
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "again") end)
+    assert values(topic, 1) == ["again"]
+  end
+
+  test "a connection restart inside a transaction fails it; nothing of it is visible" do
+    topic = create_topic!()
+    conn = start_transactional!()
+
+    assert {:error, %Ottla.Error{code: :not_in_transaction}} =
+             Ottla.transaction(conn, fn ->
+               :ok = Ottla.produce(conn, topic, "before the restart")
+               old = Ottla.Connection.lookup(conn).pid
+               GenServer.stop(old, :test_restart)
+
+               wait_until(fn ->
+                 match?(%{pid: pid} when pid != old, Ottla.Connection.lookup(conn))
+               end)
+
+               {:error, %Ottla.Error{code: :not_in_transaction}, _} =
+                 Ottla.produce(conn, topic, "after the restart")
+
+               :returned_normally
+             end)
+
+    assert {:ok, :ok} = Ottla.transaction(conn, fn -> Ottla.produce(conn, topic, "next") end)
+    assert values(topic, 1) == ["next"]
   end
 
   test "a second producer with the same transactional id fences the first, which stays fenced" do
@@ -232,6 +329,11 @@ defmodule Ottla.TransactionTest do
     # And on every call after it, without a restart that would fence the newer one in turn.
     assert {:error, %Ottla.Error{code: :fenced}} = Ottla.transaction(old, fn -> :ok end)
     assert {:error, %Ottla.Error{code: :fenced}, _} = Ottla.produce(old, topic, "zombie")
+
+    # Not restarted (a restart would fence the newer one in turn): the connection stays up
+    # as it is, and the newer one goes on.
+    ref = Process.monitor(old_pid)
+    refute_receive {:DOWN, ^ref, _, _, _}, 1_000
     assert Ottla.Connection.lookup(old).pid == old_pid
     assert {:ok, :ok} = Ottla.transaction(new, fn -> Ottla.produce(new, topic, "newer") end)
 

@@ -229,18 +229,22 @@ impl Shared {
 
     /// Takes the producer out and closes it on a plain thread: closing flushes and joins
     /// librdkafka's threads, which must never happen on a BEAM scheduler.
+    /// A transactional producer's open transaction is aborted first (or the commit being
+    /// retried gets a last chance), within [`crate::transaction::CLEANUP`]: left open, it
+    /// would hold back what `read_committed` readers see until the broker times it out.
     fn close(&self, flush: Duration) {
-        if let Some(txn) = self.txn() {
-            txn.stop();
-        }
         let taken = match self.producer.write() {
             Ok(mut slot) => slot.take(),
             Err(_) => None,
         };
         if let Some(producer) = taken {
+            let txn = self.txn().cloned();
             let _ = std::thread::Builder::new()
                 .name("ottla-producer-close".into())
                 .spawn(move || {
+                    if let Some(txn) = txn {
+                        txn.stop();
+                    }
                     let _ = producer.flush(flush);
                     drop(producer);
                 });
@@ -628,8 +632,14 @@ fn producer_new<'a>(
     });
     // A transactional producer initialises at once (fencing any older one with its id), on
     // its transaction thread; a fatal error is told to the process creating it.
-    if props.iter().any(|(k, _)| k == "transactional.id") {
-        let txn = Txn::start(&shared, env.pid())?;
+    // As `Ottla.Connection` decides it: the last value given, when it is not empty.
+    let transactional = props
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "transactional.id")
+        .is_some_and(|(_, id)| !id.is_empty());
+    if transactional {
+        let txn = Txn::start(&shared, env.pid(), transaction_timeout(&props))?;
         let _ = shared.txn.set(txn);
     }
     let (jobs, queue) = channel::<Job>();
@@ -640,6 +650,17 @@ fn producer_new<'a>(
         .map_err(|e| Error::new("thread_spawn", format!("could not start a thread: {e}")))?;
     let resource = ResourceArc::new(ProducerResource { shared, jobs });
     Ok((atoms::ok(), resource).encode(env))
+}
+
+/// librdkafka's `transaction.timeout.ms` for these properties (60 s unless set).
+fn transaction_timeout(props: &[(String, String)]) -> Duration {
+    let ms = props
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "transaction.timeout.ms")
+        .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        .unwrap_or(60_000);
+    Duration::from_millis(ms)
 }
 
 /// Answers `{:ok, partition_count}` of a topic (cached for a while), for Elixir-side
@@ -879,4 +900,22 @@ fn producer_flush(
 fn producer_close(resource: ResourceArc<ProducerResource>, timeout_ms: u64) -> Atom {
     resource.close(Duration::from_millis(timeout_ms));
     atoms::ok()
+}
+
+/// Test-only (hidden as `Ottla.Native.producer_test_fatal/1`): raises a fatal error in the
+/// producer as librdkafka would for a broken idempotent sequence, so that the tests see what
+/// a fatal error other than fencing does.
+#[rustler::nif]
+fn producer_test_fatal(resource: ResourceArc<ProducerResource>) -> NifResult<Atom> {
+    let client = resource.client()?;
+    let reason = c"test-only fatal error (producer_test_fatal)";
+    // SAFETY: the client is live while `client` is held; the call only records the error.
+    unsafe {
+        rd::rd_kafka_test_fatal_error(
+            client.client().native_ptr(),
+            rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
+    }
+    Ok(atoms::ok())
 }

@@ -5,17 +5,20 @@
 //! id at once), then `begin_transaction`, `commit_transaction` and `abort_transaction` for one
 //! caller at a time. Callers queue in [`State::waiting`]; the one whose transaction is open
 //! ([`State::open`]) is the only process whose sends the producer takes. Every answer goes to
-//! the caller as `{:ottla_txn, tag, result}`.
+//! the caller as `{:ottla_txn, tag, result}`, sent under the state's lock: a caller that finds
+//! its transaction neither queued nor open has its answer in its mailbox already.
 //!
 //! A caller that dies with its transaction open has it aborted (the call resource monitors
-//! it). A producer fenced by a newer one stays fenced: every later call answers `code:
-//! :fenced`, and it never starts again on its own (a zombie must stay down). Any other fatal
-//! error is told to the process that created the producer (`{:ottla_producer_failed, error}`),
-//! which restarts it.
+//! it). A transaction open for longer than [`EXPIRY_SHARE`] of `transaction.timeout.ms` is
+//! aborted here: the coordinator would otherwise time it out and bump the producer's epoch,
+//! which librdkafka reports exactly as fencing. A producer fenced by a newer one stays fenced:
+//! every later call answers `code: :fenced`, and it never starts again on its own (a zombie
+//! must stay down). Any other fatal error is told to the process that created the producer
+//! (`{:ottla_producer_failed, error}`), which restarts it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -26,13 +29,16 @@ use rustler::{Encoder, Env, LocalPid, Monitor, NifResult, ResourceArc, Term};
 use crate::atoms;
 use crate::context::send_reliably;
 use crate::error::{Error, Result};
-use crate::producer::{ProducerResource, Shared};
+use crate::producer::{Client, ProducerResource, Shared};
 
 /// How long one `init_transactions`, or one retry of a commit or an abort whose outcome is not
 /// known yet, waits before the thread looks at its commands again.
 const STEP: Duration = Duration::from_secs(2);
-/// How long the abort of a dead caller's transaction, or of the open one at close, may take.
-const CLEANUP: Duration = Duration::from_secs(10);
+/// How long the abort of a dead caller's or an expired transaction, or the producer's close,
+/// may take.
+pub const CLEANUP: Duration = Duration::from_secs(10);
+/// The share of `transaction.timeout.ms` a transaction may stay open.
+const EXPIRY_SHARE: f64 = 0.8;
 
 pub struct Txn {
     state: RwLock<State>,
@@ -40,20 +46,29 @@ pub struct Txn {
     /// Told of a fatal error other than fencing: the connection, which restarts the producer.
     notify: LocalPid,
     next_id: AtomicU64,
+    /// How long a transaction may stay open before it is aborted here.
+    expiry: Duration,
+    /// The producer is closing: a commit being retried gets one last try.
+    closing: AtomicBool,
 }
 
 pub struct State {
     phase: Phase,
     /// The transaction being built: only its owner's sends are taken.
     open: Option<Open>,
+    /// The caller whose transaction librdkafka is beginning, and whether it gave up meanwhile.
+    beginning: Option<(Caller, bool)>,
     waiting: VecDeque<Caller>,
+    /// The last transaction aborted because it stayed open too long, with the error its owner
+    /// gets when it comes to finish it.
+    expired: Option<(u64, Error)>,
 }
 
 enum Phase {
     /// `init_transactions` has not succeeded yet: callers wait.
     Initializing,
     Ready,
-    /// Fenced by a newer producer with the same transactional id, or failed: final.
+    /// Fenced by a newer producer with the same transactional id, failed, or closed: final.
     Stopped(Error),
 }
 
@@ -64,7 +79,11 @@ struct Caller {
     tag: u64,
 }
 
-type Open = Caller;
+#[derive(Clone, Copy)]
+struct Open {
+    caller: Caller,
+    since: Instant,
+}
 
 enum Command {
     /// Someone joined the queue.
@@ -75,7 +94,10 @@ enum Command {
         commit: bool,
         timeout: Duration,
     },
-    Stop,
+    /// The owner of transaction `id` died: abort it.
+    Abandon { id: u64 },
+    /// The producer is closing: abort what is open, answer what is left, tell `done`.
+    Stop { done: Sender<()> },
 }
 
 /// One `Ottla.transaction` call: monitors its caller.
@@ -92,17 +114,19 @@ impl rustler::Resource for TxnCall {
         let Some(txn) = self.producer.txn() else {
             return;
         };
+        let id = self.caller.id;
         let open = {
             let mut state = txn.write();
-            state.waiting.retain(|c| c.id != self.caller.id);
-            state.open.is_some_and(|o| o.id == self.caller.id)
+            state.waiting.retain(|c| c.id != id);
+            if let Some((caller, gave_up)) = state.beginning.as_mut() {
+                if caller.id == id {
+                    *gave_up = true;
+                }
+            }
+            state.open.is_some_and(|o| o.caller.id == id)
         };
         if open {
-            txn.command(Command::Finish {
-                caller: self.caller,
-                commit: false,
-                timeout: CLEANUP,
-            });
+            txn.command(Command::Abandon { id });
         }
     }
 }
@@ -115,6 +139,10 @@ fn fenced(reason: &str) -> Error {
              stopped: {reason}"
         ),
     )
+}
+
+fn closed() -> Error {
+    Error::new("closed", "the producer is closed")
 }
 
 fn is_fenced(code: RDKafkaErrorCode) -> bool {
@@ -136,7 +164,7 @@ enum Outcome {
     Fatal(Error),
 }
 
-fn outcome(client: &crate::producer::Client, err: KafkaError) -> Outcome {
+fn outcome(client: &Client, err: KafkaError) -> Outcome {
     if let Some((code, reason)) = client.client().fatal_error() {
         return Outcome::Fatal(if is_fenced(code) {
             fenced(&reason)
@@ -155,6 +183,7 @@ fn outcome(client: &crate::producer::Client, err: KafkaError) -> Outcome {
     }
 }
 
+/// Sends `caller` its answer. Callers hold the state's write lock (see the module doc).
 fn reply(caller: &Caller, result: Result<u64>) {
     let tag = caller.tag;
     send_reliably(
@@ -170,23 +199,36 @@ fn reply(caller: &Caller, result: Result<u64>) {
 }
 
 impl Txn {
-    /// A transactional producer's state, and its thread (`commands` is its end of the queue).
-    pub fn start(shared: &Arc<Shared>, notify: LocalPid) -> Result<Arc<Txn>> {
+    /// A transactional producer's state, and its thread.
+    pub fn start(shared: &Arc<Shared>, notify: LocalPid, timeout: Duration) -> Result<Arc<Txn>> {
         let (commands, queue) = std::sync::mpsc::channel();
         let txn = Arc::new(Txn {
             state: RwLock::new(State {
                 phase: Phase::Initializing,
                 open: None,
+                beginning: None,
                 waiting: VecDeque::new(),
+                expired: None,
             }),
             commands: Mutex::new(commands),
             notify,
             next_id: AtomicU64::new(1),
+            expiry: timeout.mul_f64(EXPIRY_SHARE),
+            closing: AtomicBool::new(false),
         });
         let (thread_shared, thread_txn) = (shared.clone(), txn.clone());
         std::thread::Builder::new()
             .name("ottla-txn".into())
-            .spawn(move || run(thread_shared, thread_txn, queue))
+            .spawn(move || {
+                let guard = thread_txn.clone();
+                let run = move || run(thread_shared, thread_txn, queue);
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    guard.stop_with(Error::new(
+                        "internal",
+                        "the transaction thread failed inside the NIF",
+                    ));
+                }
+            })
             .map_err(|e| Error::new("thread_spawn", format!("could not start a thread: {e}")))?;
         Ok(txn)
     }
@@ -207,9 +249,15 @@ impl Txn {
         }
     }
 
-    /// The producer is closing: the thread aborts what is open and ends.
+    /// The producer is closing (called on the closing thread, never a scheduler): the thread
+    /// aborts what is open, answers everyone, and ends; waits for that up to [`CLEANUP`] and
+    /// a little more. (The thread holds a client of its own until it ends.)
     pub fn stop(&self) {
-        self.command(Command::Stop);
+        self.closing.store(true, Ordering::SeqCst);
+        let (done, finished) = std::sync::mpsc::channel();
+        if self.command(Command::Stop { done }) {
+            let _ = finished.recv_timeout(CLEANUP + STEP);
+        }
     }
 
     fn stopped(&self) -> Option<Error> {
@@ -227,8 +275,9 @@ impl Txn {
         if let Phase::Stopped(error) = &state.phase {
             return Err(error.clone());
         }
-        match state.open {
-            Some(open) if open.id == id && *pid == open.pid => Ok(state),
+        match (&state.open, &state.expired) {
+            (Some(open), _) if open.caller.id == id && *pid == open.caller.pid => Ok(state),
+            (_, Some((expired, error))) if *expired == id => Err(error.clone()),
             _ => Err(Error::new(
                 "not_in_transaction",
                 "a transactional producer takes messages only inside Ottla.transaction/3 \
@@ -239,17 +288,16 @@ impl Txn {
 
     /// Marks the producer stopped for good, and tells every waiting caller.
     fn stop_with(&self, error: Error) {
-        let waiting: Vec<Caller> = {
+        {
             let mut state = self.write();
             if matches!(state.phase, Phase::Stopped(_)) {
                 return;
             }
             state.phase = Phase::Stopped(error.clone());
             state.open = None;
-            state.waiting.drain(..).collect()
-        };
-        for caller in &waiting {
-            reply(caller, Err(error.clone()));
+            for caller in state.waiting.drain(..) {
+                reply(&caller, Err(error.clone()));
+            }
         }
         if error.code != "fenced" && error.code != "closed" {
             crate::context::log(
@@ -265,58 +313,122 @@ impl Txn {
         }
     }
 
-    /// Opens the next waiting caller's transaction, if none is open.
-    fn start_next(&self, shared: &Shared) {
-        let Ok(client) = shared.client() else {
-            return;
-        };
-        let mut state = self.write();
-        while matches!(state.phase, Phase::Ready) && state.open.is_none() {
-            let Some(caller) = state.waiting.pop_front() else {
-                return;
+    /// Opens the next waiting callers' transactions, one at a time, while none is open.
+    fn start_next(&self, client: &Client) {
+        loop {
+            let caller = {
+                let mut state = self.write();
+                if !matches!(state.phase, Phase::Ready) || state.open.is_some() {
+                    return;
+                }
+                let Some(caller) = state.waiting.pop_front() else {
+                    return;
+                };
+                state.beginning = Some((caller, false));
+                caller
             };
-            // Under the lock, with the reply: a caller that gives up waiting finds its
-            // transaction either still queued or open, never in between.
-            match client.begin_transaction() {
+            // Outside the lock: librdkafka's main thread does the work.
+            let begun = client.begin_transaction();
+            let mut state = self.write();
+            let gave_up = state.beginning.take().is_some_and(|(_, gave_up)| gave_up);
+            match begun {
+                Ok(()) if gave_up => {
+                    drop(state);
+                    // Nothing was produced in it: aborting is local and quick.
+                    if let Err(err) = client.abort_transaction(CLEANUP) {
+                        if let Outcome::Fatal(error) = outcome(client, err) {
+                            self.stop_with(error);
+                        }
+                    }
+                }
                 Ok(()) => {
-                    state.open = Some(caller);
+                    state.open = Some(Open {
+                        caller,
+                        since: Instant::now(),
+                    });
                     reply(&caller, Ok(caller.id));
                 }
-                Err(err) => match outcome(&client, err) {
+                Err(err) => match outcome(client, err) {
                     Outcome::Fatal(error) => {
-                        state.waiting.push_front(caller);
+                        if !gave_up {
+                            state.waiting.push_front(caller);
+                        }
                         drop(state);
                         self.stop_with(error);
                         return;
                     }
                     Outcome::Unknown(error) | Outcome::Abort(error) => {
-                        reply(&caller, Err(error));
+                        if !gave_up {
+                            reply(&caller, Err(error));
+                        }
                     }
                 },
             }
         }
     }
 
-    /// Commits or aborts `caller`'s transaction (if it is the open one), answering it.
-    fn finish(&self, shared: &Shared, caller: Caller, commit: bool, timeout: Duration) {
-        let open = {
-            let mut state = self.write();
-            match state.open {
-                Some(open) if open.id == caller.id => state.open.take(),
-                _ => None,
-            }
+    /// How long the open transaction may stay open still.
+    fn until_expiry(&self) -> Option<Duration> {
+        let state = self.read();
+        let open = state.open?;
+        Some(self.expiry.saturating_sub(open.since.elapsed()))
+    }
+
+    /// Takes the open transaction out if it is `id`'s: no send joins it any more.
+    fn take_open(&self, id: u64) -> Option<Caller> {
+        let mut state = self.write();
+        match state.open {
+            Some(open) if open.caller.id == id => state.open.take().map(|o| o.caller),
+            _ => None,
+        }
+    }
+
+    /// Aborts the open transaction: it stayed open too long. Its owner hears why when it
+    /// comes to finish it.
+    fn expire(&self, client: &Client) {
+        let open = self.read().open;
+        let Some(open) = open.filter(|o| o.since.elapsed() >= self.expiry) else {
+            return;
         };
-        if open.is_none() {
-            let error = self.stopped().unwrap_or_else(|| {
-                Error::new("not_in_transaction", "this transaction is no longer open")
-            });
+        let Some(caller) = self.take_open(open.caller.id) else {
+            return;
+        };
+        let error = Error::new(
+            "timed_out",
+            format!(
+                "the transaction was open for more than {} ms ({:.0}% of transaction.timeout.ms) \
+                 and was aborted",
+                self.expiry.as_millis(),
+                EXPIRY_SHARE * 100.0
+            ),
+        );
+        self.write().expired = Some((caller.id, error));
+        self.abort(client);
+    }
+
+    /// Aborts what was taken out of [`State::open`], with no one to answer.
+    fn abort(&self, client: &Client) {
+        if let Err(err) = client.abort_transaction(CLEANUP) {
+            match outcome(client, err) {
+                Outcome::Fatal(error) => self.stop_with(error),
+                _ => {
+                    let _ = self.resolve(client, false);
+                }
+            }
+        }
+    }
+
+    /// Commits or aborts `caller`'s transaction (if it is the open one), answering it.
+    fn finish(&self, client: &Client, caller: Caller, commit: bool, timeout: Duration) {
+        if self.take_open(caller.id).is_none() {
+            let state = self.write();
+            let error = match (&state.phase, &state.expired) {
+                (Phase::Stopped(error), _) => error.clone(),
+                (_, Some((id, error))) if *id == caller.id => error.clone(),
+                _ => Error::new("not_in_transaction", "this transaction is no longer open"),
+            };
             return reply(&caller, Err(error));
         }
-        let id = caller.id;
-        let client = match shared.client() {
-            Ok(client) => client,
-            Err(error) => return reply(&caller, Err(error)),
-        };
         // rdkafka's commit flushes, then commits, each with the timeout given: one budget here.
         let deadline = crate::reply::deadline_after(timeout);
         let left = || {
@@ -331,29 +443,31 @@ impl Txn {
         } else {
             client.abort_transaction(timeout)
         };
-        let Err(err) = result else {
-            return reply(&caller, Ok(id));
+        let answer = |result: Result<u64>| {
+            let _state = self.write();
+            reply(&caller, result);
         };
-        match outcome(&client, err) {
+        let Err(err) = result else {
+            return answer(Ok(caller.id));
+        };
+        match outcome(client, err) {
             Outcome::Fatal(error) => {
-                reply(&caller, Err(error.clone()));
+                answer(Err(error.clone()));
                 self.stop_with(error);
             }
             Outcome::Abort(error) => {
-                let aborted = self.resolve(shared, false);
-                let error = match aborted {
-                    Ok(()) => Error {
-                        message: format!("the transaction was aborted: {}", error.message),
-                        ..error
-                    },
-                    Err(other) => other,
-                };
-                reply(&caller, Err(error));
+                // Not visible, whatever follows: the abort is seen through before any other
+                // transaction begins.
+                answer(Err(Error {
+                    message: format!("the transaction was aborted: {}", error.message),
+                    ..error
+                }));
+                let _ = self.resolve(client, false);
             }
             Outcome::Unknown(error) => {
                 // The outcome is not known yet: the caller hears so, and the thread sees the
                 // commit (or abort) through before any other transaction begins.
-                let in_doubt = Error {
+                answer(Err(Error {
                     code: "timed_out".into(),
                     message: format!(
                         "the transaction did not finish within {} ms and is still being {}; \
@@ -364,18 +478,24 @@ impl Txn {
                     ),
                     retriable: true,
                     possibly_persisted: commit,
-                };
-                reply(&caller, Err(in_doubt));
-                let _ = self.resolve(shared, commit);
+                }));
+                let _ = self.resolve(client, commit);
             }
         }
     }
 
-    /// Repeats a commit (or an abort) until librdkafka knows its outcome, the producer stops
-    /// or closes. A commit that turns out to need an abort is aborted.
-    fn resolve(&self, shared: &Shared, mut commit: bool) -> Result<()> {
+    /// Repeats a commit (or an abort) until librdkafka knows its outcome or the producer
+    /// stops; once it is closing, for one last [`CLEANUP`]. A commit that turns out to need
+    /// an abort is aborted.
+    fn resolve(&self, client: &Client, mut commit: bool) -> Result<()> {
+        let mut last_try: Option<Instant> = None;
         loop {
-            let client = shared.client()?;
+            if self.closing.load(Ordering::SeqCst) {
+                let since = *last_try.get_or_insert_with(Instant::now);
+                if since.elapsed() >= CLEANUP {
+                    return Err(closed());
+                }
+            }
             let result = if commit {
                 client.commit_transaction(STEP)
             } else {
@@ -384,14 +504,10 @@ impl Txn {
             let Err(err) = result else {
                 return Ok(());
             };
-            match outcome(&client, err) {
+            match outcome(client, err) {
                 Outcome::Unknown(_) => continue,
-                Outcome::Abort(error) if !commit => {
-                    self.stop_with(error.clone());
-                    return Err(error);
-                }
-                Outcome::Abort(_) => commit = false,
-                Outcome::Fatal(error) => {
+                Outcome::Abort(_) if commit => commit = false,
+                Outcome::Abort(error) | Outcome::Fatal(error) => {
                     self.stop_with(error.clone());
                     return Err(error);
                 }
@@ -403,12 +519,11 @@ impl Txn {
 /// The transaction thread: initialises, then serves one caller at a time until the producer
 /// closes.
 fn run(shared: Arc<Shared>, txn: Arc<Txn>, queue: Receiver<Command>) {
-    let closed = || Error::new("closed", "the producer is closed");
+    let Ok(client) = shared.client() else {
+        return txn.stop_with(closed());
+    };
     // init_transactions, a step at a time, so that a close is seen while the cluster is away.
     loop {
-        let Ok(client) = shared.client() else {
-            return txn.stop_with(closed());
-        };
         match client.init_transactions(STEP) {
             Ok(()) => {
                 txn.write().phase = Phase::Ready;
@@ -422,28 +537,46 @@ fn run(shared: Arc<Shared>, txn: Arc<Txn>, queue: Receiver<Command>) {
                 }
             },
         }
-        while let Ok(command) = queue.try_recv() {
-            if matches!(command, Command::Stop) {
-                return txn.stop_with(closed());
-            }
+        if txn.closing.load(Ordering::SeqCst) {
+            break;
         }
     }
     loop {
-        txn.start_next(&shared);
-        match queue.recv() {
+        txn.start_next(&client);
+        let command = match txn.until_expiry() {
+            Some(left) => queue.recv_timeout(left),
+            None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match command {
+            Err(RecvTimeoutError::Timeout) => txn.expire(&client),
             Ok(Command::Kick) => {}
             Ok(Command::Finish {
                 caller,
                 commit,
                 timeout,
-            }) => txn.finish(&shared, caller, commit, timeout),
-            Ok(Command::Stop) | Err(_) => {
-                let open = txn.read().open;
-                if let Some(caller) = open {
-                    txn.finish(&shared, caller, false, CLEANUP);
+            }) => txn.finish(&client, caller, commit, timeout),
+            Ok(Command::Abandon { id }) => {
+                if txn.take_open(id).is_some() {
+                    txn.abort(&client);
                 }
-                return txn.stop_with(closed());
             }
+            Ok(Command::Stop { done }) => {
+                // The open transaction's owner hears `closed` when it comes to finish it.
+                let open = txn.read().open.map(|o| o.caller.id);
+                if open.and_then(|id| txn.take_open(id)).is_some() {
+                    txn.abort(&client);
+                }
+                txn.stop_with(closed());
+                while let Ok(command) = queue.try_recv() {
+                    if let Command::Finish { caller, .. } = command {
+                        let _state = txn.write();
+                        reply(&caller, Err(closed()));
+                    }
+                }
+                let _ = done.send(());
+                return;
+            }
+            Err(RecvTimeoutError::Disconnected) => return txn.stop_with(closed()),
         }
     }
 }
@@ -469,38 +602,50 @@ fn transaction_begin<'a>(
     let pid = env.pid();
     let txn = txn_of(&producer)?.clone();
     let id = txn.next_id.fetch_add(1, Ordering::Relaxed);
+    let caller = Caller { id, pid, tag };
     {
         let mut state = txn.write();
         if let Phase::Stopped(error) = &state.phase {
             return Err(error.clone().into());
         }
-        state.waiting.push_back(Caller { id, pid, tag });
+        state.waiting.push_back(caller);
     }
     let call = ResourceArc::new(TxnCall {
         producer: producer.clone(),
-        caller: Caller { id, pid, tag },
+        caller,
     });
     // A caller that is already dead cannot be: its place in the queue goes.
     if env.monitor(&call, &pid).is_none() {
         txn.write().waiting.retain(|c| c.id != id);
         return Err(Error::new("noproc", "the calling process is not alive").into());
     }
-    txn.command(Command::Kick);
+    if !txn.command(Command::Kick) {
+        txn.write().waiting.retain(|c| c.id != id);
+        return Err(closed().into());
+    }
     Ok((atoms::ok(), call).encode(env))
 }
 
-/// The caller stopped waiting for its transaction to open: `:cancelled` if it was still
-/// queued (nothing more arrives), `:open` if it had opened (its `{:ok, id}` is in the caller's
-/// mailbox: the caller aborts it), `:gone` if it was refused (its error is in the mailbox).
+/// The caller stopped waiting for its transaction to open: `:cancelled` if it had not opened
+/// (nothing more arrives), `:open` if it had (its `{:ok, id}` is in the caller's mailbox: the
+/// caller aborts it), `:gone` if it was refused or ended (its answer is in the mailbox).
 #[rustler::nif]
 fn transaction_cancel(call: ResourceArc<TxnCall>) -> NifResult<rustler::Atom> {
     let txn = txn_of(&call.producer)?;
+    let id = call.caller.id;
     let mut state = txn.write();
     let before = state.waiting.len();
-    state.waiting.retain(|c| c.id != call.caller.id);
+    state.waiting.retain(|c| c.id != id);
     if state.waiting.len() < before {
-        Ok(atoms::cancelled())
-    } else if state.open.is_some_and(|o| o.id == call.caller.id) {
+        return Ok(atoms::cancelled());
+    }
+    if let Some((caller, gave_up)) = state.beginning.as_mut() {
+        if caller.id == id {
+            *gave_up = true;
+            return Ok(atoms::cancelled());
+        }
+    }
+    if state.open.is_some_and(|o| o.caller.id == id) {
         Ok(atoms::open())
     } else {
         Ok(atoms::gone())
@@ -526,7 +671,7 @@ fn transaction_finish(
         timeout: Duration::from_millis(timeout_ms.max(1)),
     });
     if !sent {
-        return Err(Error::new("closed", "the producer is closed").into());
+        return Err(closed().into());
     }
     Ok(atoms::ok())
 }
