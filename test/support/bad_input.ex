@@ -33,6 +33,7 @@ defmodule Ottla.BadInput do
       weighted([
         {14, fn -> produce(ctx) end},
         {6, fn -> producer_produce(ctx) end},
+        {4, fn -> transaction(ctx) end},
         {6, fn -> create_topic(ctx) end},
         {3, fn -> delete_topic(ctx) end},
         {6, fn -> list_topics(ctx) end},
@@ -63,6 +64,26 @@ defmodule Ottla.BadInput do
     # Without options the timeout is 30 s: not with a broker that never answers.
     args = if unreachable?(target), do: args, else: maybe_drop_last(args, 3)
     {{Ottla, :produce, args}, :produce, 12_000}
+  end
+
+  # Ottla.transaction/3 on the transactional connection, others and bad values, with a
+  # function that produces generated messages to the connection (or bad functions).
+  defp transaction(ctx) do
+    target = pick([:fuzz_txn, :fuzz_txn, :fuzz_txn, :fuzz_conn, :never_started, "x", nil, 42])
+    topic = topic(ctx)
+    messages = messages()
+    produce_opts = produce_opts(ctx, true)
+
+    fun =
+      weighted([
+        {6, fn -> fn -> Ottla.produce(:fuzz_txn, topic, messages, produce_opts) end end},
+        {2, fn -> fn -> :nothing end end},
+        {1, fn -> fun(:arity2) end},
+        {1, &bad/0}
+      ])
+
+    opts = opts(timeout: &timeout/0)
+    {{Ottla, :transaction, [target, fun, opts]}, :ok_tuple, 12_000}
   end
 
   defp producer_produce(ctx) do
@@ -444,6 +465,7 @@ defmodule Ottla.BadInput do
       {1, fn -> {[{~c"127.0.0.1", port(ctx.endpoints)}], true} end},
       {8, fn -> {ctx.mock, true} end},
       {6, fn -> {:fuzz_conn, true} end},
+      {2, fn -> {:fuzz_txn, true} end},
       {2, fn -> {:fuzz_noprod, true} end},
       {3, fn -> {:never_started, false} end},
       {2, fn -> {:fuzz_stopped, false} end},

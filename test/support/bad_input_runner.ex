@@ -60,6 +60,13 @@ defmodule Ottla.BadInput.Runner do
 
       {:ok, _} =
         Ottla.Supervisor.start_link(
+          connection: :fuzz_txn,
+          endpoints: endpoints,
+          producer: [transactional_id: "fuzz-txn-#{seed}-#{System.os_time(:millisecond)}"]
+        )
+
+      {:ok, _} =
+        Ottla.Supervisor.start_link(
           connection: :fuzz_consumer,
           endpoints: endpoints,
           consumer: [topic: topic, handler: Ottla.BadInput.Handler, begin_offset: :earliest]
