@@ -71,6 +71,17 @@ defmodule Ottla.Native do
 
   def mock_cluster_start(_brokers), do: :erlang.nif_error(:nif_not_loaded)
   def mock_cluster_stop(_cluster), do: :erlang.nif_error(:nif_not_loaded)
+  def mock_cluster_broker_set(_cluster, _broker, _down), do: :erlang.nif_error(:nif_not_loaded)
+  def mock_cluster_set_latency(_cluster, _broker, _ms), do: :erlang.nif_error(:nif_not_loaded)
+
+  def mock_cluster_fail_requests(_cluster, _api, _error, _count),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def mock_cluster_set_leader(_cluster, _topic, _partition, _broker),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def mock_cluster_set_coordinator(_cluster, _kind, _key, _broker),
+    do: :erlang.nif_error(:nif_not_loaded)
 
   def mock_cluster_delay_requests(_cluster, _broker, _api_key, _count, _rtt_ms),
     do: :erlang.nif_error(:nif_not_loaded)

@@ -14,6 +14,21 @@ defmodule Ottla.Testing do
 
   In ExUnit, `start_supervised!({Ottla.Testing, brokers: 1})` returns the owning pid;
   `Ottla.Testing.endpoints(pid)` gives its endpoints.
+
+  ## Faults
+
+  The embedded cluster can misbehave on request, so that a test can show what an app does
+  when Kafka does: `broker_down/2` and `broker_up/2`, `set_latency/3`, `fail_requests/4`,
+  `move_leader/4` and `move_coordinator/3`. Brokers are numbered from 1. Each returns `:ok`,
+  or raises `ArgumentError` for a bad argument (endpoints that are not a running mock
+  cluster, a broker out of range, an unknown API or error name).
+
+      {:ok, endpoints} = Ottla.Testing.start_mock_cluster(brokers: 1)
+      :ok = Ottla.create_topic(endpoints, "t")
+      :ok = Ottla.Testing.broker_down(endpoints, 1)
+      {:error, _, _} = Ottla.produce(endpoints, "t", "lost in the outage", timeout: 1_000)
+      :ok = Ottla.Testing.broker_up(endpoints, 1)
+      :ok = Ottla.produce(endpoints, "t", "after the outage")
   """
   use GenServer
 
@@ -118,6 +133,181 @@ defmodule Ottla.Testing do
     :exit, _ -> :ok
   end
 
+  # Kafka's API keys, by name.
+  @apis %{
+    produce: 0,
+    fetch: 1,
+    list_offsets: 2,
+    metadata: 3,
+    offset_commit: 8,
+    offset_fetch: 9,
+    find_coordinator: 10,
+    join_group: 11,
+    heartbeat: 12,
+    leave_group: 13,
+    sync_group: 14,
+    describe_groups: 15,
+    list_groups: 16,
+    api_versions: 18,
+    create_topics: 19,
+    delete_topics: 20,
+    init_producer_id: 22,
+    add_partitions_to_txn: 24,
+    add_offsets_to_txn: 25,
+    end_txn: 26,
+    txn_offset_commit: 28,
+    describe_configs: 32,
+    consumer_group_heartbeat: 68
+  }
+
+  @doc """
+  Takes broker `broker` of the mock cluster behind `endpoints` down: it drops its connections
+  and refuses new ones until `broker_up/2`. Its partitions keep it as their leader, so
+  producing to them fails (within the call's `:timeout`) and consuming them stalls.
+  """
+  @spec broker_down(Ottla.Options.endpoints(), pos_integer) :: :ok
+  def broker_down(endpoints, broker) do
+    broker = broker!(broker)
+    fault(endpoints, :broker_down, &Ottla.Native.mock_cluster_broker_set(&1, broker, true))
+  end
+
+  @doc "Brings broker `broker` back after `broker_down/2`: clients reconnect by themselves."
+  @spec broker_up(Ottla.Options.endpoints(), pos_integer) :: :ok
+  def broker_up(endpoints, broker) do
+    broker = broker!(broker)
+    fault(endpoints, :broker_up, &Ottla.Native.mock_cluster_broker_set(&1, broker, false))
+  end
+
+  @doc """
+  Delays every answer of broker `broker` by `ms` milliseconds (0 for none), as a slow
+  network or a busy broker would.
+  """
+  @spec set_latency(Ottla.Options.endpoints(), pos_integer, non_neg_integer) :: :ok
+  def set_latency(endpoints, broker, ms) do
+    ms = Ottla.Options.integer!(ms, :ms, 0, 3_600_000)
+
+    broker = broker!(broker)
+
+    fault(
+      endpoints,
+      :set_latency,
+      &Ottla.Native.mock_cluster_set_latency(&1, broker, ms)
+    )
+  end
+
+  @doc """
+  Makes the next `count` requests of Kafka API `api` (to any broker) fail with Kafka error
+  `error`, e.g. `fail_requests(endpoints, :produce, :not_enough_replicas, 3)`.
+
+  `api` is one of #{@apis |> Map.keys() |> Enum.sort() |> Enum.map_join(", ", &"`#{inspect(&1)}`")}.
+  `error` is a Kafka (broker) error by its `Ottla.Error` code, e.g. `:not_leader_for_partition`,
+  `:request_timed_out`, `:coordinator_not_available`, `:topic_authorization_failed`. What a
+  client does with it is Kafka's rule: it retries a retriable error (the app sees a delay), and
+  gives up on another (the app sees the error).
+
+  ## Example
+
+      :ok = Ottla.Testing.fail_requests(endpoints, :produce, :topic_authorization_failed, 1)
+      {:error, %Ottla.Error{code: :topic_authorization_failed}, _} = Ottla.produce(endpoints, "t", "x")
+      :ok = Ottla.produce(endpoints, "t", "x")
+  """
+  @spec fail_requests(Ottla.Options.endpoints(), atom, atom, pos_integer) :: :ok
+  def fail_requests(endpoints, api, error, count \\ 1) do
+    key =
+      Map.get(@apis, api) ||
+        raise ArgumentError,
+              "invalid api #{inspect(api)}: expected one of #{inspect(Enum.sort(Map.keys(@apis)))}"
+
+    unless is_atom(error) and not is_nil(error) and is_binary(Atom.to_string(error)),
+      do: raise(ArgumentError, "invalid error #{inspect(error)}: expected a Kafka error's code")
+
+    count = Ottla.Options.integer!(count, :count, 1, 10_000)
+
+    fault(
+      endpoints,
+      :fail_requests,
+      &Ottla.Native.mock_cluster_fail_requests(&1, key, Atom.to_string(error), count)
+    )
+  end
+
+  @doc """
+  Makes broker `broker` the leader of `topic`'s `partition`: clients find the new leader on
+  their next metadata refresh, as after a leader election.
+  """
+  @spec move_leader(Ottla.Options.endpoints(), String.t(), non_neg_integer, pos_integer) :: :ok
+  def move_leader(endpoints, topic, partition, broker) do
+    topic = Ottla.Options.topic!(topic)
+    partition = Ottla.Options.integer!(partition, :partition, 0, 100_000)
+
+    broker = broker!(broker)
+
+    fault(
+      endpoints,
+      :move_leader,
+      &Ottla.Native.mock_cluster_set_leader(&1, topic, partition, broker)
+    )
+  end
+
+  @doc """
+  Makes broker `broker` the coordinator of consumer group `group` (or, with
+  `{:transaction, transactional_id}`, of a transactional producer): its members find the new
+  one when the old one answers `not_coordinator` or goes away.
+  """
+  @spec move_coordinator(
+          Ottla.Options.endpoints(),
+          String.t() | {:transaction, String.t()},
+          pos_integer
+        ) ::
+          :ok
+  def move_coordinator(endpoints, group, broker) do
+    {kind, key} =
+      case group do
+        {:transaction, id} when is_binary(id) -> {"transaction", id}
+        group when is_binary(group) -> {"group", group}
+        other -> raise ArgumentError, "invalid group #{inspect(other)}: expected a group name"
+      end
+
+    unless Ottla.Options.text?(key),
+      do: raise(ArgumentError, "invalid group #{inspect(group)}: not UTF-8 text without NUL")
+
+    broker = broker!(broker)
+
+    fault(
+      endpoints,
+      :move_coordinator,
+      &Ottla.Native.mock_cluster_set_coordinator(&1, kind, key, broker)
+    )
+  end
+
+  defp broker!(broker), do: Ottla.Options.integer!(broker, :broker, 1, 32)
+
+  # Runs `call` with the cluster behind `endpoints` (on its owner process, which holds it).
+  defp fault(endpoints, what, call) do
+    bootstrap =
+      try do
+        Ottla.Options.bootstrap!(endpoints)
+      rescue
+        ArgumentError ->
+          raise ArgumentError, "invalid endpoints #{inspect(endpoints)}: not a mock cluster's"
+      end
+
+    pid =
+      lookup(bootstrap) ||
+        raise ArgumentError, "invalid endpoints #{inspect(endpoints)}: no mock cluster runs there"
+
+    result =
+      try do
+        GenServer.call(pid, {:fault, call})
+      catch
+        :exit, _ -> raise ArgumentError, "the mock cluster at #{inspect(endpoints)} stopped"
+      end
+
+    case result do
+      :ok -> :ok
+      {:error, %Ottla.Error{} = error} -> raise ArgumentError, "#{what}: #{error.message}"
+    end
+  end
+
   @doc false
   # Test-only: the next `count` requests of Kafka API `api_key` (e.g. 9, OffsetFetch) to
   # broker `broker` of the mock cluster behind `endpoints` are answered after `rtt_ms`.
@@ -132,6 +322,19 @@ defmodule Ottla.Testing do
 
   @impl true
   def handle_call(:endpoints, _from, state), do: {:reply, state.endpoints, state}
+
+  def handle_call({:fault, call}, _from, state) do
+    # Arguments are checked before `call` is made; whatever it raises still must not stop
+    # the cluster.
+    reply =
+      try do
+        call.(state.cluster)
+      rescue
+        e -> {:error, Ottla.Error.new(:invalid_arg, Exception.message(e))}
+      end
+
+    {:reply, reply, state}
+  end
 
   def handle_call({:delay_requests, broker, api_key, count, rtt_ms}, _from, state) do
     {:reply,

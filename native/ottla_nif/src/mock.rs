@@ -41,6 +41,26 @@ enum Command {
         rtt_ms: i32,
         reply: Sender<Result<()>>,
     },
+    /// A fault from `Ottla.Testing`.
+    Fault {
+        fault: Fault,
+        reply: Sender<Result<()>>,
+    },
+}
+
+/// What `Ottla.Testing` can do to a mock cluster.
+enum Fault {
+    /// The broker drops its connections and refuses new ones (its partitions keep their
+    /// leader).
+    Down(i32),
+    Up(i32),
+    /// Every answer of the broker is delayed by this many ms.
+    Latency(i32, i32),
+    /// The next requests of an API, whichever broker gets them, fail with these errors.
+    Errors(i16, Vec<rd::rd_kafka_resp_err_t>),
+    Leader(CString, i32, i32),
+    /// The coordinator of a group (`"group"`) or a transactional id (`"transaction"`).
+    Coordinator(CString, CString, i32),
 }
 
 pub struct MockClusterResource {
@@ -75,6 +95,7 @@ impl MockClusterResource {
 /// A mock cluster and the client that hosts it; destroyed in that order.
 struct RawMock {
     ptr: *mut rd::rd_kafka_mock_cluster_t,
+    brokers: i32,
     _host: BaseProducer,
 }
 
@@ -100,7 +121,11 @@ impl RawMock {
         // SAFETY: `ptr` is the live cluster created above. Groups join at once instead of
         // after the mock's default 3 s delay.
         unsafe { rd::rd_kafka_mock_group_initial_rebalance_delay_ms(ptr, 0) };
-        Ok(RawMock { ptr, _host: host })
+        Ok(RawMock {
+            ptr,
+            brokers,
+            _host: host,
+        })
     }
 
     fn bootstrap(&self) -> String {
@@ -168,6 +193,72 @@ impl RawMock {
     }
 }
 
+impl RawMock {
+    fn fault(&self, fault: Fault) -> Result<()> {
+        let check = |broker: i32| {
+            if (1..=self.brokers).contains(&broker) {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    "invalid_arg",
+                    format!(
+                        "no broker {broker}: the cluster's brokers are 1 to {}",
+                        self.brokers
+                    ),
+                ))
+            }
+        };
+        // SAFETY (every call below): the cluster is live on this, its own thread; strings
+        // are NUL-terminated and outlive the call, which copies what it keeps.
+        let err = match &fault {
+            Fault::Down(b) => {
+                check(*b)?;
+                unsafe { rd::rd_kafka_mock_broker_set_down(self.ptr, *b) }
+            }
+            Fault::Up(b) => {
+                check(*b)?;
+                unsafe { rd::rd_kafka_mock_broker_set_up(self.ptr, *b) }
+            }
+            Fault::Latency(b, ms) => {
+                check(*b)?;
+                unsafe { rd::rd_kafka_mock_broker_set_rtt(self.ptr, *b, *ms) }
+            }
+            Fault::Errors(api, errors) => {
+                unsafe {
+                    rd::rd_kafka_mock_push_request_errors_array(
+                        self.ptr,
+                        *api,
+                        errors.len(),
+                        errors.as_ptr(),
+                    )
+                };
+                rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            }
+            Fault::Leader(topic, partition, b) => {
+                check(*b)?;
+                unsafe {
+                    rd::rd_kafka_mock_partition_set_leader(self.ptr, topic.as_ptr(), *partition, *b)
+                }
+            }
+            Fault::Coordinator(kind, key, b) => {
+                check(*b)?;
+                unsafe {
+                    rd::rd_kafka_mock_coordinator_set(self.ptr, kind.as_ptr(), key.as_ptr(), *b)
+                }
+            }
+        };
+        if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            Ok(())
+        } else {
+            let code = rdkafka::error::RDKafkaErrorCode::from(err);
+            Err(Error::from_code(
+                code,
+                format!("the mock cluster refused: {code}"),
+            ))
+        }
+    }
+}
+
 impl Drop for RawMock {
     fn drop(&mut self) {
         // SAFETY: created by rd_kafka_mock_cluster_new and destroyed once, before its host.
@@ -195,6 +286,9 @@ fn run(cluster: RawMock, commands: std::sync::mpsc::Receiver<Command>) {
                 reply,
             } => {
                 let _ = reply.send(cluster.delay_requests(broker, api_key, count, rtt_ms));
+            }
+            Command::Fault { fault, reply } => {
+                let _ = reply.send(cluster.fault(fault));
             }
         }
     }
@@ -272,6 +366,98 @@ fn mock_cluster_delay_requests(
         rtt_ms,
         reply,
     })
+}
+
+/// Kafka's (broker-side) error `name`, e.g. `"not_leader_for_partition"`.
+fn broker_error(name: &str) -> Option<rd::rd_kafka_resp_err_t> {
+    (1..=200).find_map(|n| {
+        let err = rd::rd_kafka_resp_err_t::try_from(n).ok()?;
+        (crate::error::code_name(rdkafka::error::RDKafkaErrorCode::from(err)) == name)
+            .then_some(err)
+    })
+}
+
+fn fault(resource: &MockClusterResource, fault: Fault) -> NifResult<Atom> {
+    call(resource, |reply| Command::Fault { fault, reply })
+}
+
+fn c_string(text: String, what: &str) -> NifResult<CString> {
+    CString::new(text)
+        .map_err(|_| Error::new("invalid_arg", format!("{what} holds a NUL byte")).into())
+}
+
+/// `Ottla.Testing.broker_down/2`, `broker_up/2`: `down` true takes the broker down.
+#[rustler::nif(schedule = "DirtyIo")]
+fn mock_cluster_broker_set(
+    resource: ResourceArc<MockClusterResource>,
+    broker: i32,
+    down: bool,
+) -> NifResult<Atom> {
+    fault(
+        &resource,
+        if down {
+            Fault::Down(broker)
+        } else {
+            Fault::Up(broker)
+        },
+    )
+}
+
+/// `Ottla.Testing.set_latency/3`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn mock_cluster_set_latency(
+    resource: ResourceArc<MockClusterResource>,
+    broker: i32,
+    ms: i32,
+) -> NifResult<Atom> {
+    fault(&resource, Fault::Latency(broker, ms.max(0)))
+}
+
+/// `Ottla.Testing.fail_requests/4`: `{:error, :unknown_error}` for a name that is no Kafka
+/// error.
+#[rustler::nif(schedule = "DirtyIo")]
+fn mock_cluster_fail_requests(
+    resource: ResourceArc<MockClusterResource>,
+    api_key: i16,
+    error: String,
+    count: u32,
+) -> NifResult<Atom> {
+    let Some(err) = broker_error(&error) else {
+        return Err(Error::new(
+            "unknown_error",
+            format!("no Kafka error is named {error:?}"),
+        )
+        .into());
+    };
+    fault(
+        &resource,
+        Fault::Errors(api_key, vec![err; count.min(10_000) as usize]),
+    )
+}
+
+/// `Ottla.Testing.move_leader/4`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn mock_cluster_set_leader(
+    resource: ResourceArc<MockClusterResource>,
+    topic: String,
+    partition: i32,
+    broker: i32,
+) -> NifResult<Atom> {
+    let topic = c_string(topic, "the topic")?;
+    fault(&resource, Fault::Leader(topic, partition, broker))
+}
+
+/// `Ottla.Testing.move_coordinator/3`: `kind` is `"group"` or `"transaction"`.
+#[rustler::nif(schedule = "DirtyIo")]
+fn mock_cluster_set_coordinator(
+    resource: ResourceArc<MockClusterResource>,
+    kind: String,
+    key: String,
+    broker: i32,
+) -> NifResult<Atom> {
+    let kind = c_string(kind, "the kind")?;
+    let key = c_string(key, "the key")?;
+    fault(&resource, Fault::Coordinator(kind, key, broker))
 }
 
 #[rustler::nif]
