@@ -158,35 +158,15 @@ defmodule Ottla.Connection do
   defp start_producer(bootstrap, config, producer_config) do
     user = config ++ producer_config
 
-    # librdkafka refuses a message.timeout.ms above transaction.timeout.ms: Ottla's default
-    # gives way to a shorter transaction timeout the user set.
+    # librdkafka refuses a message.timeout.ms above transaction.timeout.ms, and fits its own
+    # to a transaction timeout the user set: Ottla's default then gives way.
     defaults =
-      case {transactional?(config, producer_config), last(user, "transaction.timeout.ms"),
-            last(user, "message.timeout.ms")} do
-        {true, txn_timeout, nil} when is_binary(txn_timeout) ->
-          case Integer.parse(txn_timeout) do
-            {ms, ""} when ms < 30_000 ->
-              List.keystore(@producer_defaults, "message.timeout.ms", 0, {
-                "message.timeout.ms",
-                Integer.to_string(ms)
-              })
-
-            _ ->
-              @producer_defaults
-          end
-
-        _ ->
-          @producer_defaults
-      end
+      if transactional?(config, producer_config) and
+           List.keymember?(user, "transaction.timeout.ms", 0),
+         do: List.keydelete(@producer_defaults, "message.timeout.ms", 0),
+         else: @producer_defaults
 
     Ottla.Native.producer_new(bootstrap, defaults ++ user)
-  end
-
-  defp last(config, key) do
-    case List.keyfind(Enum.reverse(config), key, 0) do
-      {_, value} -> value
-      nil -> nil
-    end
   end
 
   @impl true

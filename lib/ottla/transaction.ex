@@ -78,32 +78,11 @@ defmodule Ottla.Transaction do
   returns `:ok` or `{:error, error, failed}`; a failure aborts the transaction.
   """
   def produce_alone(conn, timeout, fun) do
-    case open(conn.producer, timeout) do
-      {:ok, call, tag, id} ->
-        result =
-          try do
-            fun.(id)
-          catch
-            kind, reason ->
-              _ = finish(call, tag, false, timeout)
-              :erlang.raise(kind, reason, __STACKTRACE__)
-          end
-
-        case result do
-          :ok ->
-            case finish(call, tag, true, timeout) do
-              :ok -> :ok
-              {:error, error} -> {:error, error}
-            end
-
-          {:error, error, _failed} ->
-            _ = finish(call, tag, false, timeout)
-            {:error, %{error | message: error.message <> "; the call's transaction was aborted"}}
-        end
-
-      {:error, error} ->
-        {:error, error}
+    produce = fn ->
+      with {:error, error, _failed} <- fun.(current(conn)), do: failed(conn, error)
     end
+
+    with {:ok, _} <- in_transaction(conn, produce, timeout), do: :ok
   end
 
   defp in_transaction(conn, fun, timeout) do

@@ -254,14 +254,14 @@ defmodule Ottla.TransactionTest do
 
   test "a transaction open too long is aborted before the broker times it out, and the producer goes on" do
     topic = create_topic!()
-    conn = start_transactional!(config: ["transaction.timeout.ms": 3_000])
+    conn = start_transactional!(config: ["transaction.timeout.ms": 1_500])
 
-    # Aborted after 80% of the 3 s: the coordinator, had it timed the transaction out, would
+    # Aborted after 80% of the 1.5 s: the coordinator, had it timed the transaction out, would
     # have fenced the producer for good.
     assert {:error, %Ottla.Error{code: :timed_out} = error} =
              Ottla.transaction(conn, fn ->
                :ok = Ottla.produce(conn, topic, "too slow")
-               Process.sleep(3_000)
+               Process.sleep(1_600)
                :late
              end)
 

@@ -151,19 +151,11 @@ impl RawMock {
         let err = unsafe {
             rd::rd_kafka_mock_topic_create(self.ptr, name.as_ptr(), partitions, replicas)
         };
-        if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            Ok(())
-        } else {
-            let code = rdkafka::error::RDKafkaErrorCode::from(err);
-            Err(Error::from_code(
-                code,
-                format!("could not create topic {topic:?}: {code}"),
-            ))
-        }
+        answered(err, |code| {
+            format!("could not create topic {topic:?}: {code}")
+        })
     }
-}
 
-impl RawMock {
     fn delay_requests(&self, broker: i32, api_key: i16, count: u32, rtt_ms: i32) -> Result<()> {
         if !(1..=MAX_BROKERS).contains(&broker) || !(0..=1_000).contains(&count) || rtt_ms < 0 {
             return Err(Error::new(
@@ -184,16 +176,11 @@ impl RawMock {
                     rtt_ms as std::os::raw::c_int,
                 )
             };
-            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                let code = rdkafka::error::RDKafkaErrorCode::from(err);
-                return Err(Error::from_code(code, format!("broker {broker}: {code}")));
-            }
+            answered(err, |code| format!("broker {broker}: {code}"))?;
         }
         Ok(())
     }
-}
 
-impl RawMock {
     fn fault(&self, fault: Fault) -> Result<()> {
         let check = |broker: i32| {
             if (1..=self.brokers).contains(&broker) {
@@ -247,16 +234,20 @@ impl RawMock {
                 }
             }
         };
-        if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            Ok(())
-        } else {
-            let code = rdkafka::error::RDKafkaErrorCode::from(err);
-            Err(Error::from_code(
-                code,
-                format!("the mock cluster refused: {code}"),
-            ))
-        }
+        answered(err, |code| format!("the mock cluster refused: {code}"))
     }
+}
+
+/// `Ok` for librdkafka's "no error", otherwise the error, described by `what`.
+fn answered(
+    err: rd::rd_kafka_resp_err_t,
+    what: impl FnOnce(rdkafka::error::RDKafkaErrorCode) -> String,
+) -> Result<()> {
+    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return Ok(());
+    }
+    let code = rdkafka::error::RDKafkaErrorCode::from(err);
+    Err(Error::from_code(code, what(code)))
 }
 
 impl Drop for RawMock {
