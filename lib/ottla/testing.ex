@@ -279,6 +279,350 @@ defmodule Ottla.Testing do
     )
   end
 
+  # How often the wait helpers look again.
+  @poll_interval 25
+
+  @doc """
+  Waits until the consumer of connection `connection` holds its partitions, and returns the
+  `{topic, partition}`s it holds, sorted. Raises `Ottla.Testing.TimeoutError` naming what
+  it waited for and what the consumer held when `:timeout` passes.
+
+  A consumer starting at `begin_offset: :latest` (the default) finds the end of a
+  partition only after it holds it: a message produced right after this returns may come
+  before that start. Tests that produce right away read fresh topics from `:earliest`.
+
+  ## Options
+
+    * `:partitions` - what to wait for: `:all`, every partition of the topics the consumer
+      reads (a group's only member, or a consumer without a group); a number, at least that
+      many partitions; or a list of `{topic, partition}`. Defaults to `:all`.
+    * `:timeout` - milliseconds. Defaults to `10000`.
+
+  ## Example
+
+      start_supervised!({Ottla.Supervisor, connection: :app, endpoints: endpoints,
+        group_consumer: [group: "g", topics: ["t"], handler: MyHandler, begin_offset: :earliest]})
+
+      [{"t", 0}, {"t", 1}] = Ottla.Testing.await_assignment(:app)
+  """
+  @spec await_assignment(atom, keyword) :: [{String.t(), non_neg_integer}]
+  def await_assignment(connection, opts \\ []) do
+    opts =
+      Ottla.Options.keyword!(
+        opts,
+        [partitions: :all, timeout: 10_000],
+        "Ottla.Testing.await_assignment/2 options"
+      )
+
+    connection = Ottla.Options.connection!(connection)
+    timeout = Ottla.Options.timeout!(opts[:timeout], :timeout)
+    want = wanted_partitions!(opts[:partitions])
+
+    await(timeout, "#{inspect(connection)} to hold #{describe_wanted(want)}", fn ->
+      with {:ok, stats} <- consumer_stats(connection),
+           {:ok, expected} <- expected_partitions(connection, want) do
+        held = for row <- stats.partitions, do: {row.topic, row.partition}
+
+        done =
+          case expected do
+            {:at_least, n} -> length(held) >= n
+            list -> Enum.all?(list, &(&1 in held))
+          end
+
+        if done, do: {:ok, held}, else: {:wait, "it holds #{inspect(held)}"}
+      end
+    end)
+  end
+
+  @doc """
+  Waits until the consumer of connection `connection` has acked `offsets`, and returns
+  `:ok`. Raises `Ottla.Testing.TimeoutError` with what it saw (per partition: the last
+  acked offset, the committed offset, the lag) when `:timeout` passes.
+
+  `offsets` is a list of `{topic, partition, offset}`, each acked when that offset or a later
+  one is; or a topic (or a list of topics), meaning everything produced to it so far: its
+  partitions' ends are read when the call starts, and each partition must be held by this
+  consumer. Records no handler sees (transaction markers, aborted messages) count as done.
+
+  ## Example
+
+      :ok = Ottla.produce(endpoints, "t", [{"k", "v1"}, {"k", "v2"}])
+      :ok = Ottla.Testing.await_acked(:app, "t")
+  """
+  @spec await_acked(
+          atom,
+          String.t() | [String.t() | {String.t(), non_neg_integer, integer}],
+          keyword
+        ) :: :ok
+  def await_acked(connection, offsets, opts \\ []),
+    do: await_offsets(connection, offsets, opts, :acked)
+
+  @doc """
+  Like `await_acked/3`, but waits until Kafka has confirmed the group's commit of `offsets`:
+  a committed offset is the next one to read, so `{topic, partition, offset}` is committed
+  once the commit is past it. Only a group consumer commits.
+
+  ## Example
+
+      :ok = Ottla.Testing.await_committed(:app, "t")
+      {:ok, [{0, 2}]} = Ottla.committed_offsets(endpoints, "g", "t")
+  """
+  @spec await_committed(
+          atom,
+          String.t() | [String.t() | {String.t(), non_neg_integer, integer}],
+          keyword
+        ) :: :ok
+  def await_committed(connection, offsets, opts \\ []),
+    do: await_offsets(connection, offsets, opts, :committed)
+
+  @doc """
+  Waits until `topic` is usable through `target` (endpoints or a connection): the cluster
+  lists it, with at least `:partitions` partitions, and each partition's leader answers.
+  Returns `:ok`, or raises `Ottla.Testing.TimeoutError` when `:timeout` passes.
+
+  ## Options
+
+    * `:partitions` - the least partition count to wait for. Defaults to `1`.
+    * `:timeout` - milliseconds. Defaults to `10000`.
+
+  ## Example
+
+      :ok = Ottla.create_topic(endpoints, "t", partitions: 3)
+      :ok = Ottla.Testing.await_topic(endpoints, "t", partitions: 3)
+  """
+  @spec await_topic(Ottla.target(), String.t(), keyword) :: :ok
+  def await_topic(target, topic, opts \\ []) do
+    opts =
+      Ottla.Options.keyword!(
+        opts,
+        [partitions: 1, timeout: 10_000],
+        "Ottla.Testing.await_topic/3 options"
+      )
+
+    topic = Ottla.Options.topic!(topic)
+    least = Ottla.Options.integer!(opts[:partitions], :partitions, 1)
+    timeout = Ottla.Options.timeout!(opts[:timeout], :timeout)
+    what = "topic #{inspect(topic)} with #{least} partition(s)"
+
+    await(timeout, what, fn ->
+      with {:ok, topics} <- Ottla.list_topics(target, timeout: min(timeout, 5_000)),
+           {:count, count} when count >= least <-
+             {:count, List.keyfind(topics, topic, 0, {topic, 0}) |> elem(1)},
+           :ok <- leaders_answer(target, topic, count, min(timeout, 5_000)) do
+        {:ok, :ok}
+      else
+        {:count, 0} -> {:wait, "the cluster does not list it"}
+        {:count, count} -> {:wait, "it has #{count} partition(s)"}
+        {:error, %Ottla.Error{} = e} -> {:wait, "last error: #{Exception.message(e)}"}
+      end
+    end)
+  end
+
+  defp leaders_answer(target, topic, count, timeout) do
+    Enum.reduce_while(0..(count - 1), :ok, fn p, :ok ->
+      case Ottla.fetch(target, topic,
+             partition: p,
+             offset: :latest,
+             max_messages: 1,
+             timeout: timeout
+           ) do
+        {:ok, _, _} -> {:cont, :ok}
+        {:error, e} -> {:halt, {:error, e}}
+      end
+    end)
+  end
+
+  defp await_offsets(connection, offsets, opts, kind) do
+    name = if kind == :acked, do: "await_acked/3", else: "await_committed/3"
+    opts = Ottla.Options.keyword!(opts, [timeout: 10_000], "Ottla.Testing.#{name} options")
+    connection = Ottla.Options.connection!(connection)
+    timeout = Ottla.Options.timeout!(opts[:timeout], :timeout)
+    deadline = System.monotonic_time(:millisecond) + timeout
+    targets = offset_targets!(connection, offsets, deadline)
+    what = "#{inspect(connection)} to have #{kind} #{describe_targets(targets)}"
+
+    await(max(deadline - System.monotonic_time(:millisecond), 0), what, fn ->
+      with {:ok, stats} <- consumer_stats(connection) do
+        rows = Map.new(stats.partitions, &{{&1.topic, &1.partition}, &1})
+        pending = Enum.reject(targets, &offset_done?(&1, rows, kind))
+
+        if pending == [],
+          do: {:ok, :ok},
+          else: {:wait, "pending: " <> Enum.map_join(pending, "; ", &describe_row(&1, rows))}
+      end
+    end)
+  end
+
+  # {tp, {:offset, n}}: offset n done; {tp, {:end, n}}: everything before n done.
+  defp offset_done?({tp, target}, rows, kind) do
+    case {Map.get(rows, tp), target, kind} do
+      {nil, _, _} -> false
+      # An empty partition: nothing to ack or commit.
+      {_row, {:end, 0}, _} -> true
+      {row, {:offset, n}, :acked} -> gte?(row.last_acked, n) or gte?(row.committed, n + 1)
+      {row, {:end, n}, :acked} -> gte?(row.committed, n) or caught_up?(row, n)
+      {row, {:offset, n}, :committed} -> gte?(row.committed, n + 1)
+      {row, {:end, n}, :committed} -> gte?(row.committed, n)
+    end
+  end
+
+  # Everything before `n` is processed: the consumer has seen an end at or past `n` and has
+  # no lag behind it (acked, or past records no handler sees).
+  defp caught_up?(row, n), do: gte?(row.high_watermark, n) and row.lag == 0
+  defp gte?(value, n), do: is_integer(value) and value >= n
+
+  defp offset_targets!(connection, topic, deadline) when is_binary(topic),
+    do: offset_targets!(connection, [topic], deadline)
+
+  defp offset_targets!(connection, offsets, deadline) when is_list(offsets) and offsets != [] do
+    Enum.flat_map(offsets, fn
+      {topic, partition, offset} when is_integer(partition) and is_integer(offset) ->
+        [{{Ottla.Options.topic!(topic), partition}, {:offset, offset}}]
+
+      topic when is_binary(topic) ->
+        topic = Ottla.Options.topic!(topic)
+        ends!(connection, topic, deadline)
+
+      other ->
+        raise ArgumentError,
+              "invalid offsets entry #{inspect(other)}: expected a topic or {topic, partition, offset}"
+    end)
+  end
+
+  defp offset_targets!(_connection, other, _deadline),
+    do:
+      raise(
+        ArgumentError,
+        "invalid offsets #{inspect(other)}: expected a topic or a non-empty list of topics " <>
+          "and {topic, partition, offset}"
+      )
+
+  # Each partition's end (the offset the next produced message gets), read now.
+  defp ends!(connection, topic, deadline) do
+    timeout = fn -> max(deadline - System.monotonic_time(:millisecond), 1) end
+
+    count =
+      case Ottla.list_topics(connection, timeout: timeout.()) do
+        {:ok, topics} -> List.keyfind(topics, topic, 0, {topic, 0}) |> elem(1)
+        {:error, e} -> raise timeout_error("the partitions of #{inspect(topic)}", e.message)
+      end
+
+    if count == 0, do: raise(ArgumentError, "invalid topic #{inspect(topic)}: it does not exist")
+
+    for p <- 0..(count - 1) do
+      case Ottla.fetch(connection, topic,
+             partition: p,
+             offset: :latest,
+             max_messages: 1,
+             timeout: timeout.()
+           ) do
+        {:ok, hw, _} -> {{topic, p}, {:end, hw}}
+        {:error, e} -> raise timeout_error("the end of #{topic}/#{p}", e.message)
+      end
+    end
+  end
+
+  defp describe_targets(targets) do
+    Enum.map_join(targets, ", ", fn
+      {{t, p}, {:offset, n}} -> "#{t}/#{p} offset #{n}"
+      {{t, p}, {:end, n}} -> "#{t}/#{p} up to #{n}"
+    end)
+  end
+
+  defp describe_row({{t, p} = tp, _}, rows) do
+    case Map.get(rows, tp) do
+      nil ->
+        "#{t}/#{p} not held"
+
+      row ->
+        "#{t}/#{p} last acked #{inspect(row.last_acked)}, committed #{inspect(row.committed)}, " <>
+          "high watermark #{inspect(row.high_watermark)}, lag #{inspect(row.lag)}"
+    end
+  end
+
+  defp wanted_partitions!(:all), do: :all
+  defp wanted_partitions!(n) when is_integer(n) and n > 0, do: {:at_least, n}
+
+  defp wanted_partitions!(list) when is_list(list) and list != [] do
+    Enum.map(list, fn
+      {topic, p} when is_binary(topic) and is_integer(p) and p >= 0 ->
+        {topic, p}
+
+      other ->
+        raise ArgumentError,
+              "invalid partitions entry #{inspect(other)}: expected {topic, partition}"
+    end)
+  end
+
+  defp wanted_partitions!(other),
+    do:
+      raise(
+        ArgumentError,
+        "invalid partitions #{inspect(other)}: expected :all, a positive integer or a list of {topic, partition}"
+      )
+
+  defp describe_wanted(:all), do: "every partition of its topics"
+  defp describe_wanted({:at_least, n}), do: "at least #{n} partition(s)"
+  defp describe_wanted(list), do: inspect(list)
+
+  defp expected_partitions(_connection, {:at_least, _} = want), do: {:ok, want}
+  defp expected_partitions(_connection, list) when is_list(list), do: {:ok, list}
+
+  defp expected_partitions(connection, :all) do
+    case Ottla.Group.Manager.subscription(connection) do
+      nil ->
+        {:wait, "it has no running consumer"}
+
+      {:partitions, list} ->
+        {:ok, list}
+
+      {:topics, topics} ->
+        case Ottla.list_topics(connection) do
+          {:ok, listed} ->
+            {:ok,
+             for(
+               t <- topics,
+               {^t, count} <- listed,
+               p <- 0..(count - 1),
+               do: {t, p}
+             )}
+
+          {:error, e} ->
+            {:wait, "its topics could not be listed: #{e.message}"}
+        end
+    end
+  end
+
+  defp consumer_stats(connection) do
+    case Ottla.stats(connection) do
+      {:ok, stats} -> {:ok, stats}
+      {:error, e} -> {:wait, e.message}
+    end
+  end
+
+  defp await(timeout, what, check) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+    await_loop(check, deadline, timeout, what)
+  end
+
+  defp await_loop(check, deadline, timeout, what) do
+    case check.() do
+      {:ok, value} ->
+        value
+
+      {:wait, seen} ->
+        if System.monotonic_time(:millisecond) >= deadline do
+          raise timeout_error("#{what} (#{timeout} ms)", seen)
+        else
+          Process.sleep(@poll_interval)
+          await_loop(check, deadline, timeout, what)
+        end
+    end
+  end
+
+  defp timeout_error(what, seen),
+    do: %Ottla.Testing.TimeoutError{message: "timed out waiting for #{what}: #{seen}"}
+
   defp broker!(broker), do: Ottla.Options.integer!(broker, :broker, 1, 32)
 
   # Runs `call` with the cluster behind `endpoints` (on its owner process, which holds it).

@@ -29,6 +29,17 @@ defmodule Ottla.Group.Manager do
   def resource(connection, :consumer),
     do: :persistent_term.get({__MODULE__, connection, :consumer}, nil)
 
+  @doc """
+  What a connection's running consumer reads: `{:topics, topics}` (a group subscribes to
+  whole topics) or `{:partitions, [{topic, partition}]}` (a consumer without a group), or nil.
+  """
+  def subscription(connection),
+    do:
+      :persistent_term.get({__MODULE__, connection, :subscription}, nil) ||
+        :persistent_term.get({__MODULE__, connection, :consumer, :subscription}, nil)
+
+  defp subscription_key(opts), do: Tuple.append(key(opts), :subscription)
+
   defp key(%{mode: :group, connection: connection}), do: {__MODULE__, connection}
   defp key(%{connection: connection}), do: {__MODULE__, connection, :consumer}
 
@@ -56,6 +67,15 @@ defmodule Ottla.Group.Manager do
            ) do
       Ottla.Consumer.Revoker.serve(revoker, resource)
       :persistent_term.put(key(opts), resource)
+
+      :persistent_term.put(
+        subscription_key(opts),
+        if(opts.mode == :group,
+          do: {:topics, opts.topics},
+          else: {:partitions, for({t, p, _} <- assignment, do: {t, p})}
+        )
+      )
+
       {:ok, Map.merge(opts, %{resource: resource, partitions: %{}})}
     else
       {:error, error} -> {:stop, error}
@@ -264,6 +284,7 @@ defmodule Ottla.Group.Manager do
 
     stop_workers(Map.values(state.partitions), deadline)
     :persistent_term.erase(key(state))
+    :persistent_term.erase(subscription_key(state))
 
     if Native.consumer_close(state.resource, self(), tag) == :ok do
       receive do
