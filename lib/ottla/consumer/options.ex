@@ -238,12 +238,20 @@ defmodule Ottla.Consumer.Options do
     end
   end
 
-  # librdkafka's mock cluster (Ottla.Testing) does not act on a member's LeaveGroup: the next
-  # member waits for the old one's session to time out (45 s by librdkafka's default). On the
-  # mock, sessions are short unless the user's config says otherwise.
+  # librdkafka's mock cluster (Ottla.Testing) rebalances a group that a member left, or that
+  # a member joins while others are in it, only after the session timeout less a second; and
+  # it answers a fetch with nothing new only after fetch.wait.max.ms, even when a message
+  # arrives meanwhile. On the mock, both are short unless the user's config says otherwise:
+  # a member stopped and started again holds its partitions after about 1.5 s (librdkafka's
+  # defaults would make it 44 s), and a produced message reaches a handler within about 50 ms
+  # (bench/embedded.exs).
   defp mock_cluster_tunables(bootstrap) do
     if Ottla.Testing.lookup(bootstrap),
-      do: [{"session.timeout.ms", "6000"}, {"heartbeat.interval.ms", "500"}],
+      do: [
+        {"session.timeout.ms", "2500"},
+        {"heartbeat.interval.ms", "250"},
+        {"fetch.wait.max.ms", "50"}
+      ],
       else: []
   end
 
