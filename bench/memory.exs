@@ -6,7 +6,7 @@
 #   - 1,000 partitions of 100-byte messages, handler sleeping 1 s per batch;
 #   - 8 partitions of 1,000,000-byte messages, handler sleeping 1 s per batch.
 #
-# Each run's growth is checked against the bound the README states (B the budget, P the
+# Each run's growth is checked against the bound guides/consuming.md states (B the budget, P the
 # partitions, m a message's key and value bytes):
 #
 #   librdkafka:  B/8 of queued messages (queued.max.messages.kbytes; as many messages at

@@ -41,6 +41,11 @@ defmodule Ottla.Case do
   `start_connection!/1` at the moment it failed: per partition the generation, the backlog,
   the last delivered, acked and committed offsets, the high watermark and the lag.
 
+  Tests sharing a module's cluster run one after another (ExUnit runs a module's tests in
+  sequence); after each, brokers it took down come back up and latency it added is removed.
+  Requests it made fail (`fail_requests/4`) and are not yet made stay failing: a test that
+  leaves some should use `cluster: :test`.
+
   ## Options
 
     * `:async` - as `ExUnit.Case`'s. Defaults to `false`.
@@ -170,7 +175,25 @@ defmodule Ottla.Case do
     }
 
     Process.put(@context, Map.put(ours, :started, []))
+    brokers = opts[:brokers]
+
+    # A module's tests share its cluster: a broker a test took down, or slowed, is restored
+    # for the next one.
+    if context[:ottla_cluster] do
+      ExUnit.Callbacks.on_exit(fn -> restore(endpoints, brokers) end)
+    end
+
     ours
+  end
+
+  defp restore(endpoints, brokers) do
+    for broker <- 1..brokers do
+      Ottla.Testing.broker_up(endpoints, broker)
+      Ottla.Testing.set_latency(endpoints, broker, 0)
+    end
+  rescue
+    # The cluster is gone already.
+    ArgumentError -> :ok
   end
 
   defp start_cluster!(opts) do
@@ -225,8 +248,9 @@ defmodule Ottla.Case do
             "(stale acks #{stats.stale_acks}, unheld #{stats.unheld_acks}, " <>
             "undelivered #{stats.undelivered_acks}):" <> partition_lines(stats.partitions)
 
-        {:error, error} ->
-          "\n\nOttla connection #{inspect(name)}: #{error.message}"
+        # A connection without a consumer (a producer's) has nothing to show.
+        {:error, _} ->
+          ""
       end
     end)
   end

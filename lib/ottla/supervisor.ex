@@ -76,12 +76,12 @@ defmodule Ottla.Supervisor do
       and as many `queued.min.messages` at 1 KiB each), another eighth the partitions'
       backlogs (shared equally among the assigned partitions; a partition whose share is full
       is paused until its handler catches up) and as much again what they keep of their
-      delivered, unacked messages. See the README's "Memory" for the whole bound. At least
+      delivered, unacked messages. See guides/consuming.md for the whole memory bound. At least
       8 MiB. Defaults to `134217728` (128 MiB): 8 partitions at full speed, 1,000 partitions
       within about 160 MiB.
     * `:max_backlog` - most messages buffered (in Rust) per partition, besides the byte share:
       a partition whose backlog is full is paused until its handler takes a batch. Defaults
-      to `10000` (see the README's "Benchmarks" for how the defaults were chosen).
+      to `10000` (see guides/benchmarks.md for how the defaults were chosen).
     * `:assignment_strategy` - `:cooperative_sticky`, `:range` or `:roundrobin`.
       Defaults to `:cooperative_sticky`.
     * `:session_timeout` - ms the group waits for a silent member before it gives the member's
