@@ -52,7 +52,9 @@ defmodule Ottla.BadInput do
         {3, fn -> start_producer(ctx) end},
         {3, fn -> start_mock_cluster() end},
         {2, fn -> stop_mock_cluster(ctx) end},
-        {2, fn -> testing_endpoints() end}
+        {2, fn -> testing_endpoints() end},
+        {6, fn -> testing_fault(ctx) end},
+        {5, fn -> testing_await(ctx) end}
       ])
 
     %{index: index, mfa: mfa, expect: expect, budget: budget}
@@ -250,6 +252,88 @@ defmodule Ottla.BadInput do
   defp testing_endpoints do
     pid = pick([dead_pid(), nil, :x, 1, fun(:keep_all)])
     {{Ottla.Testing, :endpoints, [pid]}, :endpoints, 5_000}
+  end
+
+  # The embedded cluster's faults. The fuzz run shares its mock cluster, so the good calls
+  # among these leave it usable: brokers are taken down only when out of range.
+  defp testing_fault(ctx) do
+    mock = pick([ctx.mock, ctx.mock, ctx.mock, ctx.endpoints, [{"127.0.0.1", 1}], bad()])
+    up = fn -> small_or_bad(1..1, [0, -1, 2, 33, 1 <<< 40, nil, "1"]) end
+    out_of_range = fn -> pick([0, -1, 2, 33, 1 <<< 40, nil, "1", 1.0]) end
+
+    {function, args} =
+      pick([
+        {:broker_down, [mock, out_of_range.()]},
+        {:broker_up, [mock, up.()]},
+        {:set_latency, [mock, up.(), small_or_bad(0..0, [-1, 3_600_001, 1 <<< 40, nil, 1.5])]},
+        {:fail_requests,
+         [
+           mock,
+           pick([:produce, :fetch, :offset_commit, :bogus, nil, "produce", 1]),
+           pick([:not_leader_for_partition, :request_timed_out, :bogus_error, nil, 1, :""]),
+           small_or_bad(1..1, [0, -1, 10_001, nil, "1"])
+         ]},
+        {:move_leader,
+         [
+           mock,
+           pick([ctx.mock_topic, bad_topic()]),
+           small_or_bad(0..1, [-1, 1 <<< 40, nil]),
+           up.()
+         ]},
+        {:move_coordinator,
+         [
+           mock,
+           pick([
+             "fuzz-group",
+             {:transaction, "fuzz-txn"},
+             {:transaction, 1},
+             nil,
+             <<0>>,
+             <<255>>,
+             1
+           ]),
+           up.()
+         ]}
+      ])
+
+    {{Ottla.Testing, function, args}, :ack, 5_000}
+  end
+
+  # The wait helpers, with short timeouts: they return what they waited for or raise
+  # Ottla.Testing.TimeoutError.
+  defp testing_await(ctx) do
+    short = fn -> small_or_bad(0..50, [-1, nil, :infinity, 1.5, 1 <<< 64]) end
+    topic = fn -> pick([ctx.mock_topic, ctx.topic, unknown_topic(), bad_topic()]) end
+
+    {function, args} =
+      pick([
+        {:await_assignment,
+         [
+           connection(),
+           opts(
+             partitions: fn ->
+               pick([:all, 1, 2, 0, -1, [{ctx.mock_topic, 0}], [{:t, 0}], [], nil, "1"])
+             end,
+             timeout: short
+           )
+         ]},
+        {:await_acked,
+         [
+           connection(),
+           pick([topic.(), [{ctx.mock_topic, 0, 1}], [{:t, 0, 1}], [], nil, [topic.()]]),
+           opts(timeout: short)
+         ]},
+        {:await_committed,
+         [connection(), pick([topic.(), [{ctx.topic, 0, 0}], [], 1]), opts(timeout: short)]},
+        {:await_topic,
+         [
+           pick([ctx.mock, ctx.endpoints, :fuzz_conn, :never_started, bad()]),
+           topic.(),
+           opts(partitions: fn -> small_or_bad(1..2, [0, -1, nil, 1 <<< 40]) end, timeout: short)
+         ]}
+      ])
+
+    {{Ottla.Testing, function, args}, :await, 12_000}
   end
 
   ## Option lists
@@ -859,6 +943,8 @@ defmodule Ottla.BadInput do
       when expect in [:boolean_or_raise, :stream],
       do: :ok
 
+  def classify(:await, {:raised, Ottla.Testing.TimeoutError, _}), do: :ok
+
   def classify(_expect, {:raised, module, message}),
     do: {:defect, "raised #{inspect(module)}: #{message}"}
 
@@ -896,6 +982,8 @@ defmodule Ottla.BadInput do
   defp documented?(:boolean_or_raise, b) when is_boolean(b), do: true
   defp documented?(:boolean, b) when is_boolean(b), do: true
   defp documented?(:ack, :ok), do: true
+  defp documented?(:await, :ok), do: true
+  defp documented?(:await, list) when is_list(list), do: true
   defp documented?(:latest, nil), do: true
   defp documented?(:latest, n) when is_integer(n) and n >= 0, do: true
   defp documented?(:stream, list) when is_list(list), do: true
