@@ -30,6 +30,18 @@ defmodule Ottla.Native do
   def transaction_cancel(_call), do: :erlang.nif_error(:nif_not_loaded)
   def transaction_finish(_call, _commit, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 
+  def transaction_commit_batch(
+        _call,
+        _timeout,
+        _consumer,
+        _topic,
+        _partition,
+        _gen,
+        _first,
+        _next
+      ),
+      do: :erlang.nif_error(:nif_not_loaded)
+
   # Clients that admin, fetch and metadata calls reuse (see native/ottla_nif/src/clients.rs).
   def clients_new(_bootstrap, _props), do: :erlang.nif_error(:nif_not_loaded)
   def clients_cached(_bootstrap, _props, _idle_ms), do: :erlang.nif_error(:nif_not_loaded)

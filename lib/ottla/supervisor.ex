@@ -133,6 +133,19 @@ defmodule Ottla.Supervisor do
       only once librdkafka has confirmed the seek: nothing fetched before it is delivered. A
       function that raises is tried again with the retry backoff. With `:elsewhere` nothing
       is committed to Kafka. Defaults to `:kafka`.
+    * `:exactly_once` - `true` makes the consumer exactly-once: a handler may return
+      `{:produce, [{topic, message}], state}`, and each batch's output and the ack of the
+      batch commit in one Kafka transaction of the connection's producer, with the batch's
+      offset sent to the transaction with the group's metadata (KIP-447); `{:ack, state}`
+      commits the offset alone the same way. A batch whose transaction fails is delivered
+      again (the failure policy applies). `{:continue, state}` and `{:ack, offset, state}`
+      are refused (the batch's worker raises), as are `offsets:` other than `:kafka` and
+      `on_failure: {:dead_letter, topic}`. The connection's producer is made transactional
+      with `:transactional_id` unless it has a transactional id already. Defaults to
+      `false`. See `guides/exactly-once.md`.
+    * `:transactional_id` - with `exactly_once: true`: the producer's transactional id,
+      the same across restarts of this member and different from every other member's.
+      Defaults to `"ottla-<node>-<connection>-<group>"`.
     * `:config` - librdkafka consumer properties (e.g. `"session.timeout.ms": 10_000`).
       Defaults to `[]`.
     * `:direct_ack` - accepted for Elsa compatibility; acks are always direct.
@@ -186,6 +199,8 @@ defmodule Ottla.Supervisor do
         opts[:consumer] && Ottla.Consumer.Options.assign!(opts[:consumer], conn_opts)
       ]
       |> Enum.reject(&is_nil/1)
+
+    conn_opts = exactly_once_producer(conn_opts, consumers, opts[:group_consumer])
 
     # Elsa's :name registers the supervisor under that name; the connection name is
     # registered in Ottla's registry either way, so two connections cannot share one.
@@ -344,6 +359,22 @@ defmodule Ottla.Supervisor do
     raise ArgumentError,
           "invalid :name #{inspect(other)}: expected an atom, {:global, term} or " <>
             "{:via, module, term}"
+  end
+
+  # An exactly-once group consumer's output and offsets commit in transactions of the
+  # connection's producer: it is made transactional (with the consumer's transactional id)
+  # unless it is already.
+  defp exactly_once_producer(conn_opts, consumers, group_consumer) do
+    if Enum.any?(consumers, &(&1.mode == :group and &1.exactly_once)) do
+      id = Ottla.Consumer.Options.transactional_id(conn_opts[:connection], group_consumer)
+      producer = conn_opts[:producer] || []
+
+      if List.keymember?(producer, "transactional.id", 0),
+        do: conn_opts,
+        else: Keyword.put(conn_opts, :producer, [{"transactional.id", id} | producer])
+    else
+      conn_opts
+    end
   end
 
   defp producer_config!(nil), do: nil

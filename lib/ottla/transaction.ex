@@ -85,7 +85,29 @@ defmodule Ottla.Transaction do
     with {:ok, _} <- in_transaction(conn, produce, timeout), do: :ok
   end
 
-  defp in_transaction(conn, fun, timeout) do
+  @doc """
+  An exactly-once consumer's batch: produces `messages` (a list of `{topic, message}`) to the
+  consumer's connection and commits them in one transaction with the batch's offset `next`
+  (`batch` is `{resource, topic, partition, generation, first, next}`). `:ok`, or
+  `{:error, %Ottla.Error{}}` when nothing of it was committed (`code: :already_committed`
+  when an earlier transaction committed the batch).
+  """
+  def commit_batch(connection, batch, messages, timeout) do
+    with {:ok, conn} <- transactional(connection) do
+      produce = fn ->
+        Enum.each(Enum.chunk_by(messages, &elem(&1, 0)), fn [{topic, _} | _] = chunk ->
+          case Ottla.produce(connection, topic, Enum.map(chunk, &elem(&1, 1)), timeout: timeout) do
+            :ok -> :ok
+            {:error, error, _failed} -> failed(conn, error)
+          end
+        end)
+      end
+
+      with {:ok, _} <- in_transaction(conn, produce, timeout, batch), do: :ok
+    end
+  end
+
+  defp in_transaction(conn, fun, timeout, batch \\ nil) do
     case open(conn.producer, timeout) do
       {:ok, call, tag, id} ->
         Process.put(key(conn), %{producer: conn.producer, id: id, failed: nil})
@@ -101,7 +123,7 @@ defmodule Ottla.Transaction do
           result ->
             case Process.delete(key(conn)) do
               %{failed: nil} ->
-                case finish(call, tag, true, timeout) do
+                case commit(call, tag, batch, timeout) do
                   :ok -> {:ok, result}
                   {:error, error} -> {:error, error}
                 end
@@ -216,8 +238,31 @@ defmodule Ottla.Transaction do
     end
   end
 
-  defp finish(call, tag, commit?, timeout) do
-    case Native.transaction_finish(call, commit?, timeout) do
+  defp commit(call, tag, nil, timeout), do: finish(call, tag, true, timeout)
+
+  defp commit(call, tag, {resource, topic, partition, generation, first, next}, timeout) do
+    answer(
+      Native.transaction_commit_batch(
+        call,
+        timeout,
+        resource,
+        topic,
+        partition,
+        generation,
+        first,
+        next
+      ),
+      tag,
+      true,
+      timeout
+    )
+  end
+
+  defp finish(call, tag, commit?, timeout),
+    do: answer(Native.transaction_finish(call, commit?, timeout), tag, commit?, timeout)
+
+  defp answer(sent, tag, commit?, timeout) do
+    case sent do
       :ok ->
         receive do
           {:ottla_txn, ^tag, {:ok, _}} -> :ok

@@ -32,6 +32,9 @@ defmodule Ottla.Consumer.MessageHandler do
     * `{:seek, offset, state}` - go on from `offset` of this partition (forwards or
       backwards); messages fetched before it are dropped, never delivered. Nothing is acked.
     * `{:error, reason, state}` - the batch failed; see "Failures".
+    * `{:produce, [{topic, message}], state}` - an exactly-once consumer's
+      (`exactly_once: true`) output: the messages (any shape `Ottla.produce/4` takes) and
+      the ack of the whole batch commit together in one Kafka transaction.
 
   ## Failures
 

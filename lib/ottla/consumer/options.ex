@@ -44,7 +44,9 @@ defmodule Ottla.Consumer.Options do
           assignment_strategy: :cooperative_sticky,
           offsets: :kafka,
           instance_id: nil,
-          session_timeout: 10_000
+          session_timeout: 10_000,
+          exactly_once: false,
+          transactional_id: nil
         ] ++ @common,
         ":group_consumer options"
       )
@@ -131,6 +133,55 @@ defmodule Ottla.Consumer.Options do
       assignments_revoked_handler: opts[:assignments_revoked_handler]
     })
     |> Map.merge(offsets!(opts[:offsets]))
+    |> exactly_once!(opts)
+  end
+
+  # An exactly-once consumer commits each batch's offsets in the transaction of its output
+  # (`Ottla.Transaction.commit_batch/4`), never through the consumer's own commits.
+  defp exactly_once!(parsed, opts) do
+    case opts[:exactly_once] do
+      false ->
+        if opts[:transactional_id] != nil,
+          do: raise(ArgumentError, "invalid :transactional_id: it needs exactly_once: true")
+
+        Map.put(parsed, :exactly_once, false)
+
+      true ->
+        unless opts[:offsets] == :kafka,
+          do:
+            raise(
+              ArgumentError,
+              "invalid :offsets #{inspect(opts[:offsets])} with exactly_once: true " <>
+                "(its offsets commit in Kafka transactions)"
+            )
+
+        if match?({:dead_letter, _}, opts[:on_failure]),
+          do:
+            raise(
+              ArgumentError,
+              "invalid :on_failure #{inspect(opts[:on_failure])} with exactly_once: true " <>
+                "(dead letters do not go through the consumer's transactions): use :retry or :skip"
+            )
+
+        case opts[:transactional_id] do
+          nil -> :ok
+          id -> Options.name!(id, :transactional_id)
+        end
+
+        Map.merge(parsed, %{exactly_once: true, commit: false})
+
+      other ->
+        raise ArgumentError, "invalid :exactly_once #{inspect(other)}: expected a boolean"
+    end
+  end
+
+  @doc """
+  The transactional id of an exactly-once group consumer's connection: its own, or one
+  stable across restarts of the connection on this node (a restart fences its predecessor).
+  """
+  def transactional_id(connection, group_consumer) do
+    group_consumer[:transactional_id] ||
+      "ottla-#{node()}-#{connection}-#{group_consumer[:group]}"
   end
 
   def assign!(raw, conn) do
@@ -172,7 +223,8 @@ defmodule Ottla.Consumer.Options do
       assignment_received_handler: fn _, _, _, _ -> :ok end,
       assignments_revoked_handler: fn -> :ok end,
       commit: false,
-      offsets_fun: nil
+      offsets_fun: nil,
+      exactly_once: false
     })
   end
 

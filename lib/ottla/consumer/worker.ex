@@ -14,6 +14,8 @@ defmodule Ottla.Consumer.Worker do
 
   # Error texts in logs and dead-letter headers are cut to this many characters.
   @error_limit 500
+  # How long an exactly-once batch's transaction may take.
+  @transaction_timeout 30_000
 
   def child_spec(args) do
     %{
@@ -179,7 +181,9 @@ defmodule Ottla.Consumer.Worker do
       case run_handler(messages, state) do
         {:ok, result} ->
           stop(:stop, started, count, Map.put(metadata, :result, :ok))
-          apply_result(result, messages, state)
+          {result, output} = output(result, state)
+          {state, ack} = apply_result(result, messages, state)
+          exactly_once(state, messages, ack, output, number)
 
         {:failed, error, handler_state} ->
           case error do
@@ -258,6 +262,76 @@ defmodule Ottla.Consumer.Worker do
         other -> exit({:bad_init, state.handler, other})
       end
   end
+
+  # {:produce, messages, state}: an exactly-once consumer's output, committed with the ack
+  # of the batch. Returns the result to apply and the output.
+  defp output({:produce, messages, handler_state}, state) do
+    unless state.exactly_once,
+      do:
+        raise(
+          ArgumentError,
+          "#{inspect(state.handler)}.handle_messages/2 returned {:produce, messages, state}, " <>
+            "which needs a group consumer started with exactly_once: true"
+        )
+
+    unless is_list(messages) and
+             Enum.all?(messages, &match?({topic, _} when is_binary(topic), &1)),
+           do:
+             raise(
+               ArgumentError,
+               "#{inspect(state.handler)}.handle_messages/2 returned {:produce, " <>
+                 "#{inspect(messages, limit: 5)}, state}; expected a list of {topic, message}"
+             )
+
+    {{:ack, handler_state}, messages}
+  end
+
+  defp output(result, %{exactly_once: true} = state) do
+    case result do
+      tag when tag in [:continue, :ack] ->
+        output({tag, state.handler_state}, state)
+
+      {:continue, _} ->
+        raise ArgumentError,
+              "#{inspect(state.handler)}.handle_messages/2 returned {:continue, state}: an " <>
+                "exactly-once consumer acks a batch only with its transaction ({:ack, state} " <>
+                "or {:produce, messages, state})"
+
+      {tag, offset, _} when tag in [:ack, :acknowledge] and is_integer(offset) ->
+        raise ArgumentError,
+              "#{inspect(state.handler)}.handle_messages/2 returned {:ack, offset, state}: " <>
+                "an exactly-once consumer acks whole batches"
+
+      other ->
+        {other, []}
+    end
+  end
+
+  defp output(result, _state), do: {result, []}
+
+  # An exactly-once consumer's ack (and output) commits in one transaction before the ack
+  # counts; a transaction that fails fails the batch, which is delivered again.
+  defp exactly_once(%{exactly_once: true} = state, messages, ack, output, attempt)
+       when is_integer(ack) do
+    batch =
+      {state.resource, state.topic, state.partition, state.generation, hd(messages).offset,
+       ack + 1}
+
+    case Ottla.Transaction.commit_batch(state.connection, batch, output, @transaction_timeout) do
+      :ok ->
+        {state, ack}
+
+      # A worker before this one committed the batch and died before it could say so: the
+      # transaction thread acked it then.
+      {:error, %Ottla.Error{code: :already_committed}} ->
+        {state, nil}
+
+      {:error, error} ->
+        {failed(messages, {:error, error}, attempt, state), nil}
+    end
+  end
+
+  defp exactly_once(state, _messages, ack, _output, _attempt), do: {state, ack}
 
   # What the handler's result means for the partition: {state, offset to ack with the
   # request for the next batch | nil}.

@@ -62,21 +62,41 @@ defmodule Ottla.Group.Acknowledger do
         :ok
 
       resource ->
-        result = Native.consumer_ack(resource, topic, partition, generation_id, offset)
-
-        # Checked first, so that an ack builds no metadata when nobody listens.
-        if Ottla.Telemetry.enabled?() do
-          Ottla.Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
-            connection: connection,
-            topic: topic,
-            partition: partition,
-            generation_id: generation_id,
-            result: result
-          })
-        end
-
-        :ok
+        ack_resource(resource, connection, topic, partition, generation_id, offset)
     end
+  end
+
+  defp ack_resource(resource, connection, topic, partition, generation_id, offset) do
+    if Manager.exactly_once?(connection) do
+      # The worker acks each batch with its transaction; an ack from elsewhere would count
+      # the batch done without committing it.
+      Logger.warning(
+        "dropped ack of #{topic}/#{partition} offset #{offset}: connection " <>
+          "#{inspect(connection)}'s consumer is exactly-once, and acks a batch only with its " <>
+          "transaction"
+      )
+
+      :ok
+    else
+      ack_native(resource, connection, topic, partition, generation_id, offset)
+    end
+  end
+
+  defp ack_native(resource, connection, topic, partition, generation_id, offset) do
+    result = Native.consumer_ack(resource, topic, partition, generation_id, offset)
+
+    # Checked first, so that an ack builds no metadata when nobody listens.
+    if Ottla.Telemetry.enabled?() do
+      Ottla.Telemetry.execute([:ottla, :consumer, :ack], %{offset: offset}, %{
+        connection: connection,
+        topic: topic,
+        partition: partition,
+        generation_id: generation_id,
+        result: result
+      })
+    end
+
+    :ok
   end
 
   @doc """

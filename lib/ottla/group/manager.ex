@@ -38,6 +38,10 @@ defmodule Ottla.Group.Manager do
       :persistent_term.get({__MODULE__, connection, :subscription}, nil) ||
         :persistent_term.get({__MODULE__, connection, :consumer, :subscription}, nil)
 
+  @doc "Whether the connection's group consumer is exactly-once (acks only with transactions)."
+  def exactly_once?(connection),
+    do: :persistent_term.get({__MODULE__, connection, :exactly_once}, false)
+
   defp subscription_key(opts), do: Tuple.append(key(opts), :subscription)
 
   defp key(%{mode: :group, connection: connection}), do: {__MODULE__, connection}
@@ -67,6 +71,9 @@ defmodule Ottla.Group.Manager do
            ) do
       Ottla.Consumer.Revoker.serve(revoker, resource)
       :persistent_term.put(key(opts), resource)
+
+      if opts.exactly_once,
+        do: :persistent_term.put({__MODULE__, opts.connection, :exactly_once}, true)
 
       :persistent_term.put(
         subscription_key(opts),
@@ -286,6 +293,9 @@ defmodule Ottla.Group.Manager do
     :persistent_term.erase(key(state))
     :persistent_term.erase(subscription_key(state))
 
+    if state.exactly_once,
+      do: :persistent_term.erase({__MODULE__, state.connection, :exactly_once})
+
     if Native.consumer_close(state.resource, self(), tag) == :ok do
       receive do
         {:ottla_closed, ^tag} -> :ok
@@ -323,6 +333,8 @@ defmodule Ottla.Group.Manager do
       begin_offset: state.begin_offset,
       retry_backoff: state.retry_backoff,
       max_retry_backoff: state.max_retry_backoff,
+      exactly_once: state.exactly_once,
+      drain_timeout: state.drain_timeout,
       # The assignment handler runs once per assignment (the NIF says which worker runs it).
       assignment_received_handler:
         if(state.mode == :group, do: {state.assignment_received_handler, state.group})

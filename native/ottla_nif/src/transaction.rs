@@ -93,11 +93,23 @@ enum Command {
         caller: Caller,
         commit: bool,
         timeout: Duration,
+        /// An exactly-once consumer's batch, whose offsets commit with the transaction.
+        batch: Option<Batch>,
     },
     /// The owner of transaction `id` died: abort it.
     Abandon { id: u64 },
     /// The producer is closing: abort what is open, answer what is left, tell `done`.
     Stop { done: Sender<()> },
+}
+
+/// An exactly-once consumer's batch of one partition: delivered at `generation`, from offset
+/// `first`; its transaction commits `next` as the group's offset (KIP-447).
+pub struct Batch {
+    consumer: Arc<crate::consumer::Shared>,
+    tp: (String, i32),
+    generation: i32,
+    first: i64,
+    next: i64,
 }
 
 /// One `Ottla.transaction` call: monitors its caller.
@@ -419,7 +431,14 @@ impl Txn {
     }
 
     /// Commits or aborts `caller`'s transaction (if it is the open one), answering it.
-    fn finish(&self, client: &Client, caller: Caller, commit: bool, timeout: Duration) {
+    fn finish(
+        &self,
+        client: &Client,
+        caller: Caller,
+        commit: bool,
+        timeout: Duration,
+        batch: Option<Batch>,
+    ) {
         if self.take_open(caller.id).is_none() {
             let state = self.write();
             let error = match (&state.phase, &state.expired) {
@@ -436,10 +455,31 @@ impl Txn {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1))
         };
-        let result = if commit {
-            client
-                .flush(timeout)
-                .and_then(|()| client.commit_transaction(left()))
+        // A batch that may no longer commit (see `consumer::transaction_check`) aborts.
+        let checked = match (&batch, commit) {
+            (Some(b), true) => Some(crate::consumer::transaction_check(
+                &b.consumer,
+                &b.tp,
+                b.generation,
+                b.first,
+            )),
+            _ => None,
+        };
+        let refusal = checked.as_ref().and_then(|c| c.as_ref().err().cloned());
+        let commit_now = commit && refusal.is_none();
+        let result = if commit_now {
+            client.flush(timeout).and_then(|()| {
+                if let (Some(b), Some(Ok(metadata))) = (&batch, &checked) {
+                    let mut offsets = rdkafka::TopicPartitionList::new();
+                    offsets.add_partition_offset(
+                        &b.tp.0,
+                        b.tp.1,
+                        rdkafka::Offset::Offset(b.next),
+                    )?;
+                    client.send_offsets_to_transaction(&offsets, metadata, left())?;
+                }
+                client.commit_transaction(left())
+            })
         } else {
             client.abort_transaction(timeout)
         };
@@ -448,6 +488,12 @@ impl Txn {
             reply(&caller, result);
         };
         let Err(err) = result else {
+            if let Some(error) = refusal {
+                return answer(Err(error));
+            }
+            if let (true, Some(b)) = (commit_now, &batch) {
+                crate::consumer::transaction_committed(&b.consumer, &b.tp, b.generation, b.next);
+            }
             return answer(Ok(caller.id));
         };
         match outcome(client, err) {
@@ -554,7 +600,8 @@ fn run(shared: Arc<Shared>, txn: Arc<Txn>, queue: Receiver<Command>) {
                 caller,
                 commit,
                 timeout,
-            }) => txn.finish(&client, caller, commit, timeout),
+                batch,
+            }) => txn.finish(&client, caller, commit, timeout, batch),
             Ok(Command::Abandon { id }) => {
                 if txn.take_open(id).is_some() {
                     txn.abort(&client);
@@ -669,6 +716,47 @@ fn transaction_finish(
         caller: call.caller,
         commit,
         timeout: Duration::from_millis(timeout_ms.max(1)),
+        batch: None,
+    });
+    if !sent {
+        return Err(closed().into());
+    }
+    Ok(atoms::ok())
+}
+
+/// Commits the caller's open transaction together with an exactly-once consumer's batch:
+/// `topic`/`partition`'s offset `next` goes to the transaction with the group's metadata,
+/// unless the partition is no longer held at `generation` or an earlier transaction
+/// committed offset `first` (then the transaction aborts and the answer says why). On
+/// success the batch is acked and its commit confirmed before the answer is sent. Answers as
+/// `transaction_finish/3` does.
+#[rustler::nif]
+#[allow(clippy::too_many_arguments)]
+fn transaction_commit_batch(
+    call: ResourceArc<TxnCall>,
+    timeout_ms: u64,
+    consumer: ResourceArc<crate::consumer::ConsumerResource>,
+    topic: String,
+    partition: i32,
+    generation: i32,
+    first: i64,
+    next: i64,
+) -> NifResult<rustler::Atom> {
+    let txn = txn_of(&call.producer)?;
+    if let Some(error) = txn.stopped() {
+        return Err(error.into());
+    }
+    let sent = txn.command(Command::Finish {
+        caller: call.caller,
+        commit: true,
+        timeout: Duration::from_millis(timeout_ms.max(1)),
+        batch: Some(Batch {
+            consumer: consumer.shared().clone(),
+            tp: (topic, partition),
+            generation,
+            first,
+            next,
+        }),
     });
     if !sent {
         return Err(closed().into());

@@ -324,6 +324,10 @@ pub struct Shared {
     /// Test-only: the poll thread panics at its next turn (`consumer_test_panic`), so tests
     /// can show that a panic there loses nothing.
     pub test_panic: AtomicBool,
+    /// The group's metadata (member, generation) as of the last rebalance, which an
+    /// exactly-once consumer's transactions send with their offsets (KIP-447): the group
+    /// coordinator refuses the offsets of a member whose generation has passed.
+    pub group_metadata: Mutex<Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>>,
 }
 
 impl Shared {
@@ -489,6 +493,71 @@ fn spawn_guarded(
 pub struct ConsumerResource {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ConsumerResource {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+/// Whether an exactly-once consumer's batch of `tp` (delivered at `generation`, from offset
+/// `first`) may commit with its transaction: the partition is still held at that generation
+/// and nothing of the batch is acked (a worker killed after an earlier transaction committed
+/// it hands the batch to a successor, which must not commit it again). Answers the group's
+/// metadata to send with the offsets.
+pub(crate) fn transaction_check(
+    shared: &Shared,
+    tp: &Tp,
+    generation: i32,
+    first: i64,
+) -> std::result::Result<Arc<rdkafka::consumer::ConsumerGroupMetadata>, crate::error::Error> {
+    let not_held = || {
+        crate::error::Error::new(
+            "not_assigned",
+            format!(
+                "{}/{} is no longer held at generation {generation}: its batch is not committed",
+                tp.0, tp.1
+            ),
+        )
+    };
+    let cell = shared.cell(tp).ok_or_else(not_held)?;
+    if cell.generation() != generation {
+        return Err(not_held());
+    }
+    if cell.acked().is_some_and(|acked| acked >= first) {
+        return Err(crate::error::Error::new(
+            "already_committed",
+            format!(
+                "{}/{} offset {first} was committed by an earlier transaction",
+                tp.0, tp.1
+            ),
+        ));
+    }
+    shared
+        .group_metadata
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| {
+            crate::error::Error::new("not_assigned", "the consumer has not joined its group")
+        })
+}
+
+/// An exactly-once consumer's transaction committed `tp`'s offsets up to `next`: the batch
+/// is acked and its commit confirmed here, before its worker hears of it, so that a worker
+/// killed meanwhile leaves nothing for its successor to commit again.
+pub(crate) fn transaction_committed(shared: &Shared, tp: &Tp, generation: i32, next: i64) {
+    nif::ack_cell(shared, tp, Some(generation), next - 1);
+    poll::apply_commits(
+        shared,
+        vec![commit::Outcome {
+            tp: tp.clone(),
+            offset: next,
+            ok: true,
+            error: None,
+        }],
+    );
 }
 
 #[rustler::resource_impl]

@@ -111,6 +111,7 @@ fn consumer_new<'a>(
         wake: Default::default(),
         stop: Default::default(),
         test_panic: Default::default(),
+        group_metadata: Default::default(),
     });
     let consumer: BaseConsumer<poll::GroupCtx> = client_config(&bootstrap, &props)
         .create_with_context(poll::GroupCtx::new(shared.clone()))
@@ -351,7 +352,7 @@ fn consumer_ack(
 }
 
 /// An ack through the partition's cell (see `consumer_ack`).
-fn ack_cell(shared: &Shared, tp: &Tp, generation: Option<i32>, offset: i64) -> Atom {
+pub(crate) fn ack_cell(shared: &Shared, tp: &Tp, generation: Option<i32>, offset: i64) -> Atom {
     let acks = &shared.acks;
     let shown = || generation.map_or("nil".to_string(), |g| g.to_string());
     let cell = shared.cell(tp);

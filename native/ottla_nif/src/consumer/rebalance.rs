@@ -7,6 +7,7 @@
 //! on, so no partition is handled by two members at once.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ottla_core::partition::Event;
@@ -239,8 +240,23 @@ pub fn drain(shared: &Shared, deadline: Instant) {
     });
 }
 
+impl GroupCtx {
+    /// Keeps the group's metadata for exactly-once transactions (see `Shared::group_metadata`).
+    fn keep_group_metadata(&self, consumer: &BaseConsumer<Self>) {
+        if self.shared.settings.group {
+            let metadata = consumer.group_metadata().map(Arc::new);
+            *self
+                .shared
+                .group_metadata
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = metadata;
+        }
+    }
+}
+
 impl ConsumerContext for GroupCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.keep_group_metadata(consumer);
         match rebalance {
             Rebalance::Revoke(tpl) => revoking(self, consumer, tpl),
             Rebalance::Assign(_) => {}
@@ -249,6 +265,7 @@ impl ConsumerContext for GroupCtx {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.keep_group_metadata(consumer);
         if let Rebalance::Assign(tpl) = rebalance {
             // librdkafka keeps a partition's pause flag across unassign/assign; a new
             // assignment starts with an empty backlog, so it must flow, unless it waits for
