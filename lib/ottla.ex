@@ -366,7 +366,10 @@ defmodule Ottla do
   length, whether it is paused, the last delivered, acked and committed offsets, the high
   watermark and the lag; and the time of the last rebalance (ms since the epoch), plus how
   many acks were dropped: `stale_acks` (another generation), `unheld_acks` (a partition not
-  held) and `undelivered_acks` (an offset beyond what was delivered).
+  held) and `undelivered_acks` (an offset beyond what was delivered); and, for an
+  exactly-once consumer, how many of its batches' transactions committed
+  (`transactions_committed`) and aborted (`transactions_aborted`, also those refused
+  because the partition had moved on or the batch was committed already).
 
   ## Example
 

@@ -32,6 +32,7 @@ defmodule Ottla.Native do
 
   def transaction_commit_batch(
         _call,
+        _commit,
         _timeout,
         _consumer,
         _topic,

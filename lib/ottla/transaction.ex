@@ -103,7 +103,10 @@ defmodule Ottla.Transaction do
         end)
       end
 
-      with {:ok, _} <- in_transaction(conn, produce, timeout, batch), do: :ok
+      Ottla.Telemetry.span([:ottla, :transaction], %{}, %{connection: conn.name}, fn ->
+        result = with {:ok, _} <- in_transaction(conn, produce, timeout, batch), do: :ok
+        {result, %{}, %{result: if(result == :ok, do: :committed, else: :failed)}}
+      end)
     end
   end
 
@@ -129,7 +132,7 @@ defmodule Ottla.Transaction do
                 end
 
               %{failed: error} ->
-                case finish(call, tag, false, timeout) do
+                case abort(call, tag, batch, timeout) do
                   # Why the produce failed: the producer was fenced.
                   {:error, %Ottla.Error{code: :fenced} = fenced} ->
                     {:error, fenced}
@@ -239,11 +242,18 @@ defmodule Ottla.Transaction do
   end
 
   defp commit(call, tag, nil, timeout), do: finish(call, tag, true, timeout)
+  defp commit(call, tag, batch, timeout), do: finish_batch(call, tag, true, batch, timeout)
 
-  defp commit(call, tag, {resource, topic, partition, generation, first, next}, timeout) do
+  defp abort(call, tag, nil, timeout), do: finish(call, tag, false, timeout)
+  defp abort(call, tag, batch, timeout), do: finish_batch(call, tag, false, batch, timeout)
+
+  defp finish_batch(call, tag, commit?, batch, timeout) do
+    {resource, topic, partition, generation, first, next} = batch
+
     answer(
       Native.transaction_commit_batch(
         call,
+        commit?,
         timeout,
         resource,
         topic,
@@ -253,7 +263,7 @@ defmodule Ottla.Transaction do
         next
       ),
       tag,
-      true,
+      commit?,
       timeout
     )
   end

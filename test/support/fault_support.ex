@@ -147,3 +147,15 @@ defmodule Ottla.FaultPeer do
     end
   end
 end
+
+defmodule Ottla.EosTransform do
+  @moduledoc false
+  # The exactly-once fault run's handler (test/ottla/exactly_once_fault_test.exs): writes
+  # "T:" <> value, keyed as its input, to the output topic, in the batch's transaction.
+  use Ottla.Consumer.MessageHandler
+
+  def init(args), do: {:ok, args}
+
+  def handle_messages(messages, state),
+    do: {:produce, for(m <- messages, do: {state.out, {m.key, "T:" <> m.value}}), state}
+end

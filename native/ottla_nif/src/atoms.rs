@@ -45,6 +45,8 @@ rustler::atoms! {
     stale_acks,
     unheld_acks,
     undelivered_acks,
+    transactions_committed,
+    transactions_aborted,
     ottla_consumer_down,
     ottla_consumer_fatal,
     ottla_consumer_failed,

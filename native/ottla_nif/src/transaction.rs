@@ -465,18 +465,26 @@ impl Txn {
             )),
             _ => None,
         };
-        let refusal = checked.as_ref().and_then(|c| c.as_ref().err().cloned());
-        let commit_now = commit && refusal.is_none();
+        let mut refusal = checked.as_ref().and_then(|c| c.as_ref().err().cloned());
+        let mut commit_now = commit && refusal.is_none();
         let result = if commit_now {
             client.flush(timeout).and_then(|()| {
                 if let (Some(b), Some(Ok(metadata))) = (&batch, &checked) {
-                    let mut offsets = rdkafka::TopicPartitionList::new();
-                    offsets.add_partition_offset(
-                        &b.tp.0,
-                        b.tp.1,
-                        rdkafka::Offset::Offset(b.next),
-                    )?;
-                    client.send_offsets_to_transaction(&offsets, metadata, left())?;
+                    // Offsets that could not be sent (a rebalance under way, a coordinator
+                    // moving): the transaction aborts, and its batch comes again. Committing
+                    // after a failed send is refused by the broker as an invalid state,
+                    // which librdkafka takes as fatal.
+                    if let Err(err) = send_offsets(client, b, metadata, left()) {
+                        refusal = Some(Error {
+                            message: format!(
+                                "the batch's offsets could not be sent to the transaction: {}",
+                                err.message
+                            ),
+                            ..err
+                        });
+                        commit_now = false;
+                        return client.abort_transaction(left());
+                    }
                 }
                 client.commit_transaction(left())
             })
@@ -487,21 +495,33 @@ impl Txn {
             let _state = self.write();
             reply(&caller, result);
         };
+        let aborted = || {
+            if let Some(b) = &batch {
+                crate::consumer::transaction_aborted(&b.consumer);
+            }
+        };
         let Err(err) = result else {
             if let Some(error) = refusal {
+                aborted();
                 return answer(Err(error));
             }
-            if let (true, Some(b)) = (commit_now, &batch) {
-                crate::consumer::transaction_committed(&b.consumer, &b.tp, b.generation, b.next);
+            match (commit_now, &batch) {
+                (true, Some(b)) => {
+                    crate::consumer::transaction_committed(&b.consumer, &b.tp, b.generation, b.next)
+                }
+                (false, Some(_)) => aborted(),
+                _ => {}
             }
             return answer(Ok(caller.id));
         };
         match outcome(client, err) {
             Outcome::Fatal(error) => {
+                aborted();
                 answer(Err(error.clone()));
                 self.stop_with(error);
             }
             Outcome::Abort(error) => {
+                aborted();
                 // Not visible, whatever follows: the abort is seen through before any other
                 // transaction begins.
                 answer(Err(Error {
@@ -519,13 +539,24 @@ impl Txn {
                         "the transaction did not finish within {} ms and is still being {}; \
                          its messages may yet become visible: {}",
                         timeout.as_millis(),
-                        if commit { "committed" } else { "aborted" },
+                        if commit_now { "committed" } else { "aborted" },
                         error.message
                     ),
                     retriable: true,
-                    possibly_persisted: commit,
+                    possibly_persisted: commit_now,
                 }));
-                let _ = self.resolve(client, commit);
+                // A batch whose commit went through after all is acked, as on a commit in
+                // time: its worker heard `timed_out` and retries, and finds it committed.
+                match (self.resolve(client, commit_now), &batch) {
+                    (Ok(true), Some(b)) => crate::consumer::transaction_committed(
+                        &b.consumer,
+                        &b.tp,
+                        b.generation,
+                        b.next,
+                    ),
+                    (_, Some(_)) => aborted(),
+                    _ => {}
+                }
             }
         }
     }
@@ -533,7 +564,8 @@ impl Txn {
     /// Repeats a commit (or an abort) until librdkafka knows its outcome or the producer
     /// stops; once it is closing, for one last [`CLEANUP`]. A commit that turns out to need
     /// an abort is aborted.
-    fn resolve(&self, client: &Client, mut commit: bool) -> Result<()> {
+    /// Answers whether it committed.
+    fn resolve(&self, client: &Client, mut commit: bool) -> Result<bool> {
         let mut last_try: Option<Instant> = None;
         loop {
             if self.closing.load(Ordering::SeqCst) {
@@ -548,7 +580,7 @@ impl Txn {
                 client.abort_transaction(STEP)
             };
             let Err(err) = result else {
-                return Ok(());
+                return Ok(commit);
             };
             match outcome(client, err) {
                 Outcome::Unknown(_) => continue,
@@ -560,6 +592,22 @@ impl Txn {
             }
         }
     }
+}
+
+/// Sends an exactly-once batch's offset to the open transaction, with the group's metadata.
+fn send_offsets(
+    client: &Client,
+    batch: &Batch,
+    metadata: &rdkafka::consumer::ConsumerGroupMetadata,
+    timeout: Duration,
+) -> Result<()> {
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    offsets
+        .add_partition_offset(&batch.tp.0, batch.tp.1, rdkafka::Offset::Offset(batch.next))
+        .map_err(Error::from)?;
+    client
+        .send_offsets_to_transaction(&offsets, metadata, timeout)
+        .map_err(Error::from)
 }
 
 /// The transaction thread: initialises, then serves one caller at a time until the producer
@@ -724,7 +772,8 @@ fn transaction_finish(
     Ok(atoms::ok())
 }
 
-/// Commits the caller's open transaction together with an exactly-once consumer's batch:
+/// Commits (`commit: true`; or aborts, counted as the batch's) the caller's open transaction
+/// together with an exactly-once consumer's batch:
 /// `topic`/`partition`'s offset `next` goes to the transaction with the group's metadata,
 /// unless the partition is no longer held at `generation` or an earlier transaction
 /// committed offset `first` (then the transaction aborts and the answer says why). On
@@ -734,6 +783,7 @@ fn transaction_finish(
 #[allow(clippy::too_many_arguments)]
 fn transaction_commit_batch(
     call: ResourceArc<TxnCall>,
+    commit: bool,
     timeout_ms: u64,
     consumer: ResourceArc<crate::consumer::ConsumerResource>,
     topic: String,
@@ -748,7 +798,7 @@ fn transaction_commit_batch(
     }
     let sent = txn.command(Command::Finish {
         caller: call.caller,
-        commit: true,
+        commit,
         timeout: Duration::from_millis(timeout_ms.max(1)),
         batch: Some(Batch {
             consumer: consumer.shared().clone(),

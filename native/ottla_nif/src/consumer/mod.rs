@@ -328,6 +328,14 @@ pub struct Shared {
     /// exactly-once consumer's transactions send with their offsets (KIP-447): the group
     /// coordinator refuses the offsets of a member whose generation has passed.
     pub group_metadata: Mutex<Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>>>,
+    /// An exactly-once consumer's transactions: committed, and aborted (or refused).
+    pub transactions: TransactionCounters,
+}
+
+#[derive(Default)]
+pub struct TransactionCounters {
+    pub committed: AtomicU64,
+    pub aborted: AtomicU64,
 }
 
 impl Shared {
@@ -544,10 +552,19 @@ pub(crate) fn transaction_check(
         })
 }
 
+/// An exactly-once consumer's batch did not commit: its transaction aborted.
+pub(crate) fn transaction_aborted(shared: &Shared) {
+    shared.transactions.aborted.fetch_add(1, Ordering::Relaxed);
+}
+
 /// An exactly-once consumer's transaction committed `tp`'s offsets up to `next`: the batch
 /// is acked and its commit confirmed here, before its worker hears of it, so that a worker
 /// killed meanwhile leaves nothing for its successor to commit again.
 pub(crate) fn transaction_committed(shared: &Shared, tp: &Tp, generation: i32, next: i64) {
+    shared
+        .transactions
+        .committed
+        .fetch_add(1, Ordering::Relaxed);
     nif::ack_cell(shared, tp, Some(generation), next - 1);
     poll::apply_commits(
         shared,

@@ -112,6 +112,7 @@ fn consumer_new<'a>(
         stop: Default::default(),
         test_panic: Default::default(),
         group_metadata: Default::default(),
+        transactions: Default::default(),
     });
     let consumer: BaseConsumer<poll::GroupCtx> = client_config(&bootstrap, &props)
         .create_with_context(poll::GroupCtx::new(shared.clone()))
@@ -573,6 +574,22 @@ fn consumer_stats<'a>(
         (
             atoms::undelivered_acks().encode(env),
             acks.undelivered.load(Ordering::Relaxed).encode(env),
+        ),
+        (
+            atoms::transactions_committed().encode(env),
+            shared
+                .transactions
+                .committed
+                .load(Ordering::Relaxed)
+                .encode(env),
+        ),
+        (
+            atoms::transactions_aborted().encode(env),
+            shared
+                .transactions
+                .aborted
+                .load(Ordering::Relaxed)
+                .encode(env),
         ),
     ];
     Ok((atoms::ok(), Term::map_from_pairs(env, &pairs)?).encode(env))
