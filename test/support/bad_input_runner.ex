@@ -230,8 +230,12 @@ defmodule Ottla.BadInput.Runner do
     first = outcome.(fn -> start.(:mock_g1, :range) end)
     second = outcome.(fn -> start.(:mock_g2, :cooperative_sticky) end)
     third = outcome.(fn -> start.(:mock_g3, :range) end)
-    # The mock rebalances a group session.timeout.ms - 1 s after a member joins (5 s here).
-    Process.sleep(8_000)
+    # The group's rebalance with both range members (where the mock would abort on mixed
+    # strategies) has happened once each holds one of the two partitions.
+    for {conn, :started} <- [mock_g1: first, mock_g3: third] do
+      Ottla.Testing.await_assignment(conn, partitions: 1, timeout: 20_000)
+    end
+
     {first, second, third}
   end
 
