@@ -27,7 +27,7 @@ defmodule Ottla.ExactlyOnceTest do
     end
   end
 
-  defp start_pipeline!(input, out, group, extra_args \\ %{}, opts \\ []) do
+  defp start_pipeline!(input, out, group, extra_args, opts) do
     start_group!(input, group,
       connection: Keyword.get(opts, :connection, conn_name()),
       id: Keyword.get(opts, :id, make_ref()),

@@ -469,6 +469,9 @@ pub fn run(consumer: BaseConsumer<GroupCtx>, shared: Arc<Shared>) {
         }
         if last_marks.elapsed() >= WATERMARK_INTERVAL {
             refresh_watermarks(&shared, &consumer);
+            // The group's generation can move on without a rebalance callback here: the
+            // metadata exactly-once transactions send is kept at most this old.
+            consumer.context().keep_group_metadata(&consumer);
             last_marks = Instant::now();
         }
         // Seeks, commits and watermarks may have given a partition a batch to send.
