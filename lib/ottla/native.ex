@@ -26,7 +26,7 @@ defmodule Ottla.Native do
   def producer_flush(_pid, _tag, _producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
   def producer_close(_producer, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 
-  def transaction_begin(_producer, _tag), do: :erlang.nif_error(:nif_not_loaded)
+  def transaction_begin(_producer, _tag, _share), do: :erlang.nif_error(:nif_not_loaded)
   def transaction_cancel(_call), do: :erlang.nif_error(:nif_not_loaded)
   def transaction_finish(_call, _commit, _timeout), do: :erlang.nif_error(:nif_not_loaded)
 

@@ -137,7 +137,8 @@ defmodule Ottla.Supervisor do
       `{:produce, [{topic, message}], state}`, and each batch's output and the ack of the
       batch commit in one Kafka transaction of the connection's producer, with the batch's
       offset sent to the transaction with the group's metadata (KIP-447); `{:ack, state}`
-      commits the offset alone the same way. A batch whose transaction fails is delivered
+      commits the offset alone the same way. Batches ready at the same time share one
+      transaction. A batch whose transaction fails (or shares one that fails) is delivered
       again (the failure policy applies). `{:continue, state}` and `{:ack, offset, state}`
       are refused (the batch's worker raises), as are `offsets:` other than `:kafka` and
       `on_failure: {:dead_letter, topic}`. The connection's producer is made transactional

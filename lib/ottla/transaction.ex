@@ -111,7 +111,8 @@ defmodule Ottla.Transaction do
   end
 
   defp in_transaction(conn, fun, timeout, batch \\ nil) do
-    case open(conn.producer, timeout) do
+    # An exactly-once batch may share its transaction with the others ready at the same time.
+    case open(conn.producer, timeout, batch != nil) do
       {:ok, call, tag, id} ->
         Process.put(key(conn), %{producer: conn.producer, id: id, failed: nil})
 
@@ -193,10 +194,10 @@ defmodule Ottla.Transaction do
 
   # Waits (up to `timeout`) for this caller's turn: {:ok, call, tag, id} once its transaction
   # is open.
-  defp open(producer, timeout) do
+  defp open(producer, timeout, share?) do
     tag = System.unique_integer([:positive])
 
-    case Native.transaction_begin(producer, tag) do
+    case Native.transaction_begin(producer, tag, share?) do
       {:ok, call} ->
         receive do
           {:ottla_txn, ^tag, {:ok, id}} -> {:ok, call, tag, id}

@@ -77,12 +77,65 @@ struct Caller {
     id: u64,
     pid: LocalPid,
     tag: u64,
+    /// An exactly-once consumer's batch: its transaction may be shared with the other
+    /// batches ready at the same time (they commit or abort together).
+    share: bool,
 }
 
-#[derive(Clone, Copy)]
 struct Open {
+    /// The caller it was opened for; its id is the transaction's.
     caller: Caller,
     since: Instant,
+    /// Sharing callers that joined it while it was open (`Caller::share`).
+    joined: Vec<Caller>,
+    /// Sharing members that came to finish (with their batches), or died: the transaction
+    /// ends once every member is here.
+    finished: Vec<(Caller, Option<Batch>)>,
+    /// Why it cannot commit: a member asked for an abort, or died.
+    failed: Option<Error>,
+    /// A member came to finish: no one joins any more.
+    sealed: bool,
+}
+
+impl Open {
+    fn new(caller: Caller) -> Self {
+        Open {
+            caller,
+            since: Instant::now(),
+            joined: Vec::new(),
+            finished: Vec::new(),
+            failed: None,
+            sealed: false,
+        }
+    }
+
+    fn member(&self, id: u64) -> Option<Caller> {
+        std::iter::once(&self.caller)
+            .chain(self.joined.iter())
+            .find(|c| c.id == id)
+            .copied()
+    }
+
+    fn has_pid(&self, pid: &LocalPid) -> bool {
+        self.caller.pid == *pid || self.joined.iter().any(|c| c.pid == *pid)
+    }
+
+    /// Whether a sharing caller may join now.
+    fn open_to(&self, caller: &Caller) -> bool {
+        caller.share && self.caller.share && !self.sealed
+    }
+
+    /// A sharing member is done (finishing, or dead); true once every member is.
+    fn arrive(&mut self, caller: Caller, batch: Option<Batch>, failure: Option<Error>) -> bool {
+        self.sealed = true;
+        if !self.finished.iter().any(|(c, _)| c.id == caller.id) {
+            if let Some(error) = failure {
+                self.failed.get_or_insert(error);
+            }
+            self.finished.push((caller, batch));
+        }
+        self.finished.len() > self.joined.len()
+    }
 }
 
 enum Command {
@@ -135,7 +188,7 @@ impl rustler::Resource for TxnCall {
                     *gave_up = true;
                 }
             }
-            state.open.is_some_and(|o| o.caller.id == id)
+            state.open.as_ref().is_some_and(|o| o.member(id).is_some())
         };
         if open {
             txn.command(Command::Abandon { id });
@@ -288,7 +341,7 @@ impl Txn {
             return Err(error.clone());
         }
         match (&state.open, &state.expired) {
-            (Some(open), _) if open.caller.id == id && *pid == open.caller.pid => Ok(state),
+            (Some(open), _) if open.caller.id == id && open.has_pid(pid) => Ok(state),
             (_, Some((expired, error))) if *expired == id => Err(error.clone()),
             _ => Err(Error::new(
                 "not_in_transaction",
@@ -306,7 +359,11 @@ impl Txn {
                 return;
             }
             state.phase = Phase::Stopped(error.clone());
-            state.open = None;
+            if let Some(open) = state.open.take() {
+                for (caller, _) in &open.finished {
+                    reply(caller, Err(error.clone()));
+                }
+            }
             for caller in state.waiting.drain(..) {
                 reply(&caller, Err(error.clone()));
             }
@@ -354,11 +411,18 @@ impl Txn {
                     }
                 }
                 Ok(()) => {
-                    state.open = Some(Open {
-                        caller,
-                        since: Instant::now(),
-                    });
+                    let mut open = Open::new(caller);
                     reply(&caller, Ok(caller.id));
+                    // Every sharing caller waiting now joins it.
+                    if caller.share {
+                        let (joining, rest) = state.waiting.drain(..).partition(|c| c.share);
+                        state.waiting = rest;
+                        open.joined = joining.into();
+                        for c in &open.joined {
+                            reply(c, Ok(caller.id));
+                        }
+                    }
+                    state.open = Some(open);
                 }
                 Err(err) => match outcome(client, err) {
                     Outcome::Fatal(error) => {
@@ -382,15 +446,28 @@ impl Txn {
     /// How long the open transaction may stay open still.
     fn until_expiry(&self) -> Option<Duration> {
         let state = self.read();
-        let open = state.open?;
+        let open = state.open.as_ref()?;
         Some(self.expiry.saturating_sub(open.since.elapsed()))
     }
 
     /// Takes the open transaction out if it is `id`'s: no send joins it any more.
     fn take_open(&self, id: u64) -> Option<Caller> {
         let mut state = self.write();
-        match state.open {
-            Some(open) if open.caller.id == id => state.open.take().map(|o| o.caller),
+        match &state.open {
+            Some(open) if open.caller.id == id => {
+                let open = state.open.take()?;
+                // Sharing members that came to finish hear that it ended without them.
+                for (caller, _) in &open.finished {
+                    reply(
+                        caller,
+                        Err(Error::new(
+                            "not_in_transaction",
+                            "the transaction was aborted",
+                        )),
+                    );
+                }
+                Some(open.caller)
+            }
             _ => None,
         }
     }
@@ -398,11 +475,16 @@ impl Txn {
     /// Aborts the open transaction: it stayed open too long. Its owner hears why when it
     /// comes to finish it.
     fn expire(&self, client: &Client) {
-        let open = self.read().open;
-        let Some(open) = open.filter(|o| o.since.elapsed() >= self.expiry) else {
+        let open = self
+            .read()
+            .open
+            .as_ref()
+            .filter(|o| o.since.elapsed() >= self.expiry)
+            .map(|o| o.caller.id);
+        let Some(open) = open else {
             return;
         };
-        let Some(caller) = self.take_open(open.caller.id) else {
+        let Some(caller) = self.take_open(open) else {
             return;
         };
         let error = Error::new(
@@ -414,7 +496,10 @@ impl Txn {
                 EXPIRY_SHARE * 100.0
             ),
         );
-        self.write().expired = Some((caller.id, error));
+        {
+            let mut state = self.write();
+            state.expired = Some((caller.id, error));
+        }
         self.abort(client);
     }
 
@@ -439,6 +524,9 @@ impl Txn {
         timeout: Duration,
         batch: Option<Batch>,
     ) {
+        if caller.share {
+            return self.finish_shared(client, caller, commit, timeout, batch);
+        }
         if self.take_open(caller.id).is_none() {
             let state = self.write();
             let error = match (&state.phase, &state.expired) {
@@ -561,6 +649,182 @@ impl Txn {
         }
     }
 
+    /// A sharing member came to finish: the shared transaction ends once every member did.
+    fn finish_shared(
+        &self,
+        client: &Client,
+        caller: Caller,
+        commit: bool,
+        timeout: Duration,
+        batch: Option<Batch>,
+    ) {
+        let ended = {
+            let mut state = self.write();
+            let Some(open) = state
+                .open
+                .as_mut()
+                .filter(|o| o.member(caller.id).is_some())
+            else {
+                reply(
+                    &caller,
+                    Err(Error::new(
+                        "not_in_transaction",
+                        "this transaction is no longer open",
+                    )),
+                );
+                return;
+            };
+            let failure = (!commit).then(|| {
+                Error::new(
+                    "aborted",
+                    "a batch in the same transaction failed, so it was aborted",
+                )
+            });
+            if !open.arrive(caller, batch, failure) {
+                return;
+            }
+            state.open.take()
+        };
+        if let Some(open) = ended {
+            self.end_shared(client, open, timeout);
+        }
+    }
+
+    /// Commits a shared transaction with every member's batch (or aborts it, when one failed
+    /// or may not commit), and answers every member.
+    fn end_shared(&self, client: &Client, open: Open, timeout: Duration) {
+        let Open {
+            caller: owner,
+            finished: members,
+            failed,
+            ..
+        } = open;
+        let deadline = crate::reply::deadline_after(timeout);
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let mut failure = failed;
+        let mut refused: Vec<Option<Error>> = vec![None; members.len()];
+        let mut metadata = Vec::with_capacity(members.len());
+        for (i, (_, batch)) in members.iter().enumerate() {
+            let checked = match (&failure, batch) {
+                (None, Some(b)) => {
+                    crate::consumer::transaction_check(&b.consumer, &b.tp, b.generation, b.first)
+                        .map(Some)
+                }
+                _ => Ok(None),
+            };
+            match checked {
+                Ok(m) => metadata.push(m),
+                Err(error) => {
+                    refused[i] = Some(error);
+                    failure.get_or_insert_with(|| {
+                        Error::new(
+                            "aborted",
+                            "a batch in the same transaction was committed already or moved \
+                             on, so it was aborted",
+                        )
+                    });
+                    metadata.push(None);
+                }
+            }
+        }
+        let commit = failure.is_none();
+        let result = if commit {
+            client.flush(timeout).and_then(|()| {
+                for ((_, batch), m) in members.iter().zip(&metadata) {
+                    if let (Some(b), Some(m)) = (batch, m) {
+                        if let Err(err) = send_offsets(client, b, m, left()) {
+                            failure = Some(Error {
+                                message: format!(
+                                    "the batches' offsets could not be sent to the \
+                                     transaction: {}",
+                                    err.message
+                                ),
+                                ..err
+                            });
+                            return client.abort_transaction(left());
+                        }
+                    }
+                }
+                client.commit_transaction(left())
+            })
+        } else {
+            client.abort_transaction(timeout)
+        };
+        let committed = commit && failure.is_none();
+        let answer_all = |answer: &dyn Fn(usize) -> Result<u64>| {
+            let _state = self.write();
+            for (i, (caller, _)) in members.iter().enumerate() {
+                reply(caller, answer(i));
+            }
+        };
+        let each_batch = |f: &dyn Fn(&Batch)| {
+            for (_, batch) in &members {
+                if let Some(b) = batch {
+                    f(b);
+                }
+            }
+        };
+        let aborted = || each_batch(&|b| crate::consumer::transaction_aborted(&b.consumer));
+        let done = || {
+            each_batch(&|b| {
+                crate::consumer::transaction_committed(&b.consumer, &b.tp, b.generation, b.next)
+            })
+        };
+        let why = |i: usize, error: &Error| refused[i].clone().unwrap_or_else(|| error.clone());
+        match result {
+            Ok(()) if committed => {
+                done();
+                answer_all(&|_| Ok(owner.id));
+            }
+            Ok(()) => {
+                aborted();
+                let error = failure
+                    .clone()
+                    .unwrap_or_else(|| Error::new("aborted", "aborted"));
+                answer_all(&|i| Err(why(i, &error)));
+            }
+            Err(err) => match outcome(client, err) {
+                Outcome::Fatal(error) => {
+                    aborted();
+                    answer_all(&|_| Err(error.clone()));
+                    self.stop_with(error);
+                }
+                Outcome::Abort(error) => {
+                    aborted();
+                    let error = Error {
+                        message: format!("the transaction was aborted: {}", error.message),
+                        ..error
+                    };
+                    answer_all(&|i| Err(why(i, &error)));
+                    let _ = self.resolve(client, false);
+                }
+                Outcome::Unknown(error) => {
+                    let error = Error {
+                        code: "timed_out".into(),
+                        message: format!(
+                            "the transaction did not finish within {} ms and is still being \
+                             {}: {}",
+                            timeout.as_millis(),
+                            if committed { "committed" } else { "aborted" },
+                            error.message
+                        ),
+                        retriable: true,
+                        possibly_persisted: committed,
+                    };
+                    answer_all(&|_| Err(error.clone()));
+                    match self.resolve(client, committed) {
+                        Ok(true) => done(),
+                        _ => aborted(),
+                    }
+                }
+            },
+        }
+    }
+
     /// Repeats a commit (or an abort) until librdkafka knows its outcome or the producer
     /// stops; once it is closing, for one last [`CLEANUP`]. A commit that turns out to need
     /// an abort is aborted.
@@ -651,13 +915,37 @@ fn run(shared: Arc<Shared>, txn: Arc<Txn>, queue: Receiver<Command>) {
                 batch,
             }) => txn.finish(&client, caller, commit, timeout, batch),
             Ok(Command::Abandon { id }) => {
-                if txn.take_open(id).is_some() {
+                // A sharing member died: the shared transaction aborts once the others came.
+                let ended = {
+                    let mut state = txn.write();
+                    match state.open.as_mut() {
+                        Some(open) if open.caller.share => match open.member(id) {
+                            Some(caller) => {
+                                let died = Error::new(
+                                    "aborted",
+                                    "the worker of a batch in the same transaction died, so \
+                                     it was aborted",
+                                );
+                                if open.arrive(caller, None, Some(died)) {
+                                    state.open.take()
+                                } else {
+                                    None
+                                }
+                            }
+                            None => None,
+                        },
+                        _ => None,
+                    }
+                };
+                if let Some(open) = ended {
+                    txn.end_shared(&client, open, CLEANUP);
+                } else if txn.take_open(id).is_some() {
                     txn.abort(&client);
                 }
             }
             Ok(Command::Stop { done }) => {
                 // The open transaction's owner hears `closed` when it comes to finish it.
-                let open = txn.read().open.map(|o| o.caller.id);
+                let open = txn.read().open.as_ref().map(|o| o.caller.id);
                 if open.and_then(|id| txn.take_open(id)).is_some() {
                     txn.abort(&client);
                 }
@@ -693,17 +981,31 @@ fn transaction_begin<'a>(
     env: Env<'a>,
     producer: ResourceArc<ProducerResource>,
     tag: u64,
+    share: bool,
 ) -> NifResult<Term<'a>> {
     let pid = env.pid();
     let txn = txn_of(&producer)?.clone();
     let id = txn.next_id.fetch_add(1, Ordering::Relaxed);
-    let caller = Caller { id, pid, tag };
+    let caller = Caller {
+        id,
+        pid,
+        tag,
+        share,
+    };
     {
         let mut state = txn.write();
         if let Phase::Stopped(error) = &state.phase {
             return Err(error.clone().into());
         }
-        state.waiting.push_back(caller);
+        // A sharing caller joins the open shared transaction at once (answered now).
+        let ready = matches!(state.phase, Phase::Ready);
+        match state.open.as_mut() {
+            Some(open) if ready && open.open_to(&caller) => {
+                open.joined.push(caller);
+                reply(&caller, Ok(open.caller.id));
+            }
+            _ => state.waiting.push_back(caller),
+        }
     }
     let call = ResourceArc::new(TxnCall {
         producer: producer.clone(),
@@ -740,7 +1042,7 @@ fn transaction_cancel(call: ResourceArc<TxnCall>) -> NifResult<rustler::Atom> {
             return Ok(atoms::cancelled());
         }
     }
-    if state.open.is_some_and(|o| o.caller.id == id) {
+    if state.open.as_ref().is_some_and(|o| o.member(id).is_some()) {
         Ok(atoms::open())
     } else {
         Ok(atoms::gone())
