@@ -550,6 +550,7 @@ impl Txn {
                 &b.tp,
                 b.generation,
                 b.first,
+                b.next,
             )),
             _ => None,
         };
@@ -710,10 +711,14 @@ impl Txn {
         let mut metadata = Vec::with_capacity(members.len());
         for (i, (_, batch)) in members.iter().enumerate() {
             let checked = match (&failure, batch) {
-                (None, Some(b)) => {
-                    crate::consumer::transaction_check(&b.consumer, &b.tp, b.generation, b.first)
-                        .map(Some)
-                }
+                (None, Some(b)) => crate::consumer::transaction_check(
+                    &b.consumer,
+                    &b.tp,
+                    b.generation,
+                    b.first,
+                    b.next,
+                )
+                .map(Some),
                 _ => Ok(None),
             };
             match checked {

@@ -509,8 +509,8 @@ impl ConsumerResource {
     }
 }
 
-/// Whether an exactly-once consumer's batch of `tp` (delivered at `generation`, from offset
-/// `first`) may commit with its transaction: the partition is still held at that generation
+/// Whether an exactly-once consumer's batch of `tp` (delivered at `generation`, offsets
+/// `first` to `next - 1`) may commit with its transaction: the partition is still held at that generation
 /// and nothing of the batch is acked (a worker killed after an earlier transaction committed
 /// it hands the batch to a successor, which must not commit it again). Answers the group's
 /// metadata to send with the offsets.
@@ -519,6 +519,7 @@ pub(crate) fn transaction_check(
     tp: &Tp,
     generation: i32,
     first: i64,
+    next: i64,
 ) -> std::result::Result<Arc<rdkafka::consumer::ConsumerGroupMetadata>, crate::error::Error> {
     let not_held = || {
         crate::error::Error::new(
@@ -533,14 +534,32 @@ pub(crate) fn transaction_check(
     if cell.generation() != generation {
         return Err(not_held());
     }
-    if cell.acked().is_some_and(|acked| acked >= first) {
-        return Err(crate::error::Error::new(
-            "already_committed",
-            format!(
-                "{}/{} offset {first} was committed by an earlier transaction",
-                tp.0, tp.1
-            ),
-        ));
+    match cell.acked() {
+        // The whole batch: its worker goes on after it.
+        Some(acked) if acked >= next - 1 => {
+            return Err(crate::error::Error::new(
+                "already_committed",
+                format!(
+                    "{}/{} offsets {first}..{} were committed by an earlier transaction",
+                    tp.0,
+                    tp.1,
+                    next - 1
+                ),
+            ))
+        }
+        // Part of it (an earlier, shorter delivery of the same offsets committed): the rest
+        // must come again, so the batch fails and is delivered from its first unacked offset.
+        Some(acked) if acked >= first => {
+            return Err(crate::error::Error::new(
+                "partly_committed",
+                format!(
+                    "{}/{} offsets {first}..{acked} were committed by an earlier transaction; \
+                     the rest of the batch comes again",
+                    tp.0, tp.1
+                ),
+            ))
+        }
+        _ => {}
     }
     shared
         .group_metadata
