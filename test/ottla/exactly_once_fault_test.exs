@@ -21,7 +21,7 @@ defmodule Ottla.ExactlyOnceFaultTest do
   @partitions 6
   @broker_down_ms 20_000
 
-  defp cluster, do: System.fetch_env!("OTTLA_KAFKA_CLUSTER_ENDPOINTS")
+  defp cluster, do: Ottla.FaultCluster.endpoints()
   defp now, do: System.monotonic_time(:millisecond)
 
   defp kafka!(args) do
@@ -31,30 +31,12 @@ defmodule Ottla.ExactlyOnceFaultTest do
   end
 
   setup_all do
-    unless Node.alive?() do
-      {_, 0} = System.cmd("epmd", ["-daemon"])
-      name = :"ottla_eos_#{System.unique_integer([:positive])}@127.0.0.1"
-      {:ok, _} = :net_kernel.start([name, :longnames])
-      on_exit(fn -> :net_kernel.stop() end)
-    end
-
-    :ok
+    Ottla.FaultCluster.start_distribution!("ottla_eos")
   end
 
   setup do
-    on_exit(fn ->
-      # Every broker of the cluster runs when this test ends, whatever happened.
-      kafka = Path.expand("scripts/kafka")
-
-      for id <- 1..3 do
-        {_, status} = System.cmd(kafka, ["status", "--cluster"], stderr_to_stdout: true)
-
-        if status != 0 do
-          System.cmd(kafka, ["stop-broker", "#{id}"], stderr_to_stdout: true)
-          System.cmd(kafka, ["start-broker", "#{id}"], stderr_to_stdout: true)
-        end
-      end
-    end)
+    # Every broker of the cluster runs when this test ends, whatever happened.
+    on_exit(&Ottla.FaultCluster.restore_brokers/0)
   end
 
   defp member_opts(ctx, label) do
@@ -82,23 +64,8 @@ defmodule Ottla.ExactlyOnceFaultTest do
   defp start_local!(ctx, label),
     do: start_supervised!({Ottla.Supervisor, member_opts(ctx, label)}, id: label)
 
-  defp start_peer!(ctx, label) do
-    name = :"ottla_eos_peer_#{System.unique_integer([:positive])}"
-    paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
-
-    {:ok, _peer, node} =
-      :peer.start(%{
-        name: name,
-        host: ~c"127.0.0.1",
-        longnames: true,
-        args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie()) | paths]
-      })
-
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ottla], 30_000)
-    :ok = :erpc.call(node, Logger, :configure, [[level: :emergency]])
-    {:ok, _} = :erpc.call(node, Ottla.FaultPeer, :start_member, [member_opts(ctx, label)])
-    %{node: node, os_pid: List.to_string(:erpc.call(node, :os, :getpid, []))}
-  end
+  defp start_peer!(ctx, label),
+    do: Ottla.FaultCluster.start_peer!("ottla_eos_peer", member_opts(ctx, label))
 
   # Produces every message, a chunk at a time; a message whose failure says it may have been
   # written is not sent again (the input then may hold it, and the check reads the input).

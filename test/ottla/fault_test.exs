@@ -28,7 +28,7 @@ defmodule Ottla.FaultTest do
   @session_timeout 10_000
   @broker_down_ms 20_000
 
-  defp cluster, do: System.fetch_env!("OTTLA_KAFKA_CLUSTER_ENDPOINTS")
+  defp cluster, do: Ottla.FaultCluster.endpoints()
 
   defp kafka!(args) do
     {out, status} = System.cmd(Path.expand("scripts/kafka"), args, stderr_to_stdout: true)
@@ -37,28 +37,6 @@ defmodule Ottla.FaultTest do
   end
 
   defp now, do: System.monotonic_time(:millisecond)
-
-  # {broker id, client port} of the cluster's brokers, in order (ids 1-3).
-  defp cluster_ports do
-    cluster()
-    |> String.split(",")
-    |> Enum.map(fn hostport ->
-      hostport |> String.split(":") |> List.last() |> String.to_integer()
-    end)
-    |> Enum.with_index(1)
-    |> Enum.map(fn {port, id} -> {id, port} end)
-  end
-
-  defp answers?(port) do
-    case :gen_tcp.connect(~c"127.0.0.1", port, [], 1_000) do
-      {:ok, socket} ->
-        :gen_tcp.close(socket)
-        true
-
-      {:error, _} ->
-        false
-    end
-  end
 
   defp committed_map(group, topic) do
     case Ottla.committed_offsets(cluster(), group, topic, timeout: 5_000) do
@@ -69,28 +47,12 @@ defmodule Ottla.FaultTest do
 
   setup_all do
     # The peer member talks to this node's collector over distribution.
-    unless Node.alive?() do
-      {_, 0} = System.cmd("epmd", ["-daemon"])
-      name = :"ottla_fault_#{System.unique_integer([:positive])}@127.0.0.1"
-      {:ok, _} = :net_kernel.start([name, :longnames])
-      on_exit(fn -> :net_kernel.stop() end)
-    end
-
-    :ok
+    Ottla.FaultCluster.start_distribution!("ottla_fault")
   end
 
   setup do
-    on_exit(fn ->
-      # Every broker of the cluster runs when this module ends, whatever happened. A broker
-      # that does not answer may still be shutting down (a stop the test started): stopping
-      # it again waits for that, then it starts afresh.
-      kafka = Path.expand("scripts/kafka")
-
-      for {id, port} <- cluster_ports(), not answers?(port) do
-        System.cmd(kafka, ["stop-broker", "#{id}"], stderr_to_stdout: true)
-        System.cmd(kafka, ["start-broker", "#{id}"], stderr_to_stdout: true)
-      end
-    end)
+    # Every broker of the cluster runs when this module ends, whatever happened.
+    on_exit(&Ottla.FaultCluster.restore_brokers/0)
   end
 
   # --- members ----------------------------------------------------------------------------
@@ -124,27 +86,8 @@ defmodule Ottla.FaultTest do
     start_supervised!({Ottla.Supervisor, opts}, id: instance)
   end
 
-  defp start_peer!(ctx, label, instance) do
-    name = :"ottla_fault_peer_#{System.unique_integer([:positive])}"
-    paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
-
-    {:ok, peer, node} =
-      :peer.start(%{
-        name: name,
-        host: ~c"127.0.0.1",
-        longnames: true,
-        args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie()) | paths]
-      })
-
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ottla], 30_000)
-    :ok = :erpc.call(node, Logger, :configure, [[level: :emergency]])
-
-    {:ok, _} =
-      :erpc.call(node, Ottla.FaultPeer, :start_member, [member_opts(ctx, label, instance)])
-
-    os_pid = :erpc.call(node, :os, :getpid, [])
-    %{peer: peer, node: node, os_pid: List.to_string(os_pid)}
-  end
+  defp start_peer!(ctx, label, instance),
+    do: Ottla.FaultCluster.start_peer!("ottla_fault_peer", member_opts(ctx, label, instance))
 
   # --- producers --------------------------------------------------------------------------
 

@@ -159,3 +159,84 @@ defmodule Ottla.EosTransform do
   def handle_messages(messages, state),
     do: {:produce, for(m <- messages, do: {state.out, {m.key, "T:" <> m.value}}), state}
 end
+
+defmodule Ottla.FaultCluster do
+  @moduledoc false
+  # What the fault runs (fault_test.exs, exactly_once_fault_test.exs) share: the 3-broker
+  # cluster, distribution for a peer member, the peer member itself, and putting every broker
+  # back after a run.
+
+  def endpoints, do: System.fetch_env!("OTTLA_KAFKA_CLUSTER_ENDPOINTS")
+
+  @doc "Starts distribution (named `prefix_N@127.0.0.1`) unless it runs; stops it at exit."
+  def start_distribution!(prefix) do
+    unless Node.alive?() do
+      {_, 0} = System.cmd("epmd", ["-daemon"])
+      name = :"#{prefix}_#{System.unique_integer([:positive])}@127.0.0.1"
+      {:ok, _} = :net_kernel.start([name, :longnames])
+      ExUnit.Callbacks.on_exit(fn -> :net_kernel.stop() end)
+    end
+
+    :ok
+  end
+
+  @doc "{broker id, client port} of the cluster's brokers, in order (ids 1-3)."
+  def ports do
+    endpoints()
+    |> String.split(",")
+    |> Enum.map(fn hostport ->
+      hostport |> String.split(":") |> List.last() |> String.to_integer()
+    end)
+    |> Enum.with_index(1)
+    |> Enum.map(fn {port, id} -> {id, port} end)
+  end
+
+  def answers?(port) do
+    case :gen_tcp.connect(~c"127.0.0.1", port, [], 1_000) do
+      {:ok, socket} ->
+        :gen_tcp.close(socket)
+        true
+
+      {:error, _} ->
+        false
+    end
+  end
+
+  @doc """
+  Starts again every broker that does not answer. One that does not may still be shutting
+  down (a stop the test started): stopping it again waits for that, then it starts afresh.
+  """
+  def restore_brokers do
+    kafka = Path.expand("scripts/kafka")
+
+    for {id, port} <- ports(), not answers?(port) do
+      System.cmd(kafka, ["stop-broker", "#{id}"], stderr_to_stdout: true)
+      System.cmd(kafka, ["start-broker", "#{id}"], stderr_to_stdout: true)
+    end
+
+    :ok
+  end
+
+  @doc """
+  A peer node (a second BEAM, a separate OS process) running a member started with
+  `Ottla.Supervisor` options `opts`: `%{peer: pid, node: node, os_pid: string}`.
+  """
+  def start_peer!(prefix, opts) do
+    name = :"#{prefix}_#{System.unique_integer([:positive])}"
+    paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
+
+    {:ok, peer, node} =
+      :peer.start(%{
+        name: name,
+        host: ~c"127.0.0.1",
+        longnames: true,
+        args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie()) | paths]
+      })
+
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ottla], 30_000)
+    :ok = :erpc.call(node, Logger, :configure, [[level: :emergency]])
+    {:ok, _} = :erpc.call(node, Ottla.FaultPeer, :start_member, [opts])
+    os_pid = :erpc.call(node, :os, :getpid, [])
+    %{peer: peer, node: node, os_pid: List.to_string(os_pid)}
+  end
+end

@@ -413,7 +413,8 @@ defmodule Ottla.Consumer.Options do
           {:dead_letter, _topic} -> :dead_letter
           policy -> policy
         end,
-      start_from_worker: opts.offsets_fun != nil
+      start_from_worker: opts.offsets_fun != nil,
+      exactly_once: opts.exactly_once
     }
   end
 

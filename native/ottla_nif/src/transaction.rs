@@ -1063,6 +1063,16 @@ fn transaction_finish(
     commit: bool,
     timeout_ms: u64,
 ) -> NifResult<rustler::Atom> {
+    finish_on_thread(&call, commit, timeout_ms, None)
+}
+
+/// Hands the caller's finish to the transaction thread (see `transaction_finish/3`).
+fn finish_on_thread(
+    call: &TxnCall,
+    commit: bool,
+    timeout_ms: u64,
+    batch: Option<Batch>,
+) -> NifResult<rustler::Atom> {
     let txn = txn_of(&call.producer)?;
     if let Some(error) = txn.stopped() {
         return Err(error.into());
@@ -1071,7 +1081,7 @@ fn transaction_finish(
         caller: call.caller,
         commit,
         timeout: Duration::from_millis(timeout_ms.max(1)),
-        batch: None,
+        batch,
     });
     if !sent {
         return Err(closed().into());
@@ -1099,24 +1109,12 @@ fn transaction_commit_batch(
     first: i64,
     next: i64,
 ) -> NifResult<rustler::Atom> {
-    let txn = txn_of(&call.producer)?;
-    if let Some(error) = txn.stopped() {
-        return Err(error.into());
-    }
-    let sent = txn.command(Command::Finish {
-        caller: call.caller,
-        commit,
-        timeout: Duration::from_millis(timeout_ms.max(1)),
-        batch: Some(Batch {
-            consumer: consumer.shared().clone(),
-            tp: (topic, partition),
-            generation,
-            first,
-            next,
-        }),
-    });
-    if !sent {
-        return Err(closed().into());
-    }
-    Ok(atoms::ok())
+    let batch = Batch {
+        consumer: consumer.shared().clone(),
+        tp: (topic, partition),
+        generation,
+        first,
+        next,
+    };
+    finish_on_thread(&call, commit, timeout_ms, Some(batch))
 }

@@ -105,6 +105,9 @@ pub struct Settings {
     /// Commit acked offsets to Kafka (false when offsets are kept elsewhere, or outside a
     /// group).
     pub commit: bool,
+    /// An exactly-once group consumer: its batches commit in transactions, sent with the
+    /// group's metadata (`Shared::group_metadata`).
+    pub exactly_once: bool,
     pub retry: RetryPolicy,
 }
 

@@ -46,6 +46,8 @@ pub struct Tuning {
     on_failure: OnFailureKind,
     /// Offsets kept elsewhere: each partition starts where its worker says.
     start_from_worker: bool,
+    /// Batches commit in transactions, which need the group's metadata.
+    exactly_once: bool,
 }
 
 /// `:on_failure`, as the state machine applies it.
@@ -95,6 +97,7 @@ fn consumer_new<'a>(
             drain_timeout: Duration::from_millis(tuning.drain_timeout),
             commit_interval: Duration::from_millis(tuning.commit_interval.max(10)),
             commit: group && tuning.commit,
+            exactly_once: group && tuning.exactly_once,
             retry: RetryPolicy {
                 max_attempts: tuning.max_attempts.filter(|&n| n > 0),
                 backoff: Duration::from_millis(tuning.retry_backoff),

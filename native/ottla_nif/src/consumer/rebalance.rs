@@ -243,7 +243,7 @@ pub fn drain(shared: &Shared, deadline: Instant) {
 impl GroupCtx {
     /// Keeps the group's metadata for exactly-once transactions (see `Shared::group_metadata`).
     pub(super) fn keep_group_metadata(&self, consumer: &BaseConsumer<Self>) {
-        if self.shared.settings.group {
+        if self.shared.settings.exactly_once {
             let metadata = consumer.group_metadata().map(Arc::new);
             *self
                 .shared
