@@ -204,7 +204,8 @@ defmodule Ottla.BadInputTest do
         retry_backoff: 1,
         max_retry_backoff: 1,
         on_failure: :retry,
-        start_from_worker: false
+        start_from_worker: false,
+        exactly_once: false
       }
 
       assert {:error, %Ottla.Error{code: :invalid_topic}} =
